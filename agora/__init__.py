@@ -1,0 +1,1 @@
+"""The `agora` command line: the composition root that may import every package."""

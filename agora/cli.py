@@ -1,0 +1,21 @@
+"""The one `agora` command: composes each package's commands."""
+
+from __future__ import annotations
+
+import typer
+
+from agora import demo, keys, receipts
+from coordinator.cli import app as coordinator_app
+from worker_node.cli import app as worker_app
+
+app = typer.Typer(help="Agora: a decentralized GPU marketplace for LLM inference.",
+                  no_args_is_help=True)
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(worker_app, name="worker")
+app.add_typer(keys.app, name="keys")
+app.add_typer(receipts.app, name="receipt")
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    app()

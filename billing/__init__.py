@@ -1,0 +1,1 @@
+"""Money: integer micro-units, double-entry postings, prices. Pure code, no I/O."""

@@ -1,0 +1,125 @@
+"""Double-entry ledger core: pure functions over plain values.
+
+Every transaction's postings sum to zero; a transaction id is its idempotency key (a request id
+posts at most once). Storage lives elsewhere (the coordinator's store applies these values
+inside one database transaction); this module decides what is valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from billing.errors import DuplicateTransaction, InsufficientFunds, UnbalancedTransaction
+from billing.pricing import Charge
+
+
+class AccountKind(StrEnum):
+    CLIENT = "client"  # prepaid credit; never below zero
+    PROVIDER = "provider"  # earnings of a worker node
+    NETWORK = "network"  # the network's fee income
+    EXTERNAL = "external"  # money entering/leaving the system (deposits); may go negative
+
+
+NETWORK_FEES = "network:fees"
+EXTERNAL_DEPOSITS = "external:deposits"
+
+
+def client_account(name: str) -> str:
+    return f"{AccountKind.CLIENT}:{name}"
+
+
+def provider_account(node_id: str) -> str:
+    return f"{AccountKind.PROVIDER}:{node_id}"
+
+
+def account_kind(account: str) -> AccountKind:
+    return AccountKind(account.split(":", 1)[0])
+
+
+@dataclass(frozen=True)
+class Posting:
+    account: str
+    amount: int  # micro-units; negative = debit, positive = credit
+
+
+@dataclass(frozen=True)
+class Transaction:
+    txid: str  # idempotency key, e.g. "req:<request id>"
+    kind: str
+    postings: tuple[Posting, ...]
+    memo: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.postings:
+            raise UnbalancedTransaction(f"{self.txid}: a transaction needs postings")
+        for p in self.postings:
+            if type(p.amount) is not int:
+                raise UnbalancedTransaction(f"{self.txid}: amounts are integers, got {p.amount!r}")
+            account_kind(p.account)  # raises ValueError on an unknown kind
+        total = sum(p.amount for p in self.postings)
+        if total != 0:
+            raise UnbalancedTransaction(f"{self.txid}: postings sum to {total}, not 0")
+
+
+def request_charge(request_id: str, client: str, provider: str, charge: Charge) -> Transaction:
+    """Client pays provider + network fee for one request."""
+    postings = [Posting(client_account(client), -charge.total)]
+    postings.append(Posting(provider_account(provider), charge.provider_amount))
+    if charge.fee:
+        postings.append(Posting(NETWORK_FEES, charge.fee))
+    return Transaction(f"req:{request_id}", "request", tuple(postings), memo=request_id)
+
+
+def deposit(txid: str, client: str, amount: int) -> Transaction:
+    """Operator tops up a client's prepaid credit."""
+    if amount <= 0:
+        raise ValueError("a deposit must be positive")
+    return Transaction(
+        txid,
+        "deposit",
+        (Posting(EXTERNAL_DEPOSITS, -amount), Posting(client_account(client), amount)),
+    )
+
+
+def apply(
+    balances: Mapping[str, int], posted: frozenset[str] | set[str], tx: Transaction
+) -> dict[str, int]:
+    """The balances after `tx`, or an error if it was already posted or overdraws an account.
+
+    Only the accounts the transaction touches are returned.
+    """
+    if tx.txid in posted:
+        raise DuplicateTransaction(tx.txid)
+    after: dict[str, int] = {}
+    for p in tx.postings:
+        after[p.account] = after.get(p.account, balances.get(p.account, 0)) + p.amount
+    for account, balance in after.items():
+        if balance < 0 and account_kind(account) is not AccountKind.EXTERNAL:
+            raise InsufficientFunds(f"{account} would go to {balance}")
+    return after
+
+
+def check_invariants(
+    balances: Mapping[str, int], postings_by_tx: Mapping[str, Sequence[Posting]]
+) -> list[str]:
+    """Problems found when replaying stored postings against stored balances (empty = sound)."""
+    problems: list[str] = []
+    replayed: dict[str, int] = {}
+    for txid, postings in postings_by_tx.items():
+        if not postings:
+            problems.append(f"transaction {txid} has no postings")
+        if sum(p.amount for p in postings) != 0:
+            problems.append(f"transaction {txid} does not balance")
+        for p in postings:
+            replayed[p.account] = replayed.get(p.account, 0) + p.amount
+    for account in sorted(set(replayed) | set(balances)):
+        stored, derived = balances.get(account, 0), replayed.get(account, 0)
+        if stored != derived:
+            problems.append(f"{account}: stored balance {stored} != sum of postings {derived}")
+        if stored < 0 and account_kind(account) is not AccountKind.EXTERNAL:
+            problems.append(f"{account} is negative ({stored})")
+    if sum(balances.values()) != 0:
+        problems.append(f"balances sum to {sum(balances.values())}, not 0")
+    return problems

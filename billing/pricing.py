@@ -1,0 +1,63 @@
+"""Prices and charges in integer micro-units (1e-6 of the account currency).
+
+Prices are quoted per 1M tokens, as every LLM market does; a charge rounds up to the next
+micro-unit once per request (never per token), so a request costs at most one micro-unit more
+than its exact price and the network never pays out fractions it did not collect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MICRO_PER_UNIT = 1_000_000
+TOKENS_PER_PRICE_UNIT = 1_000_000
+BPS = 10_000
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+@dataclass(frozen=True)
+class Price:
+    prompt_per_mtok: int  # micro-units per 1M prompt tokens
+    completion_per_mtok: int  # micro-units per 1M completion tokens
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        if prompt_tokens < 0 or completion_tokens < 0:
+            raise ValueError("token counts cannot be negative")
+        exact = prompt_tokens * self.prompt_per_mtok + completion_tokens * self.completion_per_mtok
+        return _ceil_div(exact, TOKENS_PER_PRICE_UNIT)
+
+    def with_fee(self, fee_bps: int) -> Price:
+        """The price a client sees: the provider's price plus the network fee."""
+        return Price(
+            self.prompt_per_mtok + _ceil_div(self.prompt_per_mtok * fee_bps, BPS),
+            self.completion_per_mtok + _ceil_div(self.completion_per_mtok * fee_bps, BPS),
+        )
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one request costs: the provider's share and the network's fee."""
+
+    provider_amount: int
+    fee: int
+
+    @property
+    def total(self) -> int:
+        return self.provider_amount + self.fee
+
+
+def charge_for(price: Price, prompt_tokens: int, completion_tokens: int, fee_bps: int) -> Charge:
+    if not 0 <= fee_bps <= BPS:
+        raise ValueError("fee_bps must be between 0 and 10000")
+    provider_amount = price.cost(prompt_tokens, completion_tokens)
+    return Charge(provider_amount, _ceil_div(provider_amount * fee_bps, BPS))
+
+
+def format_micro(amount: int, currency: str = "USD") -> str:
+    """Human form of a micro-unit amount, exact (no float)."""
+    sign = "-" if amount < 0 else ""
+    whole, frac = divmod(abs(amount), MICRO_PER_UNIT)
+    return f"{sign}{whole}.{frac:06d} {currency}"

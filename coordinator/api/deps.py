@@ -1,0 +1,77 @@
+"""Typed dependencies shared by the routes."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+
+from coordinator.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
+from coordinator.services.accounts import Accounts
+from coordinator.services.gateway import Gateway
+from coordinator.services.settlement import Settlement
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def get_accounts(request: Request) -> Accounts:
+    accounts: Accounts = request.app.state.accounts
+    return accounts
+
+
+def get_settlement(request: Request) -> Settlement:
+    settlement: Settlement = request.app.state.settlement
+    return settlement
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+SettlementDep = Annotated[Settlement, Depends(get_settlement)]
+AccountsDep = Annotated[Accounts, Depends(get_accounts)]
+
+
+async def current_client(
+    accounts: AccountsDep, authorization: Annotated[str | None, Header()] = None
+) -> str:
+    return await accounts.authenticate(authorization)
+
+
+ClientDep = Annotated[str, Depends(current_client)]
+
+
+def require_admin(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    token: str = request.app.state.admin_token
+    scheme, _, secret = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or secret.strip() != token:
+        raise PermissionDenied("This endpoint needs the operator's admin token.")
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400/413 in the OpenAI envelope."""
+    limit: int = request.app.state.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+    raw = bytearray()
+    async for part in request.stream():
+        raw += part
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return value
+
+
+BodyDep = Annotated[dict[str, Any], Depends(json_body)]

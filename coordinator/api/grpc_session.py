@@ -1,0 +1,116 @@
+"""The workers' gRPC endpoint: challenge-response registration, then the job stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import grpc
+
+from protocol.advert import PROTOCOL_VERSION, Advert, verify_registration
+from protocol.errors import ProtocolError
+from protocol.identity import Identity, node_id_from_public_key
+from protocol.proto import session_pb2 as pb
+from protocol.proto import session_pb2_grpc as pb_grpc
+from coordinator.services.registry import Registry, WorkerConnection
+
+log = logging.getLogger("agora.coordinator.workers")
+
+ADVERT_MAX_AGE_MS = 5 * 60 * 1000  # an advert signed longer ago than this is stale
+
+
+class WorkerSessionService(pb_grpc.WorkerSessionServicer):
+    def __init__(self, registry: Registry, identity: Identity, heartbeat_interval_s: float) -> None:
+        self._registry = registry
+        self._identity = identity
+        self._heartbeat_ms = int(heartbeat_interval_s * 1000)
+
+    async def Connect(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: object,
+        context: grpc.aio.ServicerContext[pb.WorkerMessage, pb.CoordinatorMessage],
+    ) -> None:
+        advert = await self._register(context)
+        conn = WorkerConnection(node_id=advert.node_id, advert=advert)
+        self._registry.add(conn)
+        log.info("worker %s registered: %s", conn.node_id, [m.name for m in advert.models])
+        await context.write(
+            pb.CoordinatorMessage(
+                registered=pb.Registered(
+                    node_id=conn.node_id, heartbeat_interval_ms=self._heartbeat_ms
+                )
+            )
+        )
+        writer = asyncio.create_task(self._write_loop(conn, context))
+        try:
+            await self._read_loop(conn, context)
+        finally:
+            writer.cancel()
+            self._registry.remove(conn)
+            conn.close("worker session ended")
+            log.info("worker %s disconnected", conn.node_id)
+
+    async def _register(
+        self, context: grpc.aio.ServicerContext[pb.WorkerMessage, pb.CoordinatorMessage]
+    ) -> Advert:
+        hello = await context.read()
+        if not isinstance(hello, pb.WorkerMessage) or hello.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected Hello first")
+        if hello.hello.protocol_version != PROTOCOL_VERSION:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol {hello.hello.protocol_version!r} not supported; "
+                f"this coordinator speaks {PROTOCOL_VERSION}",
+            )
+        try:
+            node_id_from_public_key(hello.hello.public_key)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        nonce = os.urandom(32)
+        await context.write(
+            pb.CoordinatorMessage(
+                challenge=pb.Challenge(nonce=nonce, coordinator_id=self._identity.node_id)
+            )
+        )
+        reg = await context.read()
+        if not isinstance(reg, pb.WorkerMessage) or reg.WhichOneof("kind") != "register":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected Register")
+        try:
+            advert = verify_registration(
+                hello.hello.public_key, nonce, reg.register.advert, reg.register.signature
+            )
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"registration refused: {exc}")
+        age_ms = abs(time.time_ns() // 1_000_000 - advert.issued_at_ms)
+        if age_ms > ADVERT_MAX_AGE_MS:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"advert is stale ({age_ms // 1000} s old); check the node's clock",
+            )
+        return advert
+
+    async def _read_loop(
+        self,
+        conn: WorkerConnection,
+        context: grpc.aio.ServicerContext[pb.WorkerMessage, pb.CoordinatorMessage],
+    ) -> None:
+        while True:
+            msg = await context.read()
+            if msg is grpc.aio.EOF or not isinstance(msg, pb.WorkerMessage):
+                return
+            kind = msg.WhichOneof("kind")
+            if kind == "job_event":
+                conn.deliver(msg.job_event)
+            elif kind == "heartbeat":
+                conn.last_seen = time.monotonic()
+
+    async def _write_loop(
+        self,
+        conn: WorkerConnection,
+        context: grpc.aio.ServicerContext[pb.WorkerMessage, pb.CoordinatorMessage],
+    ) -> None:
+        while True:
+            msg = await conn.outbox.get()
+            await context.write(msg)

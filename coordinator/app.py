@@ -1,0 +1,162 @@
+"""Composition root: builds the coordinator's parts from settings and serves HTTP + gRPC on
+one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import uvicorn
+from fastapi import FastAPI
+
+from protocol.identity import Identity
+from protocol.proto import session_pb2_grpc as pb_grpc
+from coordinator import __version__
+from coordinator.api import admin_routes, errors, openai_routes
+from coordinator.api.grpc_session import WorkerSessionService
+from coordinator.config import CoordinatorSettings
+from coordinator.services.accounts import Accounts
+from coordinator.services.gateway import Gateway
+from coordinator.services.registry import Registry
+from coordinator.services.settlement import Settlement
+from coordinator.store.db import make_engine, migrate
+
+log = logging.getLogger("agora.coordinator")
+
+
+def load_or_create_token(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    token = "agora-admin-" + secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(settings.data_dir / "coordinator.key")
+        self.admin_token_file = settings.data_dir / "admin_token"
+        self.admin_token = settings.admin_token or load_or_create_token(self.admin_token_file)
+        self.db = make_engine(settings.resolved_database_url)
+        migrate(self.db)
+        self.registry = Registry()
+        self.accounts = Accounts(self.db)
+        self.settlement = Settlement(self.db, self.identity, settings.fee_bps)
+        self.gateway = Gateway(self.registry, self.accounts, self.settlement, settings)
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._grpc_server: grpc.aio.Server | None = None
+
+    async def start_grpc(self) -> None:
+        server = grpc.aio.server(
+            options=[("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+        )
+        service = WorkerSessionService(
+            self.registry, self.identity, self.settings.heartbeat_interval_s
+        )
+        pb_grpc.add_WorkerSessionServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        if self.settings.tls_cert and self.settings.tls_key:
+            creds = grpc.ssl_server_credentials(
+                [(self.settings.tls_key.read_bytes(), self.settings.tls_cert.read_bytes())]
+            )
+            self.grpc_port = server.add_secure_port(address, creds)
+        else:
+            self.grpc_port = server.add_insecure_port(address)
+        await server.start()
+        self._grpc_server = server
+
+    async def stop_grpc(self) -> None:
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(grace=5)
+            self._grpc_server = None
+
+    async def _expire_workers(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            for conn in self.registry.expire(self.settings.worker_timeout_s):
+                log.warning("dropped worker %s: no heartbeat", conn.node_id)
+
+    def http_app(self) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+            await self.start_grpc()
+            expiry = asyncio.create_task(self._expire_workers())
+            try:
+                yield
+            finally:
+                expiry.cancel()
+                await self.stop_grpc()
+
+        app = FastAPI(title="Agora coordinator", version=__version__, lifespan=lifespan)
+        app.state.gateway = self.gateway
+        app.state.accounts = self.accounts
+        app.state.settlement = self.settlement
+        app.state.admin_token = self.admin_token
+        app.state.max_body_bytes = self.settings.max_body_bytes
+        errors.install(app)
+        app.include_router(openai_routes.router)
+        app.include_router(admin_routes.router)
+
+        @app.get("/health")
+        async def health() -> dict[str, object]:
+            return {"status": "ok", "workers": len(self.registry.all())}
+
+        return app
+
+    def describe(self) -> dict[str, object]:
+        host = self.settings.host
+        return {
+            "base_url": f"http://{host}:{self.http_port}/v1",
+            "http_port": self.http_port,
+            "grpc_target": f"{host}:{self.grpc_port}",
+            "grpc_port": self.grpc_port,
+            "coordinator_id": self.identity.node_id,
+            "admin_token_file": str(self.admin_token_file),
+            "pid": os.getpid(),
+        }
+
+    async def serve(self) -> None:
+        """Serve until SIGINT/SIGTERM (uvicorn handles both and runs the lifespan shutdown)."""
+        config = uvicorn.Config(
+            self.http_app(),
+            host=self.settings.host,
+            port=self.settings.http_port,
+            log_level="warning",
+            loop="asyncio",
+            timeout_graceful_shutdown=10,
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                await task  # raises what stopped it
+                return
+            await asyncio.sleep(0.02)
+        self.http_port = server.servers[0].sockets[0].getsockname()[1]
+        info = self.describe()
+        if self.settings.ready_file:
+            tmp = self.settings.ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info))
+            tmp.replace(self.settings.ready_file)
+        print(
+            f"Agora coordinator {self.identity.node_id}\n"
+            f"  OpenAI API   {info['base_url']}\n"
+            f"  workers dial {info['grpc_target']}\n"
+            f"  admin token  {self.admin_token_file}",
+            flush=True,
+        )
+        await task

@@ -1,0 +1,40 @@
+"""Coordinator settings (environment variables AGORA_COORDINATOR_*, or CLI flags)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "agora" / "coordinator"
+
+
+class CoordinatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGORA_COORDINATOR_", extra="ignore")
+
+    host: str = "127.0.0.1"  # interface for both the HTTP API and the worker gRPC endpoint
+    http_port: int = 8080  # OpenAI-compatible API; 0 = any free port
+    grpc_port: int = 50051  # workers dial in here; 0 = any free port
+    data_dir: Path = Field(default_factory=default_data_dir)  # key, admin token, SQLite file
+    database_url: str | None = None  # default: SQLite file in data_dir
+    fee_bps: int = Field(default=500, ge=0, le=10_000)  # network fee, basis points of price
+    admin_token: str | None = None  # default: generated once into data_dir/admin_token
+    heartbeat_interval_s: float = 5.0  # how often workers must report
+    worker_timeout_s: float = 20.0  # drop a worker not heard from for this long
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
+    first_token_timeout_s: float = 120.0  # per attempt: give up if no first token by then
+    idle_token_timeout_s: float = 60.0  # give up if a running stream is silent this long
+    default_max_tokens: int = 4096  # cost bound when neither request nor advert gives one
+    retry_after_s: int = 2  # Retry-After sent with 503 when no worker has capacity
+    tls_cert: Path | None = None  # PEM cert for the worker gRPC endpoint
+    tls_key: Path | None = None
+    ready_file: Path | None = None  # written with the bound ports once serving
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'coordinator.db'}"

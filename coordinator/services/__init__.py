@@ -1,0 +1,1 @@
+"""Coordinator services: registry, routing, gateway (dispatch + relay), settlement, accounts."""

@@ -1,0 +1,1 @@
+"""Persistence (SQLModel): accounts, API keys, ledger, receipts. SQLite by default."""

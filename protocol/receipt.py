@@ -1,0 +1,147 @@
+"""The signed receipt: the billing record of one job.
+
+The worker signs it; the coordinator checks it against what it relayed, countersigns it and
+stores it; the client can fetch both signatures and verify them offline. Money fields are
+integers (micro-units of the account currency per 1M tokens), never floats.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from protocol.canonical import canonical_json, parse_canonical, stable_digest
+from protocol.errors import MalformedMessage
+from protocol.identity import Identity, public_key_from_node_id, verify_signature
+
+RECEIPT_VERSION = 1
+_WORKER_DOMAIN = b"agora-receipt-v1\0"
+_COORDINATOR_DOMAIN = b"agora-countersign-v1\0"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    request_id: str
+    model: str
+    worker_id: str
+    coordinator_nonce: str  # hex of the nonce the coordinator put in the job
+    prompt_sha256: str
+    output_sha256: str
+    prompt_tokens: int
+    completion_tokens: int
+    price_prompt_per_mtok: int  # micro-units per 1M prompt tokens
+    price_completion_per_mtok: int  # micro-units per 1M completion tokens
+    started_at_ms: int  # unix ms when the worker began the job
+    ttft_ms: int  # time to the first token, as the worker saw it
+    finished_at_ms: int
+    finish_reason: str
+    version: int = RECEIPT_VERSION
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Receipt:
+        value = parse_canonical(data)
+        expected = {f.name for f in fields(cls)}
+        if set(value) != expected:
+            missing, extra = expected - set(value), set(value) - expected
+            raise MalformedMessage(f"receipt fields differ: missing {missing}, extra {extra}")
+        for f in fields(cls):
+            want = int if f.type in ("int", int) else str
+            if type(value[f.name]) is not want:
+                raise MalformedMessage(f"receipt field {f.name} must be {want.__name__}")
+        receipt = cls(**value)
+        if receipt.version != RECEIPT_VERSION:
+            raise MalformedMessage(f"unsupported receipt version {receipt.version}")
+        return receipt
+
+
+@dataclass(frozen=True)
+class SignedReceipt:
+    """Receipt bytes exactly as signed, the worker's signature, and optionally the
+    coordinator's countersignature over both."""
+
+    body: bytes
+    worker_signature: bytes
+    coordinator_id: str = ""
+    coordinator_signature: bytes = b""
+
+    @property
+    def receipt(self) -> Receipt:
+        return Receipt.from_bytes(self.body)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "receipt": parse_canonical(self.body),
+            "body_b64": base64.b64encode(self.body).decode(),
+            "worker_signature": base64.b64encode(self.worker_signature).decode(),
+            "coordinator_id": self.coordinator_id,
+            "coordinator_signature": base64.b64encode(self.coordinator_signature).decode(),
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> SignedReceipt:
+        try:
+            return cls(
+                body=base64.b64decode(value["body_b64"], validate=True),
+                worker_signature=base64.b64decode(value["worker_signature"], validate=True),
+                coordinator_id=str(value.get("coordinator_id", "")),
+                coordinator_signature=base64.b64decode(
+                    value.get("coordinator_signature", ""), validate=True
+                ),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise MalformedMessage(f"not a signed receipt document: {exc}") from exc
+
+
+def sign_receipt(identity: Identity, receipt: Receipt) -> SignedReceipt:
+    if receipt.worker_id != identity.node_id:
+        raise MalformedMessage("a receipt must name the worker that signs it")
+    body = receipt.to_bytes()
+    return SignedReceipt(body=body, worker_signature=identity.sign(_WORKER_DOMAIN + body))
+
+
+def verify_worker_signature(signed: SignedReceipt) -> Receipt:
+    """Check the worker's signature against the key inside its node id; return the receipt."""
+    receipt = signed.receipt
+    key = public_key_from_node_id(receipt.worker_id)
+    verify_signature(key, signed.worker_signature, _WORKER_DOMAIN + signed.body)
+    return receipt
+
+
+def _countersign_message(signed: SignedReceipt) -> bytes:
+    return _COORDINATOR_DOMAIN + hashlib.sha256(signed.body).digest() + signed.worker_signature
+
+
+def countersign(identity: Identity, signed: SignedReceipt) -> SignedReceipt:
+    verify_worker_signature(signed)
+    return SignedReceipt(
+        body=signed.body,
+        worker_signature=signed.worker_signature,
+        coordinator_id=identity.node_id,
+        coordinator_signature=identity.sign(_countersign_message(signed)),
+    )
+
+
+def verify_receipt(signed: SignedReceipt, *, require_countersignature: bool = True) -> Receipt:
+    """Verify every signature on a receipt document; raise InvalidSignature on any failure."""
+    receipt = verify_worker_signature(signed)
+    if require_countersignature or signed.coordinator_signature:
+        if not signed.coordinator_id:
+            raise MalformedMessage("receipt has no coordinator countersignature")
+        key = public_key_from_node_id(signed.coordinator_id)
+        verify_signature(key, signed.coordinator_signature, _countersign_message(signed))
+    return receipt
+
+
+def prompt_digest(prompt: Any) -> str:
+    """Hash of the prompt part of a request (chat `messages` or completion `prompt`)."""
+    return stable_digest(prompt)
+
+
+def output_digest(texts: list[str]) -> str:
+    """Hash of the generated text of each choice, in choice-index order."""
+    return stable_digest(list(texts))

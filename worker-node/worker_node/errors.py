@@ -1,0 +1,28 @@
+"""Errors raised by the worker node.
+
+    WorkerError
+    ├── EngineError            the engine could not start, died, or answered badly
+    │   └── EngineStartTimeout the engine did not become healthy in time
+    ├── RegistrationRefused    the coordinator refused our identity or advert
+    └── ConfigError            the node's configuration is unusable
+"""
+
+
+class WorkerError(Exception):
+    """Base of every error the worker node raises."""
+
+
+class EngineError(WorkerError):
+    pass
+
+
+class EngineStartTimeout(EngineError):
+    pass
+
+
+class RegistrationRefused(WorkerError):
+    pass
+
+
+class ConfigError(WorkerError):
+    pass

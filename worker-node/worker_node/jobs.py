@@ -1,0 +1,225 @@
+"""Run one job against an engine and sign its receipt.
+
+The worker relays the engine's own OpenAI chunks verbatim (so every field the engine supports
+reaches the client) and meters what it relayed: the text of each choice for the output hash, and
+the engine's usage for the token counts it claims in the receipt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from protocol.advert import ModelOffer
+from protocol.identity import Identity
+from protocol.receipt import Receipt, SignedReceipt, output_digest, prompt_digest, sign_receipt
+from worker_node.engines.base import Engine
+
+CHAT = "chat"
+COMPLETIONS = "completions"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    request_id: str
+    model: str
+    endpoint: str  # CHAT or COMPLETIONS
+    body: dict[str, Any]
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """Stream chunks (JSON bytes) to relay, in order."""
+
+    items: list[bytes]
+
+
+@dataclass(frozen=True)
+class WholeResponse:
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Failed:
+    http_status: int
+    message: str
+    type: str
+    retryable: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    receipt: SignedReceipt
+
+
+JobOutput = Chunks | WholeResponse | Failed | Finished
+
+
+@dataclass
+class _Meter:
+    """What the worker saw leave the engine: texts per choice, usage, timing."""
+
+    started_ms: int = field(default_factory=now_ms)
+    first_token_ms: int = 0
+    texts: dict[int, str] = field(default_factory=dict)
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add_choice(self, index: int, text: str | None, finish_reason: str | None) -> None:
+        if text:
+            if not self.first_token_ms:
+                self.first_token_ms = now_ms()
+            self.texts[index] = self.texts.get(index, "") + text
+        else:
+            self.texts.setdefault(index, "")
+        if finish_reason and index == 0:
+            self.finish_reason = finish_reason
+
+    def add_usage(self, usage: dict[str, Any] | None) -> None:
+        if usage:
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    def ordered_texts(self) -> list[str]:
+        return [self.texts[i] for i in sorted(self.texts)]
+
+
+def choice_text(endpoint: str, choice: dict[str, Any], *, streamed: bool) -> str | None:
+    if endpoint == COMPLETIONS:
+        text = choice.get("text")
+    else:
+        part = choice.get("delta" if streamed else "message") or {}
+        text = part.get("content")
+    return text if isinstance(text, str) else None
+
+
+def prompt_of(endpoint: str, body: dict[str, Any]) -> Any:
+    return body.get("messages") if endpoint == CHAT else body.get("prompt")
+
+
+def _engine_error(response_body: bytes, status: int) -> Failed:
+    message = response_body.decode(errors="replace")[:500]
+    err_type = "engine_error"
+    try:
+        err = json.loads(response_body).get("error") or {}
+        message = str(err.get("message") or message)
+        err_type = str(err.get("type") or err_type)
+    except (ValueError, AttributeError):
+        pass
+    # 4xx from the engine is the request's fault; another worker would answer the same.
+    return Failed(status, message, err_type, retryable=status >= 500)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        identity: Identity,
+        engines: dict[str, Engine],
+        offers: dict[str, ModelOffer],
+        client: httpx.AsyncClient,
+    ) -> None:
+        self._identity = identity
+        self._engines = engines
+        self._offers = offers
+        self._client = client
+
+    async def run(self, job: JobSpec) -> AsyncIterator[JobOutput]:
+        engine = self._engines.get(job.model)
+        offer = self._offers.get(job.model)
+        if engine is None or offer is None:
+            yield Failed(404, f"this node does not serve {job.model!r}", "model_not_found", True)
+            return
+        body = dict(job.body, model=engine.served_model)
+        url = f"{engine.base_url}/{'chat/completions' if job.endpoint == CHAT else 'completions'}"
+        meter = _Meter()
+        if body.get("stream"):
+            body["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
+            outputs = self._stream(url, body, job, meter)
+        else:
+            outputs = self._whole(url, body, job, meter)
+        try:
+            async for out in outputs:
+                yield out
+                if isinstance(out, Failed):
+                    return
+        except httpx.HTTPError as exc:
+            produced = any(meter.texts.values())
+            yield Failed(502, f"engine unreachable: {exc}", "engine_error", not produced)
+            return
+        yield Finished(self._sign(job, offer, meter))
+
+    async def _stream(
+        self, url: str, body: dict[str, Any], job: JobSpec, meter: _Meter
+    ) -> AsyncIterator[JobOutput]:
+        async with self._client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                yield _engine_error(await response.aread(), response.status_code)
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    err = chunk["error"]
+                    status = int(err.get("code") or 500)
+                    yield Failed(status, str(err.get("message")), "engine_error", False)
+                    return
+                for choice in chunk.get("choices") or ():
+                    meter.add_choice(
+                        int(choice.get("index", 0)),
+                        choice_text(job.endpoint, choice, streamed=True),
+                        choice.get("finish_reason"),
+                    )
+                meter.add_usage(chunk.get("usage"))
+                yield Chunks([data.encode()])
+
+    async def _whole(
+        self, url: str, body: dict[str, Any], job: JobSpec, meter: _Meter
+    ) -> AsyncIterator[JobOutput]:
+        response = await self._client.post(url, json=body)
+        if response.status_code != 200:
+            yield _engine_error(response.content, response.status_code)
+            return
+        result = response.json()
+        for choice in result.get("choices") or ():
+            meter.add_choice(
+                int(choice.get("index", 0)),
+                choice_text(job.endpoint, choice, streamed=False),
+                choice.get("finish_reason"),
+            )
+        meter.add_usage(result.get("usage"))
+        yield WholeResponse(response.content)
+
+    def _sign(self, job: JobSpec, offer: ModelOffer, meter: _Meter) -> SignedReceipt:
+        finished = now_ms()
+        receipt = Receipt(
+            request_id=job.request_id,
+            model=job.model,
+            worker_id=self._identity.node_id,
+            coordinator_nonce=job.nonce.hex(),
+            prompt_sha256=prompt_digest(prompt_of(job.endpoint, job.body)),
+            output_sha256=output_digest(meter.ordered_texts()),
+            prompt_tokens=meter.prompt_tokens,
+            completion_tokens=meter.completion_tokens,
+            price_prompt_per_mtok=offer.price_prompt_per_mtok,
+            price_completion_per_mtok=offer.price_completion_per_mtok,
+            started_at_ms=meter.started_ms,
+            ttft_ms=max(0, (meter.first_token_ms or finished) - meter.started_ms),
+            finished_at_ms=finished,
+            finish_reason=meter.finish_reason or "stop",
+        )
+        return sign_receipt(self._identity, receipt)
