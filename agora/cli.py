@@ -8,8 +8,9 @@ from agora import demo, keys, receipts
 from coordinator.cli import app as coordinator_app
 from worker_node.cli import app as worker_app
 
-app = typer.Typer(help="Agora: a decentralized GPU marketplace for LLM inference.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Agora: a decentralized GPU marketplace for LLM inference.", no_args_is_help=True
+)
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(worker_app, name="worker")
 app.add_typer(keys.app, name="keys")

@@ -65,7 +65,11 @@ def _start_market(workdir: Path, workers: int) -> tuple[CoordinatorHandle, list[
     try:
         with console.status("starting vLLM…") as status:
             wait_for_workers(
-                coordinator, api_key, MODEL, workers, procs,
+                coordinator,
+                api_key,
+                MODEL,
+                workers,
+                procs,
                 on_wait=lambda s: status.update(f"starting vLLM in {workers} worker(s)… {s:.0f} s"),
             )
     except BaseException:
@@ -105,8 +109,10 @@ def _one_request(coordinator: CoordinatorHandle, api_key: str) -> bool:
     if usage is None:
         console.print("[red]no usage chunk arrived[/]")
         return False
-    print(f"usage: prompt_tokens={usage.prompt_tokens} "
-          f"completion_tokens={usage.completion_tokens} total_tokens={usage.total_tokens}")
+    print(
+        f"usage: prompt_tokens={usage.prompt_tokens} "
+        f"completion_tokens={usage.completion_tokens} total_tokens={usage.total_tokens}"
+    )
 
     console.rule("receipt")
     fetched = httpx.get(
@@ -120,13 +126,18 @@ def _one_request(coordinator: CoordinatorHandle, api_key: str) -> bool:
     except ProtocolError as exc:
         print(f"receipt: NOT VERIFIED ({exc})")
         return False
-    print(f"receipt: verified (worker {receipt.worker_id}, "
-          f"coordinator {fetched['coordinator_id']})")
-    print(f"receipt: request {receipt.request_id} model {receipt.model} "
-          f"tokens {receipt.prompt_tokens}+{receipt.completion_tokens} "
-          f"billed {fetched['amount_total']} micro-units")
+    print(
+        f"receipt: verified (worker {receipt.worker_id}, coordinator {fetched['coordinator_id']})"
+    )
+    print(
+        f"receipt: request {receipt.request_id} model {receipt.model} "
+        f"tokens {receipt.prompt_tokens}+{receipt.completion_tokens} "
+        f"billed {fetched['amount_total']} micro-units"
+    )
     matches = (receipt.prompt_tokens, receipt.completion_tokens) == (
-        usage.prompt_tokens, usage.completion_tokens)
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
     print(f"receipt: token counts {'match' if matches else 'DO NOT match'} the usage")
 
     console.rule("balances")
@@ -134,8 +145,9 @@ def _one_request(coordinator: CoordinatorHandle, api_key: str) -> bool:
     table = Table("account", "before", "after", "change")
     for name in sorted(after):
         change = after[name] - before.get(name, 0)
-        table.add_row(name, format_micro(before.get(name, 0)), format_micro(after[name]),
-                      f"{change:+d}")
+        table.add_row(
+            name, format_micro(before.get(name, 0)), format_micro(after[name]), f"{change:+d}"
+        )
     Console().print(table)
     total = sum(after.values())
     print(f"ledger: balances sum to {total} ({'balanced' if total == 0 else 'UNBALANCED'})")

@@ -5,6 +5,7 @@ Used by `agora demo` and by the test suite, so both run exactly what a user woul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -42,14 +43,10 @@ class Process:
         """SIGTERM, wait for a clean exit, then SIGKILL the whole process group."""
         if self.alive():
             self.popen.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         self.popen.wait()
         return self.popen.returncode
 
@@ -109,8 +106,18 @@ def start_coordinator(
     data.mkdir(parents=True, exist_ok=True)
     ready = data / "ready.json"
     ready.unlink(missing_ok=True)
-    args = ["coordinator", "--http-port", "0", "--grpc-port", "0", "--data-dir", str(data),
-            "--ready-file", str(ready), *(extra_args or [])]
+    args = [
+        "coordinator",
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--data-dir",
+        str(data),
+        "--ready-file",
+        str(ready),
+        *(extra_args or []),
+    ]
     process = _spawn("coordinator", args, workdir / "coordinator.log", None)
     deadline = time.monotonic() + timeout_s
     while not ready.exists():
@@ -141,12 +148,24 @@ TINY_ENGINE_ARGS = ["--max-model-len", "512", "--dtype", "bfloat16", "--enforce-
 
 
 def start_worker(workdir: Path, coordinator: CoordinatorHandle, spec: WorkerSpec) -> Process:
-    args = ["worker", "--coordinator", coordinator.grpc_target,
-            "--served-model-name", spec.served_model,
-            "--price-in", str(spec.price_in), "--price-out", str(spec.price_out),
-            "--max-concurrency", str(spec.max_concurrency),
-            "--key", str(workdir / f"{spec.name}.key"),
-            "--engine-log", str(workdir / f"{spec.name}-engine.log"), *spec.extra_args]
+    args = [
+        "worker",
+        "--coordinator",
+        coordinator.grpc_target,
+        "--served-model-name",
+        spec.served_model,
+        "--price-in",
+        str(spec.price_in),
+        "--price-out",
+        str(spec.price_out),
+        "--max-concurrency",
+        str(spec.max_concurrency),
+        "--key",
+        str(workdir / f"{spec.name}.key"),
+        "--engine-log",
+        str(workdir / f"{spec.name}-engine.log"),
+        *spec.extra_args,
+    ]
     if spec.model:
         args += ["--model", spec.model]
     if spec.engine_url:

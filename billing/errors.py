@@ -1,9 +1,9 @@
 """Errors raised by the billing package.
 
-    BillingError
-    ├── UnbalancedTransaction   postings of a transaction do not sum to zero
-    ├── DuplicateTransaction    a transaction id was already posted (idempotency key)
-    └── InsufficientFunds       a debit would take an account below its floor
+BillingError
+├── UnbalancedTransaction   postings of a transaction do not sum to zero
+├── DuplicateTransaction    a transaction id was already posted (idempotency key)
+└── InsufficientFunds       a debit would take an account below its floor
 """
 
 

@@ -16,8 +16,6 @@ import grpc
 import uvicorn
 from fastapi import FastAPI
 
-from protocol.identity import Identity
-from protocol.proto import session_pb2_grpc as pb_grpc
 from coordinator import __version__
 from coordinator.api import admin_routes, errors, openai_routes
 from coordinator.api.grpc_session import WorkerSessionService
@@ -27,6 +25,8 @@ from coordinator.services.gateway import Gateway
 from coordinator.services.registry import Registry
 from coordinator.services.settlement import Settlement
 from coordinator.store.db import make_engine, migrate
+from protocol.identity import Identity
+from protocol.proto import session_pb2_grpc as pb_grpc
 
 log = logging.getLogger("agora.coordinator")
 
@@ -61,13 +61,15 @@ class Coordinator:
 
     async def start_grpc(self) -> None:
         server = grpc.aio.server(
-            options=[("grpc.keepalive_permit_without_calls", 1),
-                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+            options=[
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ]
         )
         service = WorkerSessionService(
             self.registry, self.identity, self.settings.heartbeat_interval_s
         )
-        pb_grpc.add_WorkerSessionServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_WorkerSessionServicer_to_server(service, server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         if self.settings.tls_cert and self.settings.tls_key:
             creds = grpc.ssl_server_credentials(

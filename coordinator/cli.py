@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -35,7 +36,7 @@ def coordinator(
     ready_file: Path | None = typer.Option(None, help="Write bound ports here once serving."),
     log_level: str = typer.Option("INFO", help="Logging level."),
 ) -> None:
-    overrides = {
+    overrides: dict[str, Any] = {
         "host": host,
         "http_port": http_port,
         "grpc_port": grpc_port,

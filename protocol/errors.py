@@ -1,9 +1,9 @@
 """Errors raised by the protocol package.
 
-    ProtocolError
-    ├── InvalidSignature      a signature does not verify against the claimed key
-    ├── MalformedMessage      bytes that do not decode to the expected canonical structure
-    └── KeyFileError          a key file is missing, unreadable or has unsafe permissions
+ProtocolError
+├── InvalidSignature      a signature does not verify against the claimed key
+├── MalformedMessage      bytes that do not decode to the expected canonical structure
+└── KeyFileError          a key file is missing, unreadable or has unsafe permissions
 """
 
 

@@ -42,9 +42,7 @@ async def current_client(
 ClientDep = Annotated[str, Depends(current_client)]
 
 
-def require_admin(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> None:
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
     token: str = request.app.state.admin_token
     scheme, _, secret = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or secret.strip() != token:

@@ -6,15 +6,16 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
+from coordinator.services.registry import Registry, WorkerConnection
 from protocol.advert import PROTOCOL_VERSION, Advert, verify_registration
 from protocol.errors import ProtocolError
 from protocol.identity import Identity, node_id_from_public_key
 from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
-from coordinator.services.registry import Registry, WorkerConnection
 
 log = logging.getLogger("agora.coordinator.workers")
 
@@ -29,35 +30,45 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
 
     async def Connect(  # noqa: N802 - gRPC method name
         self,
-        request_iterator: object,
+        request_iterator: AsyncIterator[pb.WorkerMessage],
         context: grpc.aio.ServicerContext[pb.WorkerMessage, pb.CoordinatorMessage],
-    ) -> None:
-        advert = await self._register(context)
+    ) -> AsyncIterator[pb.CoordinatorMessage]:
+        requests = aiter(request_iterator)
+        hello = await anext(requests, None)
+        public_key = await self._check_hello(hello, context)
+        nonce = os.urandom(32)
+        yield pb.CoordinatorMessage(
+            challenge=pb.Challenge(nonce=nonce, coordinator_id=self._identity.node_id)
+        )
+        advert = await self._check_registration(
+            public_key, nonce, await anext(requests, None), context
+        )
         conn = WorkerConnection(node_id=advert.node_id, advert=advert)
         self._registry.add(conn)
         log.info("worker %s registered: %s", conn.node_id, [m.name for m in advert.models])
-        await context.write(
-            pb.CoordinatorMessage(
+        reader = asyncio.create_task(self._read_loop(conn, requests))
+        try:
+            yield pb.CoordinatorMessage(
                 registered=pb.Registered(
                     node_id=conn.node_id, heartbeat_interval_ms=self._heartbeat_ms
                 )
             )
-        )
-        writer = asyncio.create_task(self._write_loop(conn, context))
-        try:
-            await self._read_loop(conn, context)
+            while (msg := await conn.outbox.get()) is not None:
+                yield msg
         finally:
-            writer.cancel()
+            reader.cancel()
             self._registry.remove(conn)
             conn.close("worker session ended")
             log.info("worker %s disconnected", conn.node_id)
 
-    async def _register(
-        self, context: grpc.aio.ServicerContext[pb.WorkerMessage, pb.CoordinatorMessage]
-    ) -> Advert:
-        hello = await context.read()
-        if not isinstance(hello, pb.WorkerMessage) or hello.WhichOneof("kind") != "hello":
+    async def _check_hello(
+        self,
+        hello: pb.WorkerMessage | None,
+        context: grpc.aio.ServicerContext[pb.WorkerMessage, pb.CoordinatorMessage],
+    ) -> bytes:
+        if hello is None or hello.WhichOneof("kind") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected Hello first")
+        assert hello is not None
         if hello.hello.protocol_version != PROTOCOL_VERSION:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -68,18 +79,21 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
             node_id_from_public_key(hello.hello.public_key)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        nonce = os.urandom(32)
-        await context.write(
-            pb.CoordinatorMessage(
-                challenge=pb.Challenge(nonce=nonce, coordinator_id=self._identity.node_id)
-            )
-        )
-        reg = await context.read()
-        if not isinstance(reg, pb.WorkerMessage) or reg.WhichOneof("kind") != "register":
+        return hello.hello.public_key
+
+    async def _check_registration(
+        self,
+        public_key: bytes,
+        nonce: bytes,
+        reg: pb.WorkerMessage | None,
+        context: grpc.aio.ServicerContext[pb.WorkerMessage, pb.CoordinatorMessage],
+    ) -> Advert:
+        if reg is None or reg.WhichOneof("kind") != "register":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected Register")
+        assert reg is not None
         try:
             advert = verify_registration(
-                hello.hello.public_key, nonce, reg.register.advert, reg.register.signature
+                public_key, nonce, reg.register.advert, reg.register.signature
             )
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"registration refused: {exc}")
@@ -92,25 +106,14 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         return advert
 
     async def _read_loop(
-        self,
-        conn: WorkerConnection,
-        context: grpc.aio.ServicerContext[pb.WorkerMessage, pb.CoordinatorMessage],
+        self, conn: WorkerConnection, requests: AsyncIterator[pb.WorkerMessage]
     ) -> None:
-        while True:
-            msg = await context.read()
-            if msg is grpc.aio.EOF or not isinstance(msg, pb.WorkerMessage):
-                return
-            kind = msg.WhichOneof("kind")
-            if kind == "job_event":
-                conn.deliver(msg.job_event)
-            elif kind == "heartbeat":
-                conn.last_seen = time.monotonic()
-
-    async def _write_loop(
-        self,
-        conn: WorkerConnection,
-        context: grpc.aio.ServicerContext[pb.WorkerMessage, pb.CoordinatorMessage],
-    ) -> None:
-        while True:
-            msg = await conn.outbox.get()
-            await context.write(msg)
+        try:
+            async for msg in requests:
+                kind = msg.WhichOneof("kind")
+                if kind == "job_event":
+                    conn.deliver(msg.job_event)
+                elif kind == "heartbeat":
+                    conn.last_seen = time.monotonic()
+        finally:
+            conn.outbox.put_nowait(None)  # ends the response stream

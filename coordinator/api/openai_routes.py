@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from coordinator.api.deps import BodyDep, ClientDep, GatewayDep, SettlementDep
+from coordinator.api.schemas import ChatCompletionBody, CompletionBody
 from coordinator.errors import InvalidRequest, NotFound
 from coordinator.services.gateway import CHAT, COMPLETIONS, Completion, CompletionRequest
-from coordinator.api.schemas import ChatCompletionBody, CompletionBody
 
 router = APIRouter(prefix="/v1")
 
@@ -42,7 +42,10 @@ async def _sse(completion: Completion) -> AsyncIterator[bytes]:
 
 
 async def _complete(
-    gateway: GatewayDep, client: str, endpoint: str, parsed: ChatCompletionBody | CompletionBody,
+    gateway: GatewayDep,
+    client: str,
+    endpoint: str,
+    parsed: ChatCompletionBody | CompletionBody,
     body: dict[str, Any],
 ) -> Response:
     request = CompletionRequest(

@@ -49,8 +49,9 @@ class Accounts:
     def create_client(self, name: str, credit: int = 0) -> str:
         """Create (or add a key to) client `name`, fund it with `credit`; return a new API key."""
         if not _CLIENT_NAME.match(name):
-            raise InvalidRequest("client names use letters, digits and _ . @ - (max 100)",
-                                 param="name")
+            raise InvalidRequest(
+                "client names use letters, digits and _ . @ - (max 100)", param="name"
+            )
         with Session(self._engine) as session:
             secret = keys_store.create_key(session, name)
         if credit:
@@ -60,8 +61,7 @@ class Accounts:
     def add_credit(self, name: str, amount: int, txid: str) -> bool:
         """Post a deposit; False if this txid was already posted (safe to retry)."""
         if amount <= 0:
-            raise InvalidRequest("credit must be a positive number of micro-units",
-                                 param="amount")
+            raise InvalidRequest("credit must be a positive number of micro-units", param="amount")
         with Session(self._engine) as session:
             return ledger_store.post(session, deposit(txid, name, amount))
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from billing.pricing import Price, charge_for
-from protocol.proto import session_pb2 as pb
-from protocol.receipt import SignedReceipt, prompt_digest
 from coordinator.config import CoordinatorSettings
 from coordinator.errors import (
     CoordinatorError,
@@ -35,6 +33,8 @@ from coordinator.services.accounts import Accounts
 from coordinator.services.registry import Registry, WorkerConnection
 from coordinator.services.routing import Candidate, Decision, RouteRequest, rank
 from coordinator.services.settlement import JobFacts, Observed, ReceiptRejected, Settlement
+from protocol.proto import session_pb2 as pb
+from protocol.receipt import SignedReceipt, prompt_digest
 
 log = logging.getLogger("agora.coordinator.gateway")
 
@@ -106,8 +106,9 @@ class Gateway:
         out = []
         for name, workers in sorted(self.registry.models().items()):
             offers = [o for w in workers if (o := w.offer(name))]
-            cheapest = min(offers, key=lambda o: (o.price_completion_per_mtok,
-                                                  o.price_prompt_per_mtok))
+            cheapest = min(
+                offers, key=lambda o: (o.price_completion_per_mtok, o.price_prompt_per_mtok)
+            )
             price = self.client_price(
                 Price(cheapest.price_prompt_per_mtok, cheapest.price_completion_per_mtok)
             )
@@ -137,8 +138,9 @@ class Gateway:
                 param="model",
             )
         body = dict(request.body)
-        context = max((o.context_length for w in workers if (o := w.offer(request.model))),
-                      default=0)
+        context = max(
+            (o.context_length for w in workers if (o := w.offer(request.model))), default=0
+        )
         max_tokens = request.max_tokens or context
         if not max_tokens:  # keep the cost bound a real bound
             max_tokens = body["max_tokens"] = self._settings.default_max_tokens
@@ -194,8 +196,9 @@ class Gateway:
                 conn.close_job(request_id, request.model)
                 last_error = error_from_job(first.error)
                 if first.error.retryable:
-                    log.warning("worker %s failed before output: %s", conn.node_id,
-                                first.error.message)
+                    log.warning(
+                        "worker %s failed before output: %s", conn.node_id, first.error.message
+                    )
                     continue
                 raise last_error
             return Completion(self, request, conn, facts, events, first, decision)
@@ -221,8 +224,9 @@ class Gateway:
         try:
             settled = await self._settlement.settle(facts, signed, observed)
         except ReceiptRejected as exc:
-            log.warning("receipt for %s from %s rejected: %s", facts.request_id,
-                        facts.worker_id, exc)
+            log.warning(
+                "receipt for %s from %s rejected: %s", facts.request_id, facts.worker_id, exc
+            )
             return None
         return settled.receipt
 
@@ -262,9 +266,7 @@ class Completion:
             event, self._first = self._first, None
             return event
         try:
-            return await asyncio.wait_for(
-                self._events.get(), timeout=self._gateway.idle_timeout_s
-            )
+            return await asyncio.wait_for(self._events.get(), timeout=self._gateway.idle_timeout_s)
         except TimeoutError:
             raise UpstreamTimeout("the worker stopped sending tokens") from None
 

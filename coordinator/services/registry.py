@@ -16,7 +16,9 @@ class WorkerConnection:
 
     node_id: str
     advert: Advert
-    outbox: asyncio.Queue[pb.CoordinatorMessage] = field(default_factory=asyncio.Queue)
+    outbox: asyncio.Queue[pb.CoordinatorMessage | None] = field(
+        default_factory=asyncio.Queue
+    )  # None ends the session
     connected_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     jobs: dict[str, asyncio.Queue[pb.JobEvent]] = field(default_factory=dict)
@@ -42,7 +44,9 @@ class WorkerConnection:
             return
         self.in_flight[model] = max(0, self.in_flight.get(model, 0) - 1)
         if cancel and not self.closed:
-            self.outbox.put_nowait(pb.CoordinatorMessage(cancel=pb.CancelJob(request_id=request_id)))
+            self.outbox.put_nowait(
+                pb.CoordinatorMessage(cancel=pb.CancelJob(request_id=request_id))
+            )
 
     def deliver(self, event: pb.JobEvent) -> None:
         self.last_seen = time.monotonic()
@@ -54,6 +58,7 @@ class WorkerConnection:
         """The session ended: every job still running on it fails (retryable if nothing was
         relayed yet; the gateway knows)."""
         self.closed = True
+        self.outbox.put_nowait(None)  # ends the session's response stream
         for request_id, events in list(self.jobs.items()):
             error = pb.JobError(http_status=502, message=reason, type="worker_lost", retryable=True)
             events.put_nowait(pb.JobEvent(request_id=request_id, error=error))

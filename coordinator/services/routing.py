@@ -55,7 +55,9 @@ class Weights:
     load: float = 1.0  # weight of the fraction of slots in use
 
 
-def rank(request: RouteRequest, candidates: list[Candidate], weights: Weights = Weights()) -> Decision:
+def rank(
+    request: RouteRequest, candidates: list[Candidate], weights: Weights = Weights()
+) -> Decision:
     excluded: dict[str, str] = {}
     usable: list[tuple[Candidate, int]] = []
     for c in candidates:

@@ -19,6 +19,8 @@ from sqlmodel import Session
 from billing.errors import BillingError
 from billing.ledger import request_charge
 from billing.pricing import Charge, Price, charge_for
+from coordinator.store import ledger_store, receipts_store
+from coordinator.store.models import StoredReceipt
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.receipt import (
@@ -28,8 +30,6 @@ from protocol.receipt import (
     output_digest,
     verify_worker_signature,
 )
-from coordinator.store import ledger_store, receipts_store
-from coordinator.store.models import StoredReceipt
 
 log = logging.getLogger("agora.coordinator.settlement")
 

@@ -25,6 +25,8 @@ def create_key(session: Session, client: str) -> str:
 
 
 def client_for_key(session: Session, secret: str) -> str | None:
-    query = select(ApiKey).where(ApiKey.key_hash == hash_key(secret), col(ApiKey.revoked).is_(False))
+    query = select(ApiKey).where(
+        ApiKey.key_hash == hash_key(secret), col(ApiKey.revoked).is_(False)
+    )
     row = session.exec(query).first()
     return row.client if row else None

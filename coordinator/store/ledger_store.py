@@ -68,9 +68,7 @@ def balances(session: Session) -> dict[str, int]:
 
 def postings_by_transaction(session: Session) -> dict[str, list[Posting]]:
     """Every transaction's postings, as stored (for audits: nothing is re-validated here)."""
-    out: dict[str, list[Posting]] = {
-        t.txid: [] for t in session.exec(select(LedgerTransaction))
-    }
+    out: dict[str, list[Posting]] = {t.txid: [] for t in session.exec(select(LedgerTransaction))}
     for p in session.exec(select(LedgerPosting).order_by(col(LedgerPosting.id))):
         out.setdefault(p.txid, []).append(Posting(p.account, p.amount))
     return out

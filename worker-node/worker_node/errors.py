@@ -1,10 +1,10 @@
 """Errors raised by the worker node.
 
-    WorkerError
-    ├── EngineError            the engine could not start, died, or answered badly
-    │   └── EngineStartTimeout the engine did not become healthy in time
-    ├── RegistrationRefused    the coordinator refused our identity or advert
-    └── ConfigError            the node's configuration is unusable
+WorkerError
+├── EngineError            the engine could not start, died, or answered badly
+│   └── EngineStartTimeout the engine did not become healthy in time
+├── RegistrationRefused    the coordinator refused our identity or advert
+└── ConfigError            the node's configuration is unusable
 """
 
 

@@ -84,7 +84,9 @@ async def run_node(
     await engine.start()
     try:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10), limits=limits) as http:
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=10), limits=limits
+        ) as http:
             offer = ModelOffer(
                 name=config.served_model,
                 max_concurrency=config.max_concurrency,

@@ -23,8 +23,16 @@ from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
 from worker_node import __version__
 from worker_node.errors import RegistrationRefused
-from worker_node.jobs import CHAT, COMPLETIONS, Chunks, Failed, Finished, JobRunner, JobSpec
-from worker_node.jobs import WholeResponse
+from worker_node.jobs import (
+    CHAT,
+    COMPLETIONS,
+    Chunks,
+    Failed,
+    Finished,
+    JobRunner,
+    JobSpec,
+    WholeResponse,
+)
 
 log = logging.getLogger("agora.worker.session")
 
@@ -210,9 +218,7 @@ class WorkerSession:
         self._jobs[spec.request_id] = task
         task.add_done_callback(lambda _t: self._jobs.pop(spec.request_id, None))
 
-    async def _run_job(
-        self, spec: JobSpec, outbox: asyncio.Queue[pb.WorkerMessage | None]
-    ) -> None:
+    async def _run_job(self, spec: JobSpec, outbox: asyncio.Queue[pb.WorkerMessage | None]) -> None:
         rid = spec.request_id
         try:
             async for out in self._runner.run(spec):

