@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from agora import demo, keys, receipts
+from agora.bench.cli import app as bench_app
 from coordinator.cli import app as coordinator_app
 from worker_node.cli import app as worker_app
 
@@ -15,6 +16,7 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(worker_app, name="worker")
 app.add_typer(keys.app, name="keys")
 app.add_typer(receipts.app, name="receipt")
+app.add_typer(bench_app, name="bench")
 app.command("demo")(demo.demo)
 
 

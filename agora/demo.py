@@ -88,7 +88,11 @@ def _stop(coordinator: CoordinatorHandle, procs: list[Process]) -> None:
 
 
 def _one_request(coordinator: CoordinatorHandle, api_key: str) -> bool:
-    client = OpenAI(base_url=coordinator.base_url, api_key=api_key)
+    with OpenAI(base_url=coordinator.base_url, api_key=api_key) as client:
+        return _stream_and_settle(client, coordinator, api_key)
+
+
+def _stream_and_settle(client: OpenAI, coordinator: CoordinatorHandle, api_key: str) -> bool:
     before = coordinator.balances()
     console.rule("streamed chat completion via the openai SDK")
     stream = client.chat.completions.create(

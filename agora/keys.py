@@ -8,7 +8,7 @@ import typer
 
 from protocol.errors import KeyFileError
 from protocol.identity import Identity
-from worker_node.cli import default_key_path
+from worker_node.config import default_key_path
 
 app = typer.Typer(help="Ed25519 node identities.", no_args_is_help=True)
 

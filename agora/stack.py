@@ -51,7 +51,10 @@ class Process:
         return self.popen.returncode
 
 
-def _spawn(name: str, args: list[str], log_path: Path, env: dict[str, str] | None) -> Process:
+def spawn_agora(
+    name: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> Process:
+    """Run `agora ARGS…` in its own process group, output to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(
@@ -118,7 +121,7 @@ def start_coordinator(
         str(ready),
         *(extra_args or []),
     ]
-    process = _spawn("coordinator", args, workdir / "coordinator.log", None)
+    process = spawn_agora("coordinator", args, workdir / "coordinator.log", None)
     deadline = time.monotonic() + timeout_s
     while not ready.exists():
         if not process.alive():
@@ -162,15 +165,15 @@ def start_worker(workdir: Path, coordinator: CoordinatorHandle, spec: WorkerSpec
         str(spec.max_concurrency),
         "--key",
         str(workdir / f"{spec.name}.key"),
-        "--engine-log",
-        str(workdir / f"{spec.name}-engine.log"),
+        "--state-dir",
+        str(workdir / f"{spec.name}-state"),
         *spec.extra_args,
     ]
     if spec.model:
         args += ["--model", spec.model]
     if spec.engine_url:
         args += ["--engine-url", spec.engine_url]
-    return _spawn(spec.name, args, workdir / f"{spec.name}.log", None)
+    return spawn_agora(spec.name, args, workdir / f"{spec.name}.log", None)
 
 
 def wait_for_workers(

@@ -20,6 +20,10 @@ class ModelOffer:
     price_prompt_per_mtok: int  # micro-units per 1M prompt tokens
     price_completion_per_mtok: int  # micro-units per 1M completion tokens
     context_length: int = 0  # 0 when unknown
+    dtype: str = ""  # e.g. "bfloat16"; "" when unknown
+    quantization: str = ""  # e.g. "awq", "fp8"; "" = none
+    lora_adapters: tuple[str, ...] = ()  # adapter names servable as models too
+    engine: str = ""  # e.g. "vllm 0.24.0"
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -36,8 +40,8 @@ class Advert:
     issued_at_ms: int
     models: tuple[ModelOffer, ...]
     protocol_version: str = PROTOCOL_VERSION
-    software_version: str = ""
-    hardware: dict[str, str] = field(default_factory=dict)
+    software: dict[str, str] = field(default_factory=dict)  # component -> version
+    hardware: dict[str, str] = field(default_factory=dict)  # see worker_node.hardware
 
     def to_bytes(self) -> bytes:
         value = asdict(self)
@@ -48,7 +52,10 @@ class Advert:
     def from_bytes(cls, data: bytes) -> Advert:
         value: dict[str, Any] = parse_canonical(data)
         try:
-            models = tuple(ModelOffer(**m) for m in value.pop("models"))
+            models = tuple(
+                ModelOffer(**{**m, "lora_adapters": tuple(m.get("lora_adapters", ()))})
+                for m in value.pop("models")
+            )
             return cls(models=models, **value)
         except (KeyError, TypeError) as exc:
             raise MalformedMessage(f"malformed advert: {exc}") from exc

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
 
 from agora.stack import (
@@ -29,6 +30,23 @@ from worker_node.engines.vllm import VllmConfig, VllmEngine
 from worker_node.tiny_model import ensure_tiny_model
 
 MODEL = "tiny"
+
+
+SdkFactory = Callable[[str, str], openai.OpenAI]
+
+
+@pytest.fixture
+def sdk() -> Iterator[SdkFactory]:
+    """Official openai clients, closed when the test ends (no leaked sockets)."""
+    clients: list[openai.OpenAI] = []
+
+    def make(base_url: str, api_key: str) -> openai.OpenAI:
+        clients.append(openai.OpenAI(base_url=base_url, api_key=api_key))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
 
 
 @pytest.fixture(scope="session")

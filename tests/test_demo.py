@@ -90,12 +90,12 @@ def _drive_served_demo(proc: subprocess.Popen[str], before: set[int]) -> int:
         spawned = engine_pids() - before
         assert len(spawned) >= 2  # one engine per worker (plus their own children)
 
-        client = openai.OpenAI(base_url=env["AGORA_BASE_URL"], api_key=env["AGORA_API_KEY"])
-        models = {m.id: m for m in client.models.list()}
-        assert (models["tiny"].model_extra or {})["workers"] == 2
-        reply = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5
-        )
+        with openai.OpenAI(base_url=env["AGORA_BASE_URL"], api_key=env["AGORA_API_KEY"]) as client:
+            models = {m.id: m for m in client.models.list()}
+            assert (models["tiny"].model_extra or {})["workers"] == 2
+            reply = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5
+            )
         assert reply.choices[0].message.content
         assert reply.usage is not None
         assert reply.usage.completion_tokens == 5

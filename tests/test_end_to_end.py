@@ -11,7 +11,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from billing.ledger import NETWORK_FEES, client_account, provider_account
 from protocol.receipt import Receipt, SignedReceipt, verify_receipt
-from tests.conftest import MODEL, Market
+from tests.conftest import MODEL, Market, SdkFactory
 
 pytestmark = pytest.mark.engine
 
@@ -49,10 +49,10 @@ def assert_money_moved(market: Market, client: str, billed: Billed, before: dict
     assert earned > 0
 
 
-def test_sync_streamed_chat(market: Market) -> None:
+def test_sync_streamed_chat(market: Market, sdk: SdkFactory) -> None:
     name, key = market.new_client()
     before = market.coordinator.balances()
-    client = openai.OpenAI(base_url=market.base_url, api_key=key)
+    client = sdk(market.base_url, key)
     stream = client.chat.completions.create(
         model=MODEL,
         messages=PROMPT,
@@ -82,10 +82,10 @@ def test_sync_streamed_chat(market: Market) -> None:
     assert_money_moved(market, name, billed, before)
 
 
-def test_sync_non_streamed_chat(market: Market) -> None:
+def test_sync_non_streamed_chat(market: Market, sdk: SdkFactory) -> None:
     name, key = market.new_client()
     before = market.coordinator.balances()
-    client = openai.OpenAI(base_url=market.base_url, api_key=key)
+    client = sdk(market.base_url, key)
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=PROMPT, max_tokens=8
     )
@@ -106,22 +106,21 @@ def test_sync_non_streamed_chat(market: Market) -> None:
 async def test_async_streamed_text_completion(market: Market) -> None:
     name, key = market.new_client()
     before = market.coordinator.balances()
-    client = openai.AsyncOpenAI(base_url=market.base_url, api_key=key)
-    stream = await client.completions.create(
-        model=MODEL,
-        prompt="Once upon a time",
-        max_tokens=12,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
     text, usage, response_id = "", None, ""
-    async for chunk in stream:
-        response_id = chunk.id
-        if chunk.choices:
-            text += chunk.choices[0].text
-        if chunk.usage:
-            usage = chunk.usage
-    await client.close()
+    async with openai.AsyncOpenAI(base_url=market.base_url, api_key=key) as client:
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in stream:
+            response_id = chunk.id
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage:
+                usage = chunk.usage
     assert text
     assert response_id.startswith("cmpl-")
     assert usage is not None
@@ -134,11 +133,10 @@ async def test_async_streamed_text_completion(market: Market) -> None:
 async def test_async_non_streamed_text_completion_with_two_choices(market: Market) -> None:
     name, key = market.new_client()
     before = market.coordinator.balances()
-    client = openai.AsyncOpenAI(base_url=market.base_url, api_key=key)
-    completion = await client.completions.create(
-        model=MODEL, prompt="The market", max_tokens=6, n=2, temperature=1.0, seed=7
-    )
-    await client.close()
+    async with openai.AsyncOpenAI(base_url=market.base_url, api_key=key) as client:
+        completion = await client.completions.create(
+            model=MODEL, prompt="The market", max_tokens=6, n=2, temperature=1.0, seed=7
+        )
     assert [c.index for c in completion.choices] == [0, 1]
     assert completion.usage is not None
     assert completion.usage.completion_tokens == 12
@@ -147,9 +145,9 @@ async def test_async_non_streamed_text_completion_with_two_choices(market: Marke
     assert_money_moved(market, name, billed, before)
 
 
-def test_stream_without_include_usage_has_no_usage_chunk(market: Market) -> None:
+def test_stream_without_include_usage_has_no_usage_chunk(market: Market, sdk: SdkFactory) -> None:
     _name, key = market.new_client()
-    client = openai.OpenAI(base_url=market.base_url, api_key=key)
+    client = sdk(market.base_url, key)
     chunks = list(
         client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=4, stream=True)
     )
@@ -161,7 +159,7 @@ def test_stream_without_include_usage_has_no_usage_chunk(market: Market) -> None
     assert billed.receipt.completion_tokens == 4
 
 
-def test_raw_sse_ends_with_done(market: Market) -> None:
+def test_raw_sse_ends_with_done(market: Market, sdk: SdkFactory) -> None:
     _name, key = market.new_client()
     with httpx.stream(
         "POST",
@@ -176,9 +174,11 @@ def test_raw_sse_ends_with_done(market: Market) -> None:
     assert lines[-1] == "data: [DONE]"
 
 
-def test_models_list_shows_the_network_model_with_client_price(market: Market) -> None:
+def test_models_list_shows_the_network_model_with_client_price(
+    market: Market, sdk: SdkFactory
+) -> None:
     _name, key = market.new_client()
-    client = openai.OpenAI(base_url=market.base_url, api_key=key)
+    client = sdk(market.base_url, key)
     models = {m.id: m for m in client.models.list()}
     assert MODEL in models
     extra = models[MODEL].model_extra or {}
@@ -190,29 +190,29 @@ def test_models_list_shows_the_network_model_with_client_price(market: Market) -
     assert client.models.retrieve(MODEL).id == MODEL
 
 
-def test_engine_rejection_is_a_clean_400_and_costs_nothing(market: Market) -> None:
+def test_engine_rejection_is_a_clean_400_and_costs_nothing(market: Market, sdk: SdkFactory) -> None:
     name, key = market.new_client()
     before = market.coordinator.balances()
-    client = openai.OpenAI(base_url=market.base_url, api_key=key)
+    client = sdk(market.base_url, key)
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=100_000)
     assert info.value.status_code == 400
     assert market.coordinator.balances()[client_account(name)] == before[client_account(name)]
 
 
-def test_insufficient_credit_is_402_before_any_work(market: Market) -> None:
+def test_insufficient_credit_is_402_before_any_work(market: Market, sdk: SdkFactory) -> None:
     name, key = market.new_client(credit=5)
-    client = openai.OpenAI(base_url=market.base_url, api_key=key)
+    client = sdk(market.base_url, key)
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=64)
     assert info.value.status_code == 402
     assert market.coordinator.balances()[client_account(name)] == 5
 
 
-def test_receipts_are_private_to_their_client(market: Market) -> None:
+def test_receipts_are_private_to_their_client(market: Market, sdk: SdkFactory) -> None:
     _a, key_a = market.new_client()
     _b, key_b = market.new_client()
-    client = openai.OpenAI(base_url=market.base_url, api_key=key_a)
+    client = sdk(market.base_url, key_a)
     completion = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=2)
     response = httpx.get(
         f"{market.base_url}/receipts/{completion.id}",

@@ -54,8 +54,34 @@ async def workers(_admin: AdminDep, gateway: GatewayDep) -> dict[str, Any]:
         "workers": [
             {
                 "node_id": w.node_id,
-                "models": [m.name for m in w.advert.models],
-                "in_flight": dict(w.in_flight),
+                "draining": w.draining,
+                "models": {
+                    m.name: {
+                        "available": w.available(m.name),
+                        "in_flight": w.in_flight.get(m.name, 0),
+                        "max_concurrency": m.max_concurrency,
+                        "engine_running": w.loads[m.name].running if m.name in w.loads else None,
+                        "engine_waiting": w.loads[m.name].waiting if m.name in w.loads else None,
+                        "kv_cache_usage": w.loads[m.name].kv_cache_usage
+                        if m.name in w.loads
+                        else None,
+                        "price_prompt_per_mtok": m.price_prompt_per_mtok,
+                        "price_completion_per_mtok": m.price_completion_per_mtok,
+                        "context_length": m.context_length,
+                    }
+                    for m in w.advert.models
+                },
+                "hardware": dict(w.advert.hardware),
+                "software": dict(w.advert.software),
+                "gpus": [
+                    {
+                        "index": g.index,
+                        "utilization_pct": g.utilization_pct,
+                        "memory_used_mib": g.memory_used_mib,
+                        "memory_total_mib": g.memory_total_mib,
+                    }
+                    for g in w.gpus
+                ],
                 "seconds_since_seen": round(now - w.last_seen, 3),
                 "connected_for_s": round(now - w.connected_at, 3),
             }

@@ -114,6 +114,9 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
                 if kind == "job_event":
                     conn.deliver(msg.job_event)
                 elif kind == "heartbeat":
-                    conn.last_seen = time.monotonic()
+                    conn.heartbeat(msg.heartbeat)
+                elif kind == "drain":
+                    conn.draining = True
+                    log.info("worker %s draining: %s", conn.node_id, msg.drain.reason)
         finally:
             conn.outbox.put_nowait(None)  # ends the response stream

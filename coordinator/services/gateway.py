@@ -104,8 +104,9 @@ class Gateway:
 
     def list_models(self) -> list[dict[str, Any]]:
         out = []
-        for name, workers in sorted(self.registry.models().items()):
-            offers = [o for w in workers if (o := w.offer(name))]
+        for name, advertising in sorted(self.registry.models().items()):
+            workers = [w for w in advertising if w.available(name)]
+            offers = [o for w in advertising if (o := w.offer(name))]
             cheapest = min(
                 offers, key=lambda o: (o.price_completion_per_mtok, o.price_prompt_per_mtok)
             )
@@ -124,8 +125,9 @@ class Gateway:
                         "completion_per_mtok": price.completion_per_mtok,
                         "unit": "micro-USD per 1M tokens",
                     },
-                    "workers": len(workers),
-                    "available_slots": sum(w.free_slots(name) for w in workers),
+                    "workers": len(workers),  # available now
+                    "available": bool(workers),
+                    "available_slots": sum(max(0, w.free_slots(name)) for w in workers),
                 }
             )
         return out
@@ -133,6 +135,11 @@ class Gateway:
     async def start(self, client: str, request: CompletionRequest) -> Completion:
         workers = self.registry.serving(request.model)
         if not workers:
+            if self.registry.advertised(request.model):
+                raise NoCapacity(
+                    f"No worker serving `{request.model}` is available right now; retry shortly.",
+                    retry_after_s=self._settings.retry_after_s,
+                )
             raise ModelNotFound(
                 f"The model `{request.model}` does not exist or no worker serves it right now.",
                 param="model",
@@ -195,6 +202,8 @@ class Gateway:
             if first.WhichOneof("kind") == "error":
                 conn.close_job(request_id, request.model)
                 last_error = error_from_job(first.error)
+                if isinstance(last_error, NoCapacity):
+                    last_error.retry_after_s = self._settings.retry_after_s
                 if first.error.retryable:
                     log.warning(
                         "worker %s failed before output: %s", conn.node_id, first.error.message

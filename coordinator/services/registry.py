@@ -23,10 +23,25 @@ class WorkerConnection:
     last_seen: float = field(default_factory=time.monotonic)
     jobs: dict[str, asyncio.Queue[pb.JobEvent]] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=dict)  # per model
+    loads: dict[str, pb.ModelLoad] = field(default_factory=dict)  # last heartbeat, per model
+    gpus: list[pb.GpuLoad] = field(default_factory=list)
+    draining: bool = False  # the worker is shutting down: route nothing new to it
     closed: bool = False
 
     def offer(self, model: str) -> ModelOffer | None:
         return self.advert.offer(model)
+
+    def available(self, model: str) -> bool:
+        """Routable for `model`: offered, engine up (per the last heartbeat), not leaving."""
+        load = self.loads.get(model)
+        engine_up = load is None or load.available  # no heartbeat yet: registration just proved it
+        return not (self.closed or self.draining) and engine_up and self.offer(model) is not None
+
+    def heartbeat(self, beat: pb.Heartbeat) -> None:
+        self.last_seen = time.monotonic()
+        for load in beat.loads:
+            self.loads[load.model] = load
+        self.gpus = list(beat.gpus)
 
     def free_slots(self, model: str) -> int:
         offer = self.offer(model)
@@ -86,9 +101,15 @@ class Registry:
         return list(self._workers.values())
 
     def serving(self, model: str) -> list[WorkerConnection]:
+        """Workers that can take a `model` job now."""
+        return [w for w in self._workers.values() if w.available(model)]
+
+    def advertised(self, model: str) -> list[WorkerConnection]:
+        """Workers that offer `model`, available or not (down engine, draining)."""
         return [w for w in self._workers.values() if not w.closed and w.offer(model)]
 
     def models(self) -> dict[str, list[WorkerConnection]]:
+        """Every advertised model and the workers offering it."""
         out: dict[str, list[WorkerConnection]] = {}
         for w in self._workers.values():
             if w.closed:

@@ -15,6 +15,8 @@ Session order:
   worker: Hello(public_key)            -> coordinator: Challenge(nonce)
   worker: Register(signed advert, sig) -> coordinator: Registered | stream aborted UNAUTHENTICATED
   then, in any order: Heartbeat / JobEvent up, Job / CancelJob down.
+  worker: Drain (on shutdown) -> coordinator routes nothing new to it; the worker finishes
+  its running jobs, then half-closes; the coordinator ends the stream and forgets the node.
 """
 
 from collections import abc as _abc
@@ -58,6 +60,7 @@ class WorkerMessage(_message.Message):
     REGISTER_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     JOB_EVENT_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -66,6 +69,8 @@ class WorkerMessage(_message.Message):
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def job_event(self) -> Global___JobEvent: ...
+    @_builtins.property
+    def drain(self) -> Global___Drain: ...
     def __init__(
         self,
         *,
@@ -73,12 +78,13 @@ class WorkerMessage(_message.Message):
         register: Global___Register | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         job_event: Global___JobEvent | None = ...,
+        drain: Global___Drain | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "kind", b"kind", "register", b"register"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "kind", b"kind", "register", b"register"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "kind", b"kind", "register", b"register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "kind", b"kind", "register", b"register"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "register", "heartbeat", "job_event"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "register", "heartbeat", "job_event", "drain"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -221,18 +227,22 @@ class Heartbeat(_message.Message):
 
     SENT_AT_MS_FIELD_NUMBER: _builtins.int
     LOADS_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
     sent_at_ms: _builtins.int
     @_builtins.property
     def loads(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelLoad]: ...
+    @_builtins.property
+    def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuLoad]: ...
     def __init__(
         self,
         *,
         sent_at_ms: _builtins.int = ...,
         loads: _abc.Iterable[Global___ModelLoad] | None = ...,
+        gpus: _abc.Iterable[Global___GpuLoad] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["loads", b"loads", "sent_at_ms", b"sent_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpus", b"gpus", "loads", b"loads", "sent_at_ms", b"sent_at_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -246,11 +256,19 @@ class ModelLoad(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     WAITING_FIELD_NUMBER: _builtins.int
     KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     running: _builtins.int
+    """requests the engine is running (its own metrics)"""
     waiting: _builtins.int
+    """requests queued inside the engine"""
     kv_cache_usage: _builtins.float
     """0..1"""
+    available: _builtins.bool
+    """false while the engine is down or restarting"""
+    jobs: _builtins.int
+    """jobs this node has in flight for the model"""
     def __init__(
         self,
         *,
@@ -258,14 +276,63 @@ class ModelLoad(_message.Message):
         running: _builtins.int = ...,
         waiting: _builtins.int = ...,
         kv_cache_usage: _builtins.float = ...,
+        available: _builtins.bool = ...,
+        jobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_cache_usage", b"kv_cache_usage", "model", b"model", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "jobs", b"jobs", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelLoad: _TypeAlias = ModelLoad  # noqa: Y015
+
+@_typing.final
+class GpuLoad(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    UTILIZATION_PCT_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_MIB_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_MIB_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    utilization_pct: _builtins.int
+    memory_used_mib: _builtins.int
+    memory_total_mib: _builtins.int
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        utilization_pct: _builtins.int = ...,
+        memory_used_mib: _builtins.int = ...,
+        memory_total_mib: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "memory_total_mib", b"memory_total_mib", "memory_used_mib", b"memory_used_mib", "utilization_pct", b"utilization_pct"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuLoad: _TypeAlias = GpuLoad  # noqa: Y015
+
+@_typing.final
+class Drain(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Drain: _TypeAlias = Drain  # noqa: Y015
 
 @_typing.final
 class Job(_message.Message):

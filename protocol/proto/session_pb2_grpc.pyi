@@ -15,6 +15,8 @@ Session order:
   worker: Hello(public_key)            -> coordinator: Challenge(nonce)
   worker: Register(signed advert, sig) -> coordinator: Registered | stream aborted UNAUTHENTICATED
   then, in any order: Heartbeat / JobEvent up, Job / CancelJob down.
+  worker: Drain (on shutdown) -> coordinator routes nothing new to it; the worker finishes
+  its running jobs, then half-closes; the coordinator ends the stream and forgets the node.
 """
 
 from collections import abc as _abc

@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from agora.stack import CoordinatorHandle
+from tests.conftest import SdkFactory
 
 
 @pytest.fixture
@@ -71,11 +72,12 @@ def test_missing_messages_is_400_naming_the_param(http: httpx.Client, client_key
     assert error["param"] == "messages"
 
 
-def test_unknown_model_is_404(bare_coordinator: CoordinatorHandle, client: tuple[str, str]) -> None:
+def test_unknown_model_is_404(
+    bare_coordinator: CoordinatorHandle, client: tuple[str, str], sdk: SdkFactory
+) -> None:
     name, key = client
-    sdk = openai.OpenAI(base_url=bare_coordinator.base_url, api_key=key)
     with pytest.raises(openai.NotFoundError) as info:
-        sdk.chat.completions.create(
+        sdk(bare_coordinator.base_url, key).chat.completions.create(
             model="no-such-model", messages=[{"role": "user", "content": "hi"}]
         )
     assert info.value.status_code == 404

@@ -1,29 +1,75 @@
-"""`agora worker …`: run a provider node."""
+"""`agora worker …`: set up and run a provider node.
+
+agora worker init --coordinator HOST:PORT --model PATH_OR_ID   # writes worker.toml + key
+agora worker start                                              # runs from worker.toml
+agora worker status                                             # what it advertises
+agora worker --coordinator HOST:PORT --model PATH               # one-off, flags only
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
+from worker_node import config as config_file
+from worker_node.config import WorkerConfig
 from worker_node.errors import WorkerError
-from worker_node.node import NodeConfig, install_stop_signals, run_node
+from worker_node.hardware import detect, propose_engine
+from worker_node.node import Node, install_stop_signals, read_status
 
 app = typer.Typer(help="Run a provider node: serve a model and sell its tokens.")
 console = Console(stderr=True)
 
 
 def default_key_path() -> Path:
-    return Path(typer.get_app_dir("agora")) / "node.key"
+    return config_file.default_key_path()
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
+    return typer.Exit(1)
+
+
+def run(config: WorkerConfig, log_level: str) -> None:
+    """Run a node until SIGINT/SIGTERM; errors become one line, never a traceback."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        status = console.status("starting engine…")
+        status.start()
+
+        def progress(elapsed: float, state: str) -> None:
+            status.update(f"engine {state} ({elapsed:.0f} s)")
+
+        def registered(node_id: str) -> None:
+            status.stop()
+            names = ", ".join(m.name for m in config.models)
+            console.print(f"[green]serving[/] {names} as {node_id} via {config.node.coordinator}")
+
+        try:
+            await Node(config, on_progress=progress, on_registered=registered).run(stop)
+        finally:
+            status.stop()
+
+    try:
+        asyncio.run(main())
+    except WorkerError as exc:
+        raise _fail(exc) from exc
 
 
 @app.callback(invoke_without_command=True)
 def worker(
     ctx: typer.Context,
-    coordinator: str = typer.Option(..., help="Coordinator worker endpoint, HOST:PORT."),
+    coordinator: str | None = typer.Option(None, help="Coordinator worker endpoint, HOST:PORT."),
     model: str | None = typer.Option(None, help="Model folder or hub id to serve with vLLM."),
     served_model_name: str | None = typer.Option(
         None, help="Name clients use (default: the model folder's name)."
@@ -37,52 +83,177 @@ def worker(
     max_model_len: int | None = typer.Option(None, help="vLLM --max-model-len."),
     dtype: str = typer.Option("auto", help="vLLM --dtype."),
     enforce_eager: bool = typer.Option(False, help="vLLM --enforce-eager (faster start)."),
-    engine_log: Path | None = typer.Option(None, help="Where the engine's output goes."),
     key: Path = typer.Option(default_key_path, help="Node key file (created if missing)."),
+    state_dir: Path | None = typer.Option(None, help="Engine logs and status file."),
+    drain_timeout: float = typer.Option(60.0, help="On SIGTERM, seconds running jobs may take."),
     log_level: str = typer.Option("INFO", help="Logging level."),
 ) -> None:
+    """Without a subcommand: run a node from flags alone (no config file)."""
     if ctx.invoked_subcommand is not None:
         return
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if not coordinator:
+        console.print(ctx.get_help())
+        raise typer.Exit(2)
     name = served_model_name or (Path(model).name if model else None)
     if not name:
         raise typer.BadParameter("give --served-model-name when attaching with --engine-url")
-    config = NodeConfig(
-        coordinator=coordinator,
-        key_path=key,
-        served_model=name,
-        model=model,
-        engine_url=engine_url,
-        price_prompt_per_mtok=price_in,
-        price_completion_per_mtok=price_out,
-        max_concurrency=max_concurrency,
-        max_model_len=max_model_len,
-        dtype=dtype,
-        enforce_eager=enforce_eager,
-        engine_log=engine_log,
-    )
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        install_stop_signals(stop)
-        status = console.status("starting engine…")
-        status.start()
-
-        def progress(elapsed: float, state: str) -> None:
-            status.update(f"engine {state} ({elapsed:.0f} s)")
-            if state == "ready":
-                status.stop()
-
-        def registered(node_id: str) -> None:
-            console.print(f"[green]serving[/] {name} as {node_id} via {coordinator}")
-
-        try:
-            await run_node(config, stop, on_progress=progress, on_registered=registered)
-        finally:
-            status.stop()
-
+    entry: dict[str, Any] = {
+        "name": name,
+        "engine": "attach" if engine_url else "vllm",
+        "model": model,
+        "url": engine_url,
+        "price_in": price_in,
+        "price_out": price_out,
+        "max_concurrency": max_concurrency,
+        "max_model_len": max_model_len,
+        "dtype": dtype,
+        "enforce_eager": enforce_eager,
+    }
+    node: dict[str, Any] = {
+        "coordinator": coordinator,
+        "key": key,
+        "drain_timeout_s": drain_timeout,
+    }
+    if state_dir:
+        node["state_dir"] = state_dir
     try:
-        asyncio.run(main())
+        config = config_file.parse(
+            {"node": node, "models": [{k: v for k, v in entry.items() if v is not None}]}, "flags"
+        )
     except WorkerError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
+        raise _fail(exc) from exc
+    run(config, log_level)
+
+
+@app.command()
+def init(
+    coordinator: str = typer.Option(..., prompt="Coordinator (HOST:PORT)", help="HOST:PORT."),
+    model: str = typer.Option(..., prompt="Model folder or hub id", help="What vLLM serves."),
+    name: str | None = typer.Option(None, help="Name clients use (default: model's name)."),
+    engine_url: str | None = typer.Option(None, help="Attach to this server instead of vLLM."),
+    price_in: int = typer.Option(100_000, help="Micro-units per 1M prompt tokens."),
+    price_out: int = typer.Option(200_000, help="Micro-units per 1M completion tokens."),
+    max_concurrency: int | None = typer.Option(None, help="Jobs at once (default: proposed)."),
+    max_model_len: int | None = typer.Option(None, help="Context length (default: proposed)."),
+    config: Path = typer.Option(config_file.default_config_path, help="Config file to write."),
+    key: Path = typer.Option(default_key_path, help="Node key (created if missing)."),
+    state_dir: Path | None = typer.Option(None, help="Engine logs and status file."),
+    force: bool = typer.Option(False, help="Overwrite an existing config file."),
+) -> None:
+    """Detect this machine, propose an engine config, write the config file and node key."""
+    if config.exists() and not force:
+        raise _fail(ValueError(f"{config} exists; pass --force to overwrite it"))
+    hardware = detect()
+    proposal = propose_engine(hardware)
+    entry: dict[str, Any] = {
+        "name": name or Path(model.rstrip("/")).name,
+        "engine": "attach" if engine_url else "vllm",
+        "model": model,
+        "url": engine_url,
+        "price_in": price_in,
+        "price_out": price_out,
+        "max_concurrency": max_concurrency or proposal.max_concurrency,
+        "max_model_len": max_model_len or proposal.max_model_len,
+        "dtype": proposal.dtype,
+        "tensor_parallel_size": proposal.tensor_parallel_size,
+        "gpu_memory_utilization": proposal.gpu_memory_utilization,
+        "enforce_eager": proposal.enforce_eager,
+    }
+    node: dict[str, Any] = {"coordinator": coordinator, "key": key}
+    if state_dir:
+        node["state_dir"] = state_dir
+    try:
+        parsed = config_file.parse(
+            {
+                "node": node,
+                "models": [{k: v for k, v in entry.items() if v is not None}],
+                "hardware": {"summary": hardware.summary()},
+            },
+            "init",
+        )
+        config_file.dump(parsed, config)
+        from protocol.identity import Identity
+
+        identity = Identity.load_or_create(key)
+    except (WorkerError, OSError) as exc:
+        raise _fail(exc) from exc
+    table = Table("", "", show_header=False)
+    table.add_row("hardware", hardware.summary())
+    for field_name in (
+        "dtype",
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "max_model_len",
+        "enforce_eager",
+        "max_concurrency",
+    ):
+        table.add_row(field_name, str(entry[field_name]))
+    table.add_row("node id", identity.node_id)
+    table.add_row("key", str(key))
+    table.add_row("config", str(config))
+    console.print(table)
+    console.print(f"next: [bold]agora worker start --config {config}[/]")
+
+
+@app.command()
+def start(
+    config: Path = typer.Option(config_file.default_config_path, help="Config file."),
+    log_level: str = typer.Option("INFO", help="Logging level."),
+) -> None:
+    """Run the node described by the config file until SIGINT/SIGTERM."""
+    try:
+        loaded = config_file.load(config)
+    except WorkerError as exc:
+        raise _fail(exc) from exc
+    run(loaded, log_level)
+
+
+def _show_models(models: list[dict[str, Any]], engines: dict[str, Any] | None) -> Table:
+    table = Table("model", "price in/out (µ/1M)", "max conc.", "context", "engine", "state")
+    for m in models:
+        engine = (engines or {}).get(m["name"], {})
+        state = engine.get("state", "not running")
+        table.add_row(
+            m["name"],
+            f"{m['price_prompt_per_mtok']}/{m['price_completion_per_mtok']}",
+            str(m["max_concurrency"]),
+            str(m.get("context_length") or "?"),
+            m.get("engine") or "",
+            state,
+        )
+    return table
+
+
+@app.command()
+def status(
+    config: Path = typer.Option(config_file.default_config_path, help="Config file."),
+) -> None:
+    """What this node advertises, and how its engines and session are doing."""
+    try:
+        loaded = config_file.load(config)
+    except WorkerError as exc:
+        raise _fail(exc) from exc
+    out = Console()
+    live = read_status(loaded.node.state_dir)
+    if live is None:
+        out.print(f"node not running (config {config})")
+        models = [
+            {
+                "name": m.name,
+                "price_prompt_per_mtok": m.price_in,
+                "price_completion_per_mtok": m.price_out,
+                "max_concurrency": m.max_concurrency,
+                "context_length": m.max_model_len,
+                "engine": m.engine,
+            }
+            for m in loaded.models
+        ]
+        out.print(_show_models(models, None))
+        return
+    age = time.time() - float(live["updated_at"])
+    out.print(
+        f"node {live['node_id']}  session [bold]{live['session']}[/] with {live['coordinator']}"
+        f"  ({live['running_jobs']} running job(s), updated {age:.0f} s ago)"
+    )
+    out.print(f"hardware  {live['hardware']}")
+    out.print(_show_models(live["advert"]["models"], live["engines"]))

@@ -4,6 +4,7 @@ WorkerError
 ├── EngineError            the engine could not start, died, or answered badly
 │   └── EngineStartTimeout the engine did not become healthy in time
 ├── RegistrationRefused    the coordinator refused our identity or advert
+├── ProtocolMismatch       the coordinator speaks another protocol version
 └── ConfigError            the node's configuration is unusable
 """
 
@@ -25,4 +26,8 @@ class RegistrationRefused(WorkerError):
 
 
 class ConfigError(WorkerError):
+    pass
+
+
+class ProtocolMismatch(WorkerError):
     pass

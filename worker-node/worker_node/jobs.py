@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,17 +128,22 @@ class JobRunner:
         engines: dict[str, Engine],
         offers: dict[str, ModelOffer],
         client: httpx.AsyncClient,
+        is_available: Callable[[str], bool] = lambda _model: True,
     ) -> None:
         self._identity = identity
         self._engines = engines
         self._offers = offers
         self._client = client
+        self._is_available = is_available
 
     async def run(self, job: JobSpec) -> AsyncIterator[JobOutput]:
         engine = self._engines.get(job.model)
         offer = self._offers.get(job.model)
         if engine is None or offer is None:
             yield Failed(404, f"this node does not serve {job.model!r}", "model_not_found", True)
+            return
+        if not self._is_available(job.model):
+            yield Failed(503, f"the engine for {job.model!r} is restarting", "engine_down", True)
             return
         body = dict(job.body, model=engine.served_model)
         url = f"{engine.base_url}/{'chat/completions' if job.endpoint == CHAT else 'completions'}"

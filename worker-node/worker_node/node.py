@@ -1,63 +1,75 @@
-"""A running node: engine(s) + job runner + coordinator session, started and stopped together."""
+"""A running node: supervised engines + job runner + coordinator session, started and stopped
+together, with a status file that `agora worker status` reads."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import json
 import logging
-import platform
+import os
+import re
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from protocol.advert import Advert, ModelOffer
+from protocol.advert import PROTOCOL_VERSION, Advert, ModelOffer
 from protocol.identity import Identity
+from protocol.proto import session_pb2 as pb
 from worker_node import __version__
+from worker_node.config import ModelConfig, WorkerConfig
 from worker_node.engines.attach import AttachedEngine
 from worker_node.engines.base import Engine
-from worker_node.engines.vllm import VllmConfig, VllmEngine
+from worker_node.engines.supervisor import EngineStatus, Supervisor
+from worker_node.engines.vllm import VllmConfig, VllmEngine, vllm_build
+from worker_node.hardware import Hardware, detect, gpu_loads
 from worker_node.jobs import JobRunner
+from worker_node.metrics import EngineLoad, read_engine_load
 from worker_node.session import SessionConfig, WorkerSession
 
 log = logging.getLogger("agora.worker")
+STATUS_FILE = "status.json"
 
 
-@dataclass(frozen=True)
-class NodeConfig:
-    coordinator: str  # host:port of the coordinator's worker endpoint
-    key_path: Path  # Ed25519 node key (created on first start, mode 0600)
-    served_model: str  # the model name this node advertises
-    model: str | None = None  # spawn vLLM for this folder/hub id ...
-    engine_url: str | None = None  # ... or attach to this OpenAI-compatible server
-    price_prompt_per_mtok: int = 100_000  # micro-units per 1M prompt tokens
-    price_completion_per_mtok: int = 200_000  # micro-units per 1M completion tokens
-    max_concurrency: int = 8  # jobs accepted at once
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    enforce_eager: bool = False
-    engine_log: Path | None = None
-    engine_args: tuple[str, ...] = ()
-    engine_startup_timeout_s: float = 900.0
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-def make_engine(config: NodeConfig, on_progress: Callable[[float, str], None] | None) -> Engine:
-    if config.engine_url:
-        return AttachedEngine(config.engine_url, config.served_model)
-    if not config.model:
-        raise ValueError("give either a model to serve with vLLM or an engine URL to attach")
+def engine_version() -> str:
+    build = vllm_build()
+    return f"{build} {importlib.metadata.version(build)}" if build else ""
+
+
+def make_engine(
+    model: ModelConfig, state_dir: Path, on_progress: Callable[[float, str], None] | None = None
+) -> Engine:
+    if model.engine == "attach":
+        assert model.url is not None
+        return AttachedEngine(model.url, model.served_name or model.name)
+    assert model.model is not None
+    extra = list(model.extra_args)
+    if model.lora_adapters:
+        extra += ["--enable-lora", "--lora-modules"]
+        extra += [f"{name}={path}" for name, path in model.lora_adapters.items()]
+    if model.quantization:
+        extra += ["--quantization", model.quantization]
     return VllmEngine(
         VllmConfig(
-            model=config.model,
-            served_model=config.served_model,
-            max_model_len=config.max_model_len,
-            dtype=config.dtype,
-            enforce_eager=config.enforce_eager,
-            extra_args=config.engine_args,
-            log_path=config.engine_log,
-            startup_timeout_s=config.engine_startup_timeout_s,
+            model=model.model,
+            served_model=model.name,
+            max_model_len=model.max_model_len,
+            dtype=model.dtype,
+            gpu_memory_utilization=model.gpu_memory_utilization,
+            tensor_parallel_size=model.tensor_parallel_size,
+            enforce_eager=model.enforce_eager,
+            extra_args=tuple(extra),
+            env=dict(model.env),
+            log_path=state_dir / "engines" / f"{_safe(model.name)}.log",
         ),
         on_progress=on_progress,
     )
@@ -65,52 +77,198 @@ def make_engine(config: NodeConfig, on_progress: Callable[[float, str], None] | 
 
 async def context_length(client: httpx.AsyncClient, engine: Engine) -> int:
     """The engine's max model length as it reports it in /v1/models (vLLM does), else 0."""
-    response = await client.get(f"{engine.base_url}/models")
-    for card in response.json().get("data", []):
+    try:
+        response = await client.get(f"{engine.base_url}/models", timeout=10)
+        cards = response.json().get("data", [])
+    except (httpx.HTTPError, ValueError):
+        return 0
+    for card in cards:
         if card.get("id") == engine.served_model:
             return int(card.get("max_model_len") or 0)
     return 0
 
 
-async def run_node(
-    config: NodeConfig,
-    stop: asyncio.Event,
-    on_progress: Callable[[float, str], None] | None = None,
-    on_registered: Callable[[str], None] | None = None,
-) -> None:
-    identity = Identity.load_or_create(config.key_path)
-    log.info("node id %s", identity.node_id)
-    engine = make_engine(config, on_progress)
-    await engine.start()
-    try:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=10), limits=limits
-        ) as http:
-            offer = ModelOffer(
-                name=config.served_model,
-                max_concurrency=config.max_concurrency,
-                price_prompt_per_mtok=config.price_prompt_per_mtok,
-                price_completion_per_mtok=config.price_completion_per_mtok,
-                context_length=await context_length(http, engine),
-            )
+class Node:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        on_progress: Callable[[float, str], None] | None = None,
+        on_registered: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = Identity.load_or_create(config.node.key)
+        self.state_dir = config.node.state_dir
+        self.hardware: Hardware = detect()
+        self.supervisors = {
+            m.name: Supervisor(m.name, make_engine(m, self.state_dir, on_progress), self._changed)
+            for m in config.models
+        }
+        self.offers: dict[str, ModelOffer] = {}
+        self._on_registered = on_registered
+        self._session: WorkerSession | None = None
+        self._loads: dict[str, EngineLoad] = {}
 
-            def advert() -> Advert:
-                return Advert(
-                    node_id=identity.node_id,
-                    issued_at_ms=time.time_ns() // 1_000_000,
-                    models=(offer,),
-                    software_version=__version__,
-                    hardware={"machine": platform.machine(), "system": platform.system()},
+    # ---------------------------------------------------------------- advert
+    def _offer(self, model: ModelConfig, context: int) -> ModelOffer:
+        attached = model.engine == "attach"
+        return ModelOffer(
+            name=model.name,
+            max_concurrency=model.max_concurrency,
+            price_prompt_per_mtok=model.price_in,
+            price_completion_per_mtok=model.price_out,
+            context_length=context,
+            dtype=model.dtype,
+            quantization=model.quantization or "",
+            lora_adapters=tuple(sorted(model.lora_adapters)),
+            engine="attached OpenAI-compatible server" if attached else engine_version(),
+        )
+
+    def advert(self) -> Advert:
+        return Advert(
+            node_id=self.identity.node_id,
+            issued_at_ms=time.time_ns() // 1_000_000,
+            models=tuple(self.offers[m.name] for m in self.config.models if m.name in self.offers),
+            protocol_version=PROTOCOL_VERSION,
+            software={"agora": __version__, "engine": engine_version()},
+            hardware=self.hardware.advert_fields(),
+        )
+
+    # ---------------------------------------------------------------- live state
+    def _changed(self, name: str, status: EngineStatus) -> None:
+        log.info("engine %s: %s", name, status.state)
+        if self._session is not None:
+            self._session.notify()
+        self.write_status()
+
+    async def heartbeat(self, client: httpx.AsyncClient) -> pb.Heartbeat:
+        beat = pb.Heartbeat()
+        for name, sup in self.supervisors.items():
+            load = EngineLoad()
+            if sup.available:
+                load = await read_engine_load(client, sup.engine.base_url, sup.engine.served_model)
+            self._loads[name] = load
+            beat.loads.append(
+                pb.ModelLoad(
+                    model=name,
+                    running=load.running,
+                    waiting=load.waiting,
+                    kv_cache_usage=load.kv_cache_usage,
+                    available=sup.available,
                 )
-
-            runner = JobRunner(identity, {offer.name: engine}, {offer.name: offer}, http)
-            session = WorkerSession(
-                identity, advert, runner, SessionConfig(config.coordinator), on_registered
             )
-            await session.run(stop)
-    finally:
-        await engine.stop()
+        for gpu in await asyncio.to_thread(gpu_loads):
+            beat.gpus.append(pb.GpuLoad(**asdict(gpu)))
+        self.write_status()
+        return beat
+
+    def status(self) -> dict[str, Any]:
+        session = self._session
+        return {
+            "pid": os.getpid(),
+            "updated_at": time.time(),
+            "node_id": self.identity.node_id,
+            "coordinator": self.config.node.coordinator,
+            "session": session.state if session else "starting",
+            "running_jobs": session.running_jobs if session else 0,
+            "hardware": self.hardware.summary(),
+            "engines": {
+                name: {
+                    "state": sup.status.state.value,
+                    "restarts": sup.status.restarts,
+                    "pid": sup.engine.pid,
+                    "base_url": sup.engine.base_url,
+                    "last_error": sup.status.last_error.splitlines()[0]
+                    if sup.status.last_error
+                    else "",
+                    "load": asdict(self._loads.get(name, EngineLoad())),
+                }
+                for name, sup in self.supervisors.items()
+            },
+            "advert": json.loads(self.advert().to_bytes()),
+        }
+
+    def write_status(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_dir / f".{STATUS_FILE}.tmp"
+        tmp.write_text(json.dumps(self.status(), indent=2))
+        tmp.replace(self.state_dir / STATUS_FILE)
+
+    # ---------------------------------------------------------------- lifecycle
+    async def _start_engines(self) -> None:
+        starts = [asyncio.create_task(s.start()) for s in self.supervisors.values()]
+        try:
+            await asyncio.gather(*starts)
+        except BaseException:
+            for task in starts:
+                task.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
+            await asyncio.gather(*(s.stop() for s in self.supervisors.values()))
+            raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("node id %s; %s", self.identity.node_id, self.hardware.summary())
+        self.write_status()
+        await self._start_engines()
+        engines_stop = asyncio.Event()
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        timeout = httpx.Timeout(None, connect=10)
+        try:
+            async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+                for model in self.config.models:
+                    engine = self.supervisors[model.name].engine
+                    self.offers[model.name] = self._offer(model, await context_length(http, engine))
+                engines = {name: s.engine for name, s in self.supervisors.items()}
+                runner = JobRunner(
+                    self.identity,
+                    engines,
+                    self.offers,
+                    http,
+                    is_available=lambda name: self.supervisors[name].available,
+                )
+                root_certs = (
+                    self.config.node.tls_ca.read_bytes() if self.config.node.tls_ca else None
+                )
+                self._session = WorkerSession(
+                    self.identity,
+                    self.advert,
+                    runner,
+                    SessionConfig(
+                        self.config.node.coordinator,
+                        drain_timeout_s=self.config.node.drain_timeout_s,
+                        root_certificates=root_certs,
+                    ),
+                    heartbeat=lambda: self.heartbeat(http),
+                    on_registered=self._registered,
+                )
+                watchers = [
+                    asyncio.create_task(s.watch(engines_stop)) for s in self.supervisors.values()
+                ]
+                try:
+                    await self._session.run(stop)
+                finally:
+                    engines_stop.set()
+                    await asyncio.gather(*watchers, return_exceptions=True)
+        finally:
+            await asyncio.gather(*(s.stop() for s in self.supervisors.values()))
+            self.write_status()
+
+    def _registered(self, node_id: str) -> None:
+        self.write_status()
+        if self._on_registered:
+            self._on_registered(node_id)
+
+
+def read_status(state_dir: Path) -> dict[str, Any] | None:
+    """The status a running node wrote, or None if no node is running there."""
+    try:
+        status: dict[str, Any] = json.loads((state_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(int(status["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        return None
+    return status
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

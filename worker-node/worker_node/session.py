@@ -2,18 +2,22 @@
 
 The worker dials out (no inbound port), proves its identity by signing the coordinator's
 challenge together with its advert, then keeps the stream: heartbeats and job events go up,
-jobs come down. When the stream breaks it reconnects with exponential backoff and jitter.
+jobs come down. When the stream breaks it reconnects with exponential backoff and jitter and
+registers again. On shutdown it drains: tells the coordinator to route nothing new, finishes the
+running jobs (up to a deadline), then closes its side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -22,13 +26,14 @@ from protocol.identity import Identity
 from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
 from worker_node import __version__
-from worker_node.errors import RegistrationRefused
+from worker_node.errors import ProtocolMismatch, RegistrationRefused
 from worker_node.jobs import (
     CHAT,
     COMPLETIONS,
     Chunks,
     Failed,
     Finished,
+    JobOutput,
     JobRunner,
     JobSpec,
     WholeResponse,
@@ -37,27 +42,50 @@ from worker_node.jobs import (
 log = logging.getLogger("agora.worker.session")
 
 _ENDPOINTS = {pb.ENDPOINT_CHAT_COMPLETIONS: CHAT, pb.ENDPOINT_COMPLETIONS: COMPLETIONS}
+Outbox = asyncio.Queue[pb.WorkerMessage | None]
+Call = grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.CoordinatorMessage]
 
 
 @dataclass(frozen=True)
 class SessionConfig:
     coordinator: str  # host:port of the coordinator's worker gRPC endpoint
-    reconnect_initial_s: float = 0.5  # first wait after a lost session
-    reconnect_max_s: float = 30.0  # backoff ceiling
+    reconnect_initial_s: float = 0.25  # first wait after a lost session
+    reconnect_max_s: float = 4.0  # backoff ceiling: a restarted coordinator is found quickly
     drain_timeout_s: float = 60.0  # on shutdown, how long running jobs may finish
     root_certificates: bytes | None = None  # PEM; set to use TLS
 
 
 def backoff_delays(initial: float, ceiling: float) -> AsyncIterator[float]:
-    """Exponential backoff with full jitter (AWS architecture blog's recommendation)."""
+    """Exponential backoff with full jitter (spreads a fleet's reconnects after an outage)."""
 
     async def gen() -> AsyncIterator[float]:
         attempt = 0
         while True:
-            yield random.uniform(0, min(ceiling, initial * 2**attempt))
+            yield random.uniform(initial / 2, min(ceiling, initial * 2**attempt))
             attempt += 1
 
     return gen()
+
+
+def job_event(request_id: str, out: JobOutput) -> pb.JobEvent:
+    event = pb.JobEvent(request_id=request_id)
+    if isinstance(out, Chunks):
+        event.chunks.chunks.extend(out.items)
+    elif isinstance(out, WholeResponse):
+        event.response = out.body
+    elif isinstance(out, Finished):
+        event.receipt.body = out.receipt.body
+        event.receipt.signature = out.receipt.worker_signature
+    else:
+        event.error.CopyFrom(
+            pb.JobError(
+                http_status=out.http_status,
+                message=out.message,
+                type=out.type,
+                retryable=out.retryable,
+            )
+        )
+    return event
 
 
 class WorkerSession:
@@ -67,41 +95,55 @@ class WorkerSession:
         make_advert: Callable[[], Advert],
         runner: JobRunner,
         config: SessionConfig,
+        heartbeat: Callable[[], Awaitable[pb.Heartbeat]] | None = None,
         on_registered: Callable[[str], None] | None = None,
     ) -> None:
         self._identity = identity
         self._make_advert = make_advert
         self._runner = runner
         self._config = config
+        self._heartbeat = heartbeat
         self._on_registered = on_registered
         self._jobs: dict[str, asyncio.Task[None]] = {}
-        self._draining = False
+        self._beat_now = asyncio.Event()
+        self.state = "starting"  # connecting | connected | reconnecting | draining | stopped
+        self.connected_since: float | None = None
 
     @property
     def running_jobs(self) -> int:
         return len(self._jobs)
 
+    def notify(self) -> None:
+        """Send a heartbeat now (e.g. an engine went down or came back)."""
+        self._beat_now.set()
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set; reconnect whenever the session is lost."""
+        """Serve until `stop` is set (then drain); reconnect whenever the session is lost."""
         delays = backoff_delays(self._config.reconnect_initial_s, self._config.reconnect_max_s)
         while not stop.is_set():
-            connected_at = time.monotonic()
+            self.state = "connecting"
             try:
                 await self._session(stop)
-            except RegistrationRefused:
+            except (RegistrationRefused, ProtocolMismatch):
+                self.state = "stopped"
                 raise
-            except (grpc.aio.AioRpcError, ConnectionError, OSError) as exc:
-                log.warning("session to %s lost: %s", self._config.coordinator, _describe(exc))
+            except grpc.aio.AioRpcError as exc:
+                log.warning("coordinator %s: %s", self._config.coordinator, _describe(exc))
+            except ConnectionError as exc:
+                log.warning("coordinator %s: %s", self._config.coordinator, exc)
             if stop.is_set():
                 break
-            if time.monotonic() - connected_at > 60:  # a long healthy session resets backoff
+            if self.connected_since and time.monotonic() - self.connected_since > 60:
                 delays = backoff_delays(
                     self._config.reconnect_initial_s, self._config.reconnect_max_s
                 )
+            self.connected_since = None
+            self.state = "reconnecting"
             delay = await anext(delays)
-            log.info("reconnecting in %.1f s", delay)
+            log.info("reconnecting to %s in %.1f s", self._config.coordinator, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+        self.state = "stopped"
 
     def _channel(self) -> grpc.aio.Channel:
         options = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
@@ -111,34 +153,28 @@ class WorkerSession:
         return grpc.aio.insecure_channel(self._config.coordinator, options=options)
 
     async def _session(self, stop: asyncio.Event) -> None:
-        outbox: asyncio.Queue[pb.WorkerMessage | None] = asyncio.Queue()
+        outbox: Outbox = asyncio.Queue()
 
         async def requests() -> AsyncIterator[pb.WorkerMessage]:
             while (msg := await outbox.get()) is not None:
                 yield msg
 
         async with self._channel() as channel:
-            call = pb_grpc.WorkerSessionStub(channel).Connect(requests())
+            call: Call = pb_grpc.WorkerSessionStub(channel).Connect(requests())
             try:
                 interval = await self._handshake(call, outbox)
-                heartbeat = asyncio.create_task(self._heartbeats(outbox, interval))
-                stopper = asyncio.create_task(stop.wait())
+                beats = asyncio.create_task(self._heartbeats(outbox, interval))
+                drainer = asyncio.create_task(self._drain_when(stop, outbox))
                 try:
-                    await self._serve(call, outbox, stopper)
+                    await self._serve(call, outbox)
                 finally:
-                    heartbeat.cancel()
-                    stopper.cancel()
-                if stop.is_set():
-                    await self._drain()
+                    beats.cancel()
+                    drainer.cancel()
             finally:
-                await outbox.put(None)
+                outbox.put_nowait(None)
                 call.cancel()
 
-    async def _handshake(
-        self,
-        call: grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.CoordinatorMessage],
-        outbox: asyncio.Queue[pb.WorkerMessage | None],
-    ) -> float:
+    async def _handshake(self, call: Call, outbox: Outbox) -> float:
         hello = pb.Hello(
             public_key=self._identity.public_key,
             protocol_version=PROTOCOL_VERSION,
@@ -154,20 +190,26 @@ class WorkerSession:
         )
         registered = (await self._expect(call, "registered")).registered
         log.info("registered with %s as %s", self._config.coordinator, registered.node_id)
+        self.state = "connected"
+        self.connected_since = time.monotonic()
         if self._on_registered:
             self._on_registered(registered.node_id)
-        return max(0.5, registered.heartbeat_interval_ms / 1000)
+        return max(0.2, registered.heartbeat_interval_ms / 1000)
 
-    async def _expect(
-        self,
-        call: grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.CoordinatorMessage],
-        kind: str,
-    ) -> pb.CoordinatorMessage:
+    async def _expect(self, call: Call, kind: str) -> pb.CoordinatorMessage:
         try:
             msg = await call.read()
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
-                raise RegistrationRefused(exc.details() or str(exc.code())) from exc
+            code, details = exc.code(), exc.details() or ""
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise ProtocolMismatch(
+                    f"coordinator {self._config.coordinator} refused this node's protocol: "
+                    f"{details}. Upgrade agora on this node (it speaks {PROTOCOL_VERSION})."
+                ) from exc
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+                raise RegistrationRefused(
+                    f"coordinator {self._config.coordinator} refused registration: {details}"
+                ) from exc
             raise
         if msg is grpc.aio.EOF or not isinstance(msg, pb.CoordinatorMessage):
             raise ConnectionError("coordinator closed the session during the handshake")
@@ -175,28 +217,38 @@ class WorkerSession:
             raise ConnectionError(f"expected {kind}, got {msg.WhichOneof('kind')}")
         return msg
 
-    async def _heartbeats(
-        self, outbox: asyncio.Queue[pb.WorkerMessage | None], interval: float
-    ) -> None:
+    async def _heartbeats(self, outbox: Outbox, interval: float) -> None:
+        """One right after registering (live load from the start), then every interval or
+        whenever `notify()` asks."""
         while True:
-            await asyncio.sleep(interval)
-            beat = pb.Heartbeat(sent_at_ms=time.time_ns() // 1_000_000)
+            self._beat_now.clear()
+            beat = await self._heartbeat() if self._heartbeat is not None else pb.Heartbeat()
+            beat.sent_at_ms = time.time_ns() // 1_000_000
             await outbox.put(pb.WorkerMessage(heartbeat=beat))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), timeout=interval)
 
-    async def _serve(
-        self,
-        call: grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.CoordinatorMessage],
-        outbox: asyncio.Queue[pb.WorkerMessage | None],
-        stopper: asyncio.Task[bool],
-    ) -> None:
-        while not stopper.done():
-            reader = asyncio.ensure_future(call.read())
-            await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if not reader.done():
-                reader.cancel()
-                return
-            msg = reader.result()
+    async def _drain_when(self, stop: asyncio.Event, outbox: Outbox) -> None:
+        await stop.wait()
+        self.state = "draining"
+        await outbox.put(pb.WorkerMessage(drain=pb.Drain(reason="node shutting down")))
+        if self._jobs:
+            log.info("draining: waiting for %d running job(s)", len(self._jobs))
+            _done, pending = await asyncio.wait(
+                list(self._jobs.values()), timeout=self._config.drain_timeout_s
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await outbox.put(None)  # half-close: the coordinator then ends the stream
+
+    async def _serve(self, call: Call, outbox: Outbox) -> None:
+        """Read coordinator messages until the coordinator ends the stream."""
+        while True:
+            msg = await call.read()
             if msg is grpc.aio.EOF or not isinstance(msg, pb.CoordinatorMessage):
+                if self.state == "draining":
+                    return
                 raise ConnectionError("coordinator ended the session")
             kind = msg.WhichOneof("kind")
             if kind == "job":
@@ -206,7 +258,11 @@ class WorkerSession:
                 if task:
                     task.cancel()
 
-    def _start_job(self, job: pb.Job, outbox: asyncio.Queue[pb.WorkerMessage | None]) -> None:
+    def _start_job(self, job: pb.Job, outbox: Outbox) -> None:
+        if self.state == "draining":
+            refusal = Failed(503, "node is draining", "worker_draining", retryable=True)
+            outbox.put_nowait(pb.WorkerMessage(job_event=job_event(job.request_id, refusal)))
+            return
         spec = JobSpec(
             request_id=job.request_id,
             model=job.model,
@@ -218,57 +274,28 @@ class WorkerSession:
         self._jobs[spec.request_id] = task
         task.add_done_callback(lambda _t: self._jobs.pop(spec.request_id, None))
 
-    async def _run_job(self, spec: JobSpec, outbox: asyncio.Queue[pb.WorkerMessage | None]) -> None:
+    async def _run_job(self, spec: JobSpec, outbox: Outbox) -> None:
         rid = spec.request_id
         try:
             async for out in self._runner.run(spec):
-                event = pb.JobEvent(request_id=rid)
-                if isinstance(out, Chunks):
-                    event.chunks.chunks.extend(out.items)
-                elif isinstance(out, WholeResponse):
-                    event.response = out.body
-                elif isinstance(out, Finished):
-                    event.receipt.body = out.receipt.body
-                    event.receipt.signature = out.receipt.worker_signature
-                elif isinstance(out, Failed):
-                    event.error.CopyFrom(
-                        pb.JobError(
-                            http_status=out.http_status,
-                            message=out.message,
-                            type=out.type,
-                            retryable=out.retryable,
-                        )
-                    )
-                await outbox.put(pb.WorkerMessage(job_event=event))
+                await outbox.put(pb.WorkerMessage(job_event=job_event(rid, out)))
         except asyncio.CancelledError:
-            log.info("job %s cancelled by the coordinator", rid)
+            log.info("job %s cancelled", rid)
             raise
         except Exception as exc:  # a job must always end with an event, never silently
             log.exception("job %s failed", rid)
-            error = pb.JobError(http_status=500, message=str(exc), type="worker_error")
-            await outbox.put(pb.WorkerMessage(job_event=pb.JobEvent(request_id=rid, error=error)))
-
-    async def _drain(self) -> None:
-        if not self._jobs:
-            return
-        log.info("draining %d running job(s)", len(self._jobs))
-        _done, pending = await asyncio.wait(
-            list(self._jobs.values()), timeout=self._config.drain_timeout_s
-        )
-        for task in pending:
-            task.cancel()
+            failed = Failed(500, f"worker error: {exc}", "worker_error", retryable=False)
+            await outbox.put(pb.WorkerMessage(job_event=job_event(rid, failed)))
 
 
-def _json_object(data: bytes) -> dict[str, object]:
-    import json
-
+def _json_object(data: bytes) -> dict[str, Any]:
     value = json.loads(data)
     if not isinstance(value, dict):
         raise ValueError("job body must be a JSON object")
     return value
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc) or type(exc).__name__
+def _describe(exc: grpc.aio.AioRpcError) -> str:
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return "unreachable (is it running, and is the address right?)"
+    return f"{exc.code().name}: {exc.details()}"

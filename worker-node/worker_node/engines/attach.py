@@ -25,5 +25,15 @@ class AttachedEngine:
         if not await is_serving(self._base_url, timeout_s=10.0):
             raise EngineError(f"no OpenAI-compatible server answers at {self._base_url}/models")
 
+    @property
+    def pid(self) -> int | None:
+        return None
+
     async def stop(self) -> None:
         """Nothing to stop: we did not start it."""
+
+    async def healthy(self) -> bool:
+        return await is_serving(self._base_url, timeout_s=5.0)
+
+    async def restart(self) -> None:
+        await self.start()  # someone else runs it: all we can do is check it is back

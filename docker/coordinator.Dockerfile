@@ -1,6 +1,7 @@
-# Coordinator image. Not built in CI (no Docker engine on the CI machines).
+# Coordinator image (CPU only). Not built in CI (no Docker engine on the CI machines).
+#   docker build -f docker/coordinator.Dockerfile -t agora-coordinator .
 FROM python:3.11-slim
-WORKDIR /app
+WORKDIR /opt/agora
 COPY pyproject.toml README.md ./
 COPY protocol protocol
 COPY billing billing
@@ -9,7 +10,7 @@ COPY worker-node worker-node
 COPY agora agora
 COPY simulations simulations
 RUN pip install --no-cache-dir . psycopg2-binary
-ENV AGORA_COORDINATOR_HOST=0.0.0.0 AGORA_COORDINATOR_DATA_DIR=/data
+ENV PYTHONUNBUFFERED=1 AGORA_COORDINATOR_HOST=0.0.0.0 AGORA_COORDINATOR_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8080 50051
 ENTRYPOINT ["agora", "coordinator"]

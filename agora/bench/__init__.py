@@ -1,0 +1,1 @@
+"""`agora bench …`: measurements that write their numbers to files (never timed tests)."""

@@ -1,0 +1,10 @@
+"""`agora bench …` commands."""
+
+from __future__ import annotations
+
+import typer
+
+from agora.bench.resilience import resilience
+
+app = typer.Typer(help="Benchmarks; each writes its numbers to a file.", no_args_is_help=True)
+app.command("resilience")(resilience)

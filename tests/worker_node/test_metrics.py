@@ -1,0 +1,56 @@
+"""Live load comes from the real engine's Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from worker_node.engines.vllm import VllmEngine
+from worker_node.metrics import EngineLoad, parse_vllm_metrics, read_engine_load
+
+pytestmark = pytest.mark.engine
+
+
+async def test_reads_running_requests_from_the_engine(vllm_engine: VllmEngine) -> None:
+    async with httpx.AsyncClient(timeout=60) as client:
+        idle = await read_engine_load(client, vllm_engine.base_url, "tiny")
+        assert idle.known
+        body = {
+            "model": "tiny",
+            "prompt": "count",
+            "max_tokens": 300,
+            "ignore_eos": True,
+        }
+        long_job = asyncio.create_task(
+            client.post(f"{vllm_engine.base_url}/completions", json=body)
+        )
+        seen: list[EngineLoad] = []
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            seen.append(await read_engine_load(client, vllm_engine.base_url, "tiny"))
+            if seen[-1].running:
+                break
+        response = await long_job
+    assert response.status_code == 200
+    assert any(load.running >= 1 for load in seen)
+    assert all(0.0 <= load.kv_cache_usage <= 1.0 for load in seen)
+
+
+async def test_a_server_without_metrics_gives_an_unknown_load() -> None:
+    async with httpx.AsyncClient() as client:
+        load = await read_engine_load(client, "http://127.0.0.1:9/v1", "tiny")
+    assert load == EngineLoad()
+
+
+def test_only_the_named_model_counts() -> None:
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{model_name="a"} 3.0\n'
+        'vllm:num_requests_running{model_name="b"} 7.0\n'
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        'vllm:kv_cache_usage_perc{model_name="a"} 0.25\n'
+    )
+    assert parse_vllm_metrics(text, "a") == EngineLoad(3, 0, 0.25, True)
+    assert parse_vllm_metrics(text, "b").running == 7

@@ -1,0 +1,131 @@
+"""The node's configuration file (TOML), written by `agora worker init`, read by `start`.
+
+[node]
+coordinator = "coordinator.example.org:50051"
+key = "/home/me/.config/agora/node.key"
+
+[[models]]
+name = "llama-3-8b"
+engine = "vllm"            # or "attach" with url = "http://127.0.0.1:8000/v1"
+model = "meta-llama/Meta-Llama-3-8B-Instruct"
+price_in = 100000          # micro-units per 1M prompt tokens
+price_out = 200000
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from worker_node.errors import ConfigError
+
+
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    return Path(base) / "agora"
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "agora" / "worker"
+
+
+def default_config_path() -> Path:
+    return config_dir() / "worker.toml"
+
+
+def default_key_path() -> Path:
+    return config_dir() / "node.key"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1, max_length=200)  # the name clients ask for
+    engine: Literal["vllm", "attach"] = "vllm"
+    model: str | None = None  # vllm: a local folder or a hub id
+    url: str | None = None  # attach: the server's OpenAI base URL
+    served_name: str | None = None  # attach: the model name the server answers to
+    price_in: int = Field(default=100_000, ge=0)  # micro-units per 1M prompt tokens
+    price_out: int = Field(default=200_000, ge=0)  # micro-units per 1M completion tokens
+    max_concurrency: int = Field(default=8, ge=1, le=4096)  # jobs accepted at once
+    max_model_len: int | None = Field(default=None, ge=16)
+    dtype: str = "auto"
+    quantization: str | None = None  # e.g. "awq", "fp8"; advertised to clients
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool = False
+    lora_adapters: dict[str, str] = Field(default_factory=dict)  # adapter name -> path
+    extra_args: list[str] = Field(default_factory=list)  # passed to `vllm serve` verbatim
+    env: dict[str, str] = Field(default_factory=dict)  # extra environment for the engine
+
+    @model_validator(mode="after")
+    def _engine_fields(self) -> ModelConfig:
+        if self.engine == "vllm" and not self.model:
+            raise ValueError("engine 'vllm' needs `model` (a folder or hub id)")
+        if self.engine == "attach" and not self.url:
+            raise ValueError("engine 'attach' needs `url` (the server's OpenAI base URL)")
+        return self
+
+
+class NodeSection(_Strict):
+    coordinator: str = Field(pattern=r"^[^\s:]+:\d{1,5}$")  # host:port
+    key: Path = Field(default_factory=default_key_path)
+    state_dir: Path = Field(default_factory=state_dir)  # engine logs, status file
+    drain_timeout_s: float = Field(default=60.0, gt=0)  # SIGTERM: let running jobs finish
+    tls_ca: Path | None = None  # PEM of the coordinator's CA; set to use TLS
+
+
+class HardwareSection(_Strict):
+    """What `init` detected; informational (the advert re-detects at every start)."""
+
+    summary: str = ""
+
+
+class WorkerConfig(_Strict):
+    node: NodeSection
+    models: list[ModelConfig] = Field(min_length=1)
+    hardware: HardwareSection = Field(default_factory=HardwareSection)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> WorkerConfig:
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError("two [[models]] entries have the same name")
+        return self
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "file"
+    return f"{where}: {first['msg']}"
+
+
+def parse(data: dict[str, Any], source: str = "config") -> WorkerConfig:
+    try:
+        return WorkerConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+
+
+def load(path: Path) -> WorkerConfig:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no config at {path}; run `agora worker init` first") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return parse(data, str(path))
+
+
+def dump(config: WorkerConfig, path: Path) -> None:
+    data = config.model_dump(mode="json", exclude_none=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data))
