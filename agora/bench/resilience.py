@@ -158,5 +158,5 @@ def resilience(
                 table.add_row(
                     scenario, name, *(f"{summary[k]:.2f} s" for k in ("min_s", "median_s", "max_s"))
                 )
-    Console().print(table)
+    Console(width=150).print(table)
     console.print(f"wrote {out}")

@@ -40,6 +40,7 @@ def _fail(exc: Exception) -> typer.Exit:
 def run(config: WorkerConfig, log_level: str) -> None:
     """Run a node until SIGINT/SIGTERM; errors become one line, never a traceback."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call is noise
 
     async def main() -> None:
         stop = asyncio.Event()
