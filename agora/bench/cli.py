@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from agora.bench.resilience import resilience
+from agora.bench.serving import serving
 
 app = typer.Typer(help="Benchmarks; each writes its numbers to a file.", no_args_is_help=True)
 app.command("resilience")(resilience)
+app.command("serving")(serving)

@@ -13,17 +13,17 @@ from coordinator.services.gateway import Gateway
 from coordinator.services.settlement import Settlement
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 
 
-def get_accounts(request: Request) -> Accounts:
+async def get_accounts(request: Request) -> Accounts:
     accounts: Accounts = request.app.state.accounts
     return accounts
 
 
-def get_settlement(request: Request) -> Settlement:
+async def get_settlement(request: Request) -> Settlement:
     settlement: Settlement = request.app.state.settlement
     return settlement
 
@@ -42,7 +42,9 @@ async def current_client(
 ClientDep = Annotated[str, Depends(current_client)]
 
 
-def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> None:
     token: str = request.app.state.admin_token
     scheme, _, secret = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or secret.strip() != token:

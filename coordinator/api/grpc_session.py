@@ -111,7 +111,10 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         try:
             async for msg in requests:
                 kind = msg.WhichOneof("kind")
-                if kind == "job_event":
+                if kind == "job_events":
+                    for event in msg.job_events.events:
+                        conn.deliver(event)
+                elif kind == "job_event":
                     conn.deliver(msg.job_event)
                 elif kind == "heartbeat":
                     conn.heartbeat(msg.heartbeat)

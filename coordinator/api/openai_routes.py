@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from coordinator.api.deps import BodyDep, ClientDep, GatewayDep, SettlementDep
 from coordinator.api.schemas import ChatCompletionBody, CompletionBody
+from coordinator.api.sse import EventStreamResponse
 from coordinator.errors import InvalidRequest, NotFound
 from coordinator.services.gateway import CHAT, COMPLETIONS, Completion, CompletionRequest
 
@@ -35,10 +36,10 @@ def _headers(completion: Completion) -> dict[str, str]:
     }
 
 
-async def _sse(completion: Completion) -> AsyncIterator[bytes]:
-    async for chunk in completion.stream():
-        yield b"data: " + chunk + b"\n\n"
-    yield b"data: [DONE]\n\n"
+async def _sse(completion: Completion) -> AsyncIterator[tuple[bytes, bool]]:
+    async for batch, last in completion.stream():
+        body = b"".join(b"data: " + chunk + b"\n\n" for chunk in batch)
+        yield (body + b"data: [DONE]\n\n", True) if last else (body, False)
 
 
 async def _complete(
@@ -58,9 +59,7 @@ async def _complete(
     )
     completion = await gateway.start(client, request)
     if request.stream:
-        return StreamingResponse(
-            _sse(completion), media_type="text/event-stream", headers=_headers(completion)
-        )
+        return EventStreamResponse(_sse(completion), headers=_headers(completion))
     return JSONResponse(await completion.whole(), headers=_headers(completion))
 
 

@@ -312,27 +312,31 @@ class Completion:
             text if isinstance(text, str) else ""
         )
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """Rewritten chunk JSON, ending with an error chunk if the job fails mid-stream."""
+    async def stream(self) -> AsyncIterator[tuple[list[bytes], bool]]:
+        """Rewritten chunk JSON in batches, each with `last`: whatever is queued when a batch
+        is taken goes together, and the final batch carries the end of the stream (after the
+        receipt is settled) or an error chunk if the job failed mid-stream."""
+        batch: list[bytes] = []
         try:
             while True:
                 event = await self._next_event()
                 kind = event.WhichOneof("kind")
                 if kind == "chunks":
-                    for raw in event.chunks.chunks:
-                        out = self._rewrite(raw)
-                        if out is not None:
-                            yield out
+                    batch += [out for raw in event.chunks.chunks if (out := self._rewrite(raw))]
                 elif kind == "receipt":
                     await self._finish(event.receipt)
+                    yield batch, True
                     return
                 elif kind == "error":
-                    yield error_chunk(error_from_job(event.error))
+                    yield [*batch, error_chunk(error_from_job(event.error))], True
                     return
                 else:
                     raise UpstreamFailed(f"unexpected {kind} event in a stream")
+                if batch and self._events.empty():
+                    yield batch, False
+                    batch = []
         except CoordinatorError as exc:
-            yield error_chunk(exc)
+            yield [*batch, error_chunk(exc)], True
         finally:
             self._close()
 

@@ -108,6 +108,12 @@ def prompt_of(endpoint: str, body: dict[str, Any]) -> Any:
     return body.get("messages") if endpoint == CHAT else body.get("prompt")
 
 
+def _sse_data(event: bytes) -> bytes | None:
+    """The data of one SSE event (several data lines join with newlines), or None."""
+    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
 def _engine_error(response_body: bytes, status: int) -> Failed:
     message = response_body.decode(errors="replace")[:500]
     err_type = "engine_error"
@@ -167,30 +173,41 @@ class JobRunner:
     async def _stream(
         self, url: str, body: dict[str, Any], job: JobSpec, meter: _Meter
     ) -> AsyncIterator[JobOutput]:
+        """Relay the engine's SSE events; every event that arrived in one read goes out as
+        one batch (a fast engine's burst costs one message, not one per token)."""
         async with self._client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
                 yield _engine_error(await response.aread(), response.status_code)
                 return
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    err = chunk["error"]
-                    status = int(err.get("code") or 500)
-                    yield Failed(status, str(err.get("message")), "engine_error", False)
-                    return
-                for choice in chunk.get("choices") or ():
-                    meter.add_choice(
-                        int(choice.get("index", 0)),
-                        choice_text(job.endpoint, choice, streamed=True),
-                        choice.get("finish_reason"),
-                    )
-                meter.add_usage(chunk.get("usage"))
-                yield Chunks([data.encode()])
+            pending = b""
+            async for data in response.aiter_bytes():
+                pending += data.replace(b"\r\n", b"\n")
+                *events, pending = pending.split(b"\n\n")
+                batch: list[bytes] = []
+                for event in events:
+                    payload = _sse_data(event)
+                    if payload is None:
+                        continue
+                    if payload == b"[DONE]":
+                        break
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        if batch:
+                            yield Chunks(batch)
+                        err = chunk["error"]
+                        status = int(err.get("code") or 500)
+                        yield Failed(status, str(err.get("message")), "engine_error", False)
+                        return
+                    for choice in chunk.get("choices") or ():
+                        meter.add_choice(
+                            int(choice.get("index", 0)),
+                            choice_text(job.endpoint, choice, streamed=True),
+                            choice.get("finish_reason"),
+                        )
+                    meter.add_usage(chunk.get("usage"))
+                    batch.append(payload)
+                if batch:
+                    yield Chunks(batch)
 
     async def _whole(
         self, url: str, body: dict[str, Any], job: JobSpec, meter: _Meter

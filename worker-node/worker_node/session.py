@@ -67,6 +67,40 @@ def backoff_delays(initial: float, ceiling: float) -> AsyncIterator[float]:
     return gen()
 
 
+MAX_BATCH = 256  # job events per gRPC message
+
+
+async def outgoing(outbox: Outbox) -> AsyncIterator[pb.WorkerMessage]:
+    """The request stream: whatever is queued when the stream is ready to send goes out
+    together, job events packed into one batch message (order kept)."""
+    while True:
+        msg = await outbox.get()
+        if msg is None:
+            return
+        batch: list[pb.JobEvent] = []
+        while msg is not None:
+            if msg.WhichOneof("kind") == "job_event":
+                batch.append(msg.job_event)
+            else:
+                if batch:
+                    yield _events_message(batch)
+                    batch = []
+                yield msg
+            if outbox.empty() or len(batch) >= MAX_BATCH:
+                break
+            msg = outbox.get_nowait()
+        if batch:
+            yield _events_message(batch)
+        if msg is None:
+            return
+
+
+def _events_message(batch: list[pb.JobEvent]) -> pb.WorkerMessage:
+    if len(batch) == 1:
+        return pb.WorkerMessage(job_event=batch[0])
+    return pb.WorkerMessage(job_events=pb.JobEventBatch(events=batch))
+
+
 def job_event(request_id: str, out: JobOutput) -> pb.JobEvent:
     event = pb.JobEvent(request_id=request_id)
     if isinstance(out, Chunks):
@@ -155,12 +189,8 @@ class WorkerSession:
     async def _session(self, stop: asyncio.Event) -> None:
         outbox: Outbox = asyncio.Queue()
 
-        async def requests() -> AsyncIterator[pb.WorkerMessage]:
-            while (msg := await outbox.get()) is not None:
-                yield msg
-
         async with self._channel() as channel:
-            call: Call = pb_grpc.WorkerSessionStub(channel).Connect(requests())
+            call: Call = pb_grpc.WorkerSessionStub(channel).Connect(outgoing(outbox))
             try:
                 interval = await self._handshake(call, outbox)
                 beats = asyncio.create_task(self._heartbeats(outbox, interval))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker_node.engines.base import is_serving
+from worker_node.engines.base import is_serving, probe_client
 from worker_node.errors import EngineError
 
 
@@ -12,6 +12,7 @@ class AttachedEngine:
         if not self._base_url.endswith("/v1"):
             self._base_url += "/v1"
         self._served_model = served_model
+        self._probe = probe_client()
 
     @property
     def served_model(self) -> str:
@@ -22,7 +23,7 @@ class AttachedEngine:
         return self._base_url
 
     async def start(self) -> None:
-        if not await is_serving(self._base_url, timeout_s=10.0):
+        if not await is_serving(self._probe, self._base_url, timeout_s=10.0):
             raise EngineError(f"no OpenAI-compatible server answers at {self._base_url}/models")
 
     @property
@@ -30,10 +31,12 @@ class AttachedEngine:
         return None
 
     async def stop(self) -> None:
-        """Nothing to stop: we did not start it."""
+        """Nothing to stop (we did not start it); only our probe connection closes."""
+        await self._probe.aclose()
+        self._probe = probe_client()
 
     async def healthy(self) -> bool:
-        return await is_serving(self._base_url, timeout_s=5.0)
+        return await is_serving(self._probe, self._base_url, timeout_s=5.0)
 
     async def restart(self) -> None:
         await self.start()  # someone else runs it: all we can do is check it is back

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from worker_node.engines.base import is_serving
+import httpx
+
+from worker_node.engines.base import is_serving, probe_client
 from worker_node.errors import EngineError, EngineStartTimeout
 
 # Environment every spawned engine gets: no telemetry, no surprise network use.
@@ -166,13 +168,17 @@ class VllmEngine:
         )
 
     async def _wait_healthy(self) -> None:
+        async with probe_client() as probe:
+            await self._poll_until_serving(probe)
+
+    async def _poll_until_serving(self, probe: httpx.AsyncClient) -> None:
         started = time.monotonic()
         while True:
             elapsed = time.monotonic() - started
             if self._process is None or self._process.poll() is not None:
                 code = self._process.returncode if self._process else None
                 raise EngineError(f"vLLM exited with code {code} while starting{self._log_hint()}")
-            if await is_serving(self.base_url):
+            if await is_serving(probe, self.base_url):
                 if self._on_progress:
                     self._on_progress(elapsed, "ready")
                 return

@@ -1,0 +1,63 @@
+#!/bin/bash
+# Device side (the lent H100), after ../shared/gpu staging put vLLM 0.24.0 in /tmp/site and the
+# random 8B-shaped model in /tmp/model. Runs a real Agora market on the GPU machine:
+#   agora worker init (NVML hardware detection) -> agora coordinator -> agora worker start
+#   (spawns vLLM on the GPU) -> a request through the official openai SDK -> admin view with
+#   GPU load from heartbeats -> streaming load direct vs through Agora (c=1, c=64) -> SIGTERM.
+# Output goes to $OUT (logs, worker.toml, workers.json, serving.jsonl, summary.txt).
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+ROOT=$(pwd)
+export PYTHONPATH=/tmp/site:$ROOT:$ROOT/worker-node PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
+W=/tmp/agora; rm -rf $W; mkdir -p $W
+for i in $(seq 1 150); do grep -q '^DONE' /tmp/make.log 2>/dev/null && break; sleep 2; done
+T0=$(date +%s)
+python3 -m agora worker init --coordinator 127.0.0.1:50051 --model /tmp/model --name llama-8b-random \
+  --max-model-len 2048 --config $W/worker.toml --key $W/node.key --state-dir $W/state --force 2>&1 | tee $OUT/init.txt
+cp $W/worker.toml $OUT/
+python3 -m agora coordinator --http-port 8080 --grpc-port 50051 --data-dir $W/coord \
+  --ready-file $W/ready.json > $W/coord.log 2>&1 &
+setsid python3 -m agora worker start --config $W/worker.toml > $W/worker.log 2>&1 < /dev/null &
+WPID=$!
+python3 - <<'PY' 2>&1 | tee $OUT/summary.txt
+import json, os, subprocess, sys, time, pathlib, httpx, openai
+W = pathlib.Path("/tmp/agora")
+while not (W / "ready.json").exists(): time.sleep(0.2)
+info = json.loads((W / "ready.json").read_text())
+token = pathlib.Path(info["admin_token_file"]).read_text().strip()
+admin = httpx.Client(base_url="http://127.0.0.1:8080/admin/v1", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+key = admin.post("/clients", json={"name": "gpu", "credit": 10**13}).json()["api_key"]
+open(W / "key", "w").write(key)
+t0 = time.time()
+while True:
+    ms = httpx.get("http://127.0.0.1:8080/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    if ms and ms[0]["workers"] >= 1: break
+    if time.time() - t0 > 900: sys.exit("worker never registered")
+    time.sleep(1)
+print(f"worker registered {time.time()-t0:.0f} s after coordinator start (vLLM start included)")
+with openai.OpenAI(base_url="http://127.0.0.1:8080/v1", api_key=key) as client:
+    r = client.chat.completions.create(model="llama-8b-random", messages=[{"role": "user", "content": "hello"}], max_tokens=16)
+    print("chat via openai SDK:", repr(r.choices[0].message.content[:80]), r.usage)
+    receipt = httpx.get(f"http://127.0.0.1:8080/v1/receipts/{r.id}", headers={"Authorization": f"Bearer {key}"}).json()
+    print("receipt tokens:", receipt["receipt"]["prompt_tokens"], receipt["receipt"]["completion_tokens"])
+time.sleep(6)  # a heartbeat with GPU load
+workers = admin.get("/workers").json()
+json.dump(workers, open(os.environ.get("OUT", "/tmp/out") + "/workers.json", "w"), indent=2)
+w = workers["workers"][0]
+print("hardware:", w["hardware"]); print("software:", w["software"]); print("gpus:", w["gpus"])
+status = json.loads((W / "state" / "status.json").read_text())
+print("engine:", {k: v for k, v in status["engines"]["llama-8b-random"].items() if k != "load"})
+PY
+ENGINE_URL=$(python3 -c "import json;print(json.load(open('/tmp/agora/state/status.json'))['engines']['llama-8b-random']['base_url'])")
+KEY=$(cat $W/key)
+for c in "1 8" "64 256"; do set -- $c
+  timeout 200 python3 -m agora bench serving --url $ENGINE_URL --model llama-8b-random --conc $1 --n $2 --label direct --out $OUT/serving.jsonl
+  timeout 200 python3 -m agora bench serving --url http://127.0.0.1:8080/v1 --key $KEY --model llama-8b-random --conc $1 --n $2 --label agora --out $OUT/serving.jsonl
+done
+EPID=$(python3 -c "import json;print(json.load(open('/tmp/agora/state/status.json'))['engines']['llama-8b-random']['pid'])")
+kill -TERM $WPID; for i in $(seq 1 60); do kill -0 $WPID 2>/dev/null || break; sleep 1; done
+echo "worker exit: $(kill -0 $WPID 2>/dev/null && echo STILL RUNNING || echo gone); engine pid $EPID: $(kill -0 $EPID 2>/dev/null && echo STILL RUNNING || echo gone)" | tee -a $OUT/summary.txt
+echo "leftover vllm processes: $(pgrep -fc vllm_entry || true)" | tee -a $OUT/summary.txt
+cp $W/coord.log $W/worker.log $W/state/engines/*.log $OUT/ 2>/dev/null
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee -a $OUT/summary.txt
+echo "total $(( $(date +%s) - T0 )) s"
