@@ -141,6 +141,7 @@ class WorkerSpec:
     served_model: str
     model: str | None = None  # spawn vLLM on this folder ...
     engine_url: str | None = None  # ... or attach
+    engine_model: str | None = None  # the attached server's own name for the model
     price_in: int = 100_000
     price_out: int = 200_000
     max_concurrency: int = 8
@@ -173,6 +174,8 @@ def start_worker(workdir: Path, coordinator: CoordinatorHandle, spec: WorkerSpec
         args += ["--model", spec.model]
     if spec.engine_url:
         args += ["--engine-url", spec.engine_url]
+    if spec.engine_model:
+        args += ["--engine-model", spec.engine_model]
     return spawn_agora(spec.name, args, workdir / f"{spec.name}.log", None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -9,9 +10,11 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from agora.stack import WorkerSpec, start_worker, wait_for_workers
 from billing.ledger import NETWORK_FEES, client_account, provider_account
 from protocol.receipt import Receipt, SignedReceipt, verify_receipt
 from tests.conftest import MODEL, Market, SdkFactory
+from worker_node.engines.vllm import VllmEngine
 
 pytestmark = pytest.mark.engine
 
@@ -220,3 +223,34 @@ def test_receipts_are_private_to_their_client(market: Market, sdk: SdkFactory) -
     )
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
+
+
+@pytest.fixture
+def one_slot_worker(market: Market, vllm_engine: VllmEngine) -> Iterator[str]:
+    """A second worker on the same engine that takes one job at a time."""
+    spec = WorkerSpec(
+        "one-slot", "tiny-one", engine_url=vllm_engine.base_url, engine_model=MODEL,
+        max_concurrency=1,
+    )  # fmt: skip
+    worker = start_worker(market.workdir, market.coordinator, spec)
+    try:
+        _name, key = market.new_client()
+        wait_for_workers(market.coordinator, key, "tiny-one", 1, [worker], timeout_s=60)
+        yield "tiny-one"
+    finally:
+        worker.stop()
+
+
+def test_a_finished_stream_frees_its_slot_before_the_client_sees_the_end(
+    market: Market, sdk: SdkFactory, one_slot_worker: str
+) -> None:
+    """Back-to-back requests on a worker with one slot never see 503."""
+    _name, key = market.new_client()
+    client = sdk(market.base_url, key)
+    for _ in range(6):
+        chunks = list(
+            client.chat.completions.create(
+                model=one_slot_worker, messages=PROMPT, max_tokens=2, stream=True
+            )
+        )
+        assert chunks

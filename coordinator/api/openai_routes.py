@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter
@@ -36,7 +36,7 @@ def _headers(completion: Completion) -> dict[str, str]:
     }
 
 
-async def _sse(completion: Completion) -> AsyncIterator[tuple[bytes, bool]]:
+async def _sse(completion: Completion) -> AsyncGenerator[tuple[bytes, bool]]:
     async for batch, last in completion.stream():
         body = b"".join(b"data: " + chunk + b"\n\n" for chunk in batch)
         yield (body + b"data: [DONE]\n\n", True) if last else (body, False)

@@ -7,7 +7,7 @@ the final events, `data: [DONE]` and the chunked-encoding terminator leave in on
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 
 from starlette.responses import StreamingResponse
 from starlette.types import Send
@@ -17,7 +17,7 @@ class EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(
-        self, events: AsyncIterator[tuple[bytes, bool]], headers: Mapping[str, str]
+        self, events: AsyncGenerator[tuple[bytes, bool]], headers: Mapping[str, str]
     ) -> None:
         super().__init__((), headers={**headers, "Cache-Control": "no-cache"})
         self._events = events
@@ -26,8 +26,11 @@ class EventStreamResponse(StreamingResponse):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        async for body, last in self._events:
-            await send({"type": "http.response.body", "body": body, "more_body": not last})
-            if last:
-                return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        try:
+            async for body, last in self._events:
+                await send({"type": "http.response.body", "body": body, "more_body": not last})
+                if last:
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await self._events.aclose()  # run its cleanup now, not whenever it is collected

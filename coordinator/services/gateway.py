@@ -279,8 +279,13 @@ class Completion:
         except TimeoutError:
             raise UpstreamTimeout("the worker stopped sending tokens") from None
 
-    def _close(self) -> None:
-        self._conn.close_job(self.facts.request_id, self._request.model, cancel=not self._settled)
+    def _close(self, *, finished: bool = False) -> None:
+        """Release the worker slot (idempotent). Called as soon as the worker's last event is
+        in, before the client sees the end: a client that immediately sends its next request
+        must find the slot free."""
+        self._conn.close_job(
+            self.facts.request_id, self._request.model, cancel=not (finished or self._settled)
+        )
 
     async def _finish(self, receipt: pb.SignedReceipt) -> None:
         self.receipt = await self._gateway.settle(self.facts, receipt, self.observed)
@@ -324,10 +329,12 @@ class Completion:
                 if kind == "chunks":
                     batch += [out for raw in event.chunks.chunks if (out := self._rewrite(raw))]
                 elif kind == "receipt":
+                    self._close(finished=True)
                     await self._finish(event.receipt)
                     yield batch, True
                     return
                 elif kind == "error":
+                    self._close(finished=True)
                     yield [*batch, error_chunk(error_from_job(event.error))], True
                     return
                 else:
@@ -357,6 +364,7 @@ class Completion:
                     self.observed.prompt_tokens = int(usage.get("prompt_tokens") or 0)
                     self.observed.completion_tokens = int(usage.get("completion_tokens") or 0)
                 elif kind == "receipt" and result is not None:
+                    self._close(finished=True)
                     await self._finish(event.receipt)
                     return result
                 elif kind == "error":

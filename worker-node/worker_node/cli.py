@@ -78,6 +78,9 @@ def worker(
     engine_url: str | None = typer.Option(
         None, help="Attach to a running OpenAI-compatible server instead of spawning vLLM."
     ),
+    engine_model: str | None = typer.Option(
+        None, help="With --engine-url: the model name that server uses (default: the same)."
+    ),
     price_in: int = typer.Option(100_000, help="Micro-units per 1M prompt tokens."),
     price_out: int = typer.Option(200_000, help="Micro-units per 1M completion tokens."),
     max_concurrency: int = typer.Option(8, min=1, help="Jobs accepted at once."),
@@ -103,6 +106,7 @@ def worker(
         "engine": "attach" if engine_url else "vllm",
         "model": model,
         "url": engine_url,
+        "served_name": engine_model,
         "price_in": price_in,
         "price_out": price_out,
         "max_concurrency": max_concurrency,
