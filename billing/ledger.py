@@ -17,13 +17,15 @@ from billing.pricing import Charge
 
 class AccountKind(StrEnum):
     CLIENT = "client"  # prepaid credit; never below zero
-    PROVIDER = "provider"  # earnings of a worker node
-    NETWORK = "network"  # the network's fee income
+    PROVIDER = "provider"  # earnings of a worker node; never below zero
+    NETWORK = "network"  # the network's own books (fees, failover costs); may go negative
     EXTERNAL = "external"  # money entering/leaving the system (deposits); may go negative
 
 
 NETWORK_FEES = "network:fees"
+NETWORK_FAILOVER = "network:failover"  # what re-running work after a worker failure cost
 EXTERNAL_DEPOSITS = "external:deposits"
+MAY_GO_NEGATIVE = frozenset({AccountKind.NETWORK, AccountKind.EXTERNAL})
 
 
 def client_account(name: str) -> str:
@@ -64,11 +66,26 @@ class Transaction:
 
 
 def request_charge(request_id: str, client: str, provider: str, charge: Charge) -> Transaction:
-    """Client pays provider + network fee for one request."""
+    """Client pays provider + network fee for one request served by one worker."""
+    return request_settlement(request_id, client, charge, {provider: charge.provider_amount})
+
+
+def request_settlement(
+    request_id: str, client: str, charge: Charge, providers: Mapping[str, int]
+) -> Transaction:
+    """The client pays `charge`; each provider earns its amount; the network keeps the fee and
+    books any difference (a continuation re-ran work the client pays once) as failover cost."""
     postings = [Posting(client_account(client), -charge.total)]
-    postings.append(Posting(provider_account(provider), charge.provider_amount))
+    earned: dict[str, int] = {}
+    for node, amount in providers.items():
+        if amount:
+            earned[provider_account(node)] = earned.get(provider_account(node), 0) + amount
+    postings += [Posting(account, amount) for account, amount in earned.items()]
     if charge.fee:
         postings.append(Posting(NETWORK_FEES, charge.fee))
+    difference = charge.provider_amount - sum(earned.values())
+    if difference:
+        postings.append(Posting(NETWORK_FAILOVER, difference))
     return Transaction(f"req:{request_id}", "request", tuple(postings), memo=request_id)
 
 
@@ -96,7 +113,7 @@ def apply(
     for p in tx.postings:
         after[p.account] = after.get(p.account, balances.get(p.account, 0)) + p.amount
     for account, balance in after.items():
-        if balance < 0 and account_kind(account) is not AccountKind.EXTERNAL:
+        if balance < 0 and account_kind(account) not in MAY_GO_NEGATIVE:
             raise InsufficientFunds(f"{account} would go to {balance}")
     return after
 
@@ -118,7 +135,7 @@ def check_invariants(
         stored, derived = balances.get(account, 0), replayed.get(account, 0)
         if stored != derived:
             problems.append(f"{account}: stored balance {stored} != sum of postings {derived}")
-        if stored < 0 and account_kind(account) is not AccountKind.EXTERNAL:
+        if stored < 0 and account_kind(account) not in MAY_GO_NEGATIVE:
             problems.append(f"{account} is negative ({stored})")
     if sum(balances.values()) != 0:
         problems.append(f"balances sum to {sum(balances.values())}, not 0")

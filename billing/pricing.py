@@ -61,3 +61,40 @@ def format_micro(amount: int, currency: str = "USD") -> str:
     sign = "-" if amount < 0 else ""
     whole, frac = divmod(abs(amount), MICRO_PER_UNIT)
     return f"{sign}{whole}.{frac:06d} {currency}"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The part of one request that one worker ran (a continuation adds segments)."""
+
+    worker: str
+    price: Price  # the worker's own price (before the network fee)
+    prompt_tokens: int  # what this worker processed as prompt
+    completion_tokens: int  # what it delivered to the client
+    verified: bool  # its receipt checked out: only then is the provider paid
+
+
+def segments_charge(segments: list[Segment], fee_bps: int) -> tuple[Charge, dict[str, int]]:
+    """What the client pays for a request, and what each provider earns.
+
+    The client pays the original prompt once (at the first worker's price) and every delivered
+    completion token at the price of the worker that produced it; a provider earns the full
+    cost of the work its verified receipt covers (a continuation's prompt included).
+    """
+    if not segments:
+        raise ValueError("a request has at least one segment")
+    if not 0 <= fee_bps <= BPS:
+        raise ValueError("fee_bps must be between 0 and 10000")
+    first = segments[0]
+    exact = first.prompt_tokens * first.price.prompt_per_mtok + sum(
+        s.completion_tokens * s.price.completion_per_mtok for s in segments
+    )
+    client_part = _ceil_div(exact, TOKENS_PER_PRICE_UNIT)
+    charge = Charge(client_part, _ceil_div(client_part * fee_bps, BPS))
+    earned: dict[str, int] = {}
+    for s in segments:
+        if s.verified:
+            earned[s.worker] = earned.get(s.worker, 0) + s.price.cost(
+                s.prompt_tokens, s.completion_tokens
+            )
+    return charge, earned

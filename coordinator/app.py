@@ -14,17 +14,23 @@ from pathlib import Path
 
 import grpc
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp
 
 from coordinator import __version__
 from coordinator.api import admin_routes, errors, openai_routes
 from coordinator.api.grpc_session import WorkerSessionService
+from coordinator.api.request_id import RequestIdMiddleware
 from coordinator.config import CoordinatorSettings
+from coordinator.observability import Metrics
 from coordinator.services.accounts import Accounts
+from coordinator.services.admission import Limits
 from coordinator.services.gateway import Gateway
 from coordinator.services.registry import Registry
 from coordinator.services.settlement import Settlement
 from coordinator.store.db import make_engine, migrate
+from coordinator.store.writer import LedgerWriter
 from protocol.identity import Identity
 from protocol.proto import session_pb2_grpc as pb_grpc
 
@@ -51,10 +57,15 @@ class Coordinator:
         self.admin_token = settings.admin_token or load_or_create_token(self.admin_token_file)
         self.db = make_engine(settings.resolved_database_url)
         migrate(self.db)
-        self.registry = Registry()
-        self.accounts = Accounts(self.db)
-        self.settlement = Settlement(self.db, self.identity, settings.fee_bps)
-        self.gateway = Gateway(self.registry, self.accounts, self.settlement, settings)
+        self.writer = LedgerWriter(self.db)
+        self.registry = Registry(settings.fee_bps)
+        self.accounts = Accounts(self.db, Limits(settings.default_rpm, settings.default_tpm))
+        self.settlement = Settlement(self.db, self.writer, self.identity, settings.fee_bps)
+        self.metrics = Metrics()
+        self.gateway = Gateway(
+            self.registry, self.accounts, self.settlement, settings, metrics=self.metrics
+        )
+        self.metrics.watch(self.registry, self.gateway.stats)
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self._grpc_server: grpc.aio.Server | None = None
@@ -92,7 +103,7 @@ class Coordinator:
             for conn in self.registry.expire(self.settings.worker_timeout_s):
                 log.warning("dropped worker %s: no heartbeat", conn.node_id)
 
-    def http_app(self) -> FastAPI:
+    def http_app(self) -> ASGIApp:
         @contextlib.asynccontextmanager
         async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
             await self.start_grpc()
@@ -102,6 +113,8 @@ class Coordinator:
             finally:
                 expiry.cancel()
                 await self.stop_grpc()
+                await self.gateway.drain()
+                await asyncio.to_thread(self.writer.close)
 
         app = FastAPI(title="Agora coordinator", version=__version__, lifespan=lifespan)
         app.state.gateway = self.gateway
@@ -117,7 +130,11 @@ class Coordinator:
         async def health() -> dict[str, object]:
             return {"status": "ok", "workers": len(self.registry.all())}
 
-        return app
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return RequestIdMiddleware(app)
 
     def describe(self) -> dict[str, object]:
         host = self.settings.host

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from rich.table import Table
 from billing.pricing import format_micro
 from coordinator.app import Coordinator
 from coordinator.config import CoordinatorSettings
+from coordinator.observability import configure_logging
 
 app = typer.Typer(help="Run the coordinator (OpenAI API for clients, gRPC for workers).")
 console = Console()
@@ -35,6 +35,7 @@ def coordinator(
     fee_bps: int | None = typer.Option(None, help="Network fee in basis points."),
     ready_file: Path | None = typer.Option(None, help="Write bound ports here once serving."),
     log_level: str = typer.Option("INFO", help="Logging level."),
+    log_format: str = typer.Option("json", help="json (one object per line) or text."),
 ) -> None:
     overrides: dict[str, Any] = {
         "host": host,
@@ -49,7 +50,7 @@ def coordinator(
     ctx.obj = settings
     if ctx.invoked_subcommand is not None:
         return
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    configure_logging(log_level, log_format)
     asyncio.run(Coordinator(settings).serve())
 
 
@@ -58,12 +59,35 @@ def add_client(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Client name."),
     credit: int = typer.Option(0, help="Initial credit in micro-units."),
+    rpm: int | None = typer.Option(None, help="Requests per minute for this key."),
+    tpm: int | None = typer.Option(None, help="Tokens per minute for this key."),
 ) -> None:
-    """Create a client and print a new API key for it (shown once)."""
+    """Create a client (or add a key to one) and print the new API key (shown once)."""
     coord = Coordinator(_settings(ctx))
-    key = coord.accounts.create_client(name, credit)
+    key = coord.accounts.create_client(name, credit, rpm, tpm)
     console.print(f"client {name}: balance {format_micro(coord.accounts.balance(name))}")
     print(key)
+
+
+@app.command("keys")
+def keys(
+    ctx: typer.Context, client: str | None = typer.Option(None, help="Only this client's.")
+) -> None:
+    """List API keys (their prefixes; secrets are never stored)."""
+    table = Table("id", "prefix", "client", "created", "revoked", "rpm", "tpm")
+    for k in Coordinator(_settings(ctx)).accounts.list_keys(client):
+        table.add_row(
+            str(k.id), k.prefix, k.client, f"{k.created_at:%Y-%m-%d %H:%M}", str(k.revoked),
+            str(k.rpm_limit or "-"), str(k.tpm_limit or "-"),
+        )  # fmt: skip
+    console.print(table)
+
+
+@app.command("revoke-key")
+def revoke_key(ctx: typer.Context, key_id: int = typer.Argument(..., help="Key id.")) -> None:
+    """Revoke an API key (other coordinators see it within seconds)."""
+    info = Coordinator(_settings(ctx)).accounts.revoke_key(key_id)
+    console.print(f"revoked key {info.id} ({info.prefix}…) of {info.client}")
 
 
 @app.command("balances")

@@ -31,6 +31,9 @@ class CoordinatorSettings(BaseSettings):
     idle_token_timeout_s: float = 60.0  # give up if a running stream is silent this long
     default_max_tokens: int = 4096  # cost bound when neither request nor advert gives one
     retry_after_s: int = 2  # Retry-After sent with 503 when no worker has capacity
+    queue_timeout_s: float = 10.0  # a request finding every worker busy waits this long for a slot
+    default_rpm: int | None = None  # per-key requests/min when the key sets none (None = no limit)
+    default_tpm: int | None = None  # per-key tokens/min when the key sets none
     tls_cert: Path | None = None  # PEM cert for the worker gRPC endpoint
     tls_key: Path | None = None
     ready_file: Path | None = None  # written with the bound ports once serving

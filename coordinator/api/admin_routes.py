@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from typing import Any
@@ -18,6 +19,13 @@ router = APIRouter(prefix="/admin/v1")
 class NewClient(BaseModel):
     name: str
     credit: int = Field(default=0, ge=0)  # micro-units
+    rpm_limit: int | None = Field(default=None, ge=1)  # requests per minute for its first key
+    tpm_limit: int | None = Field(default=None, ge=1)  # tokens per minute for its first key
+
+
+class NewKey(BaseModel):
+    rpm_limit: int | None = Field(default=None, ge=1)
+    tpm_limit: int | None = Field(default=None, ge=1)
 
 
 class Credit(BaseModel):
@@ -27,7 +35,9 @@ class Credit(BaseModel):
 
 @router.post("/clients", status_code=201)
 async def create_client(body: NewClient, _admin: AdminDep, accounts: AccountsDep) -> dict[str, Any]:
-    secret = await asyncio.to_thread(accounts.create_client, body.name, body.credit)
+    secret = await asyncio.to_thread(
+        accounts.create_client, body.name, body.credit, body.rpm_limit, body.tpm_limit
+    )
     balance = await asyncio.to_thread(accounts.balance, body.name)
     return {"name": body.name, "api_key": secret, "balance": balance}
 
@@ -40,6 +50,35 @@ async def add_credit(
     posted = await asyncio.to_thread(accounts.add_credit, name, body.amount, txid)
     balance = await asyncio.to_thread(accounts.balance, name)
     return {"name": name, "posted": posted, "balance": balance}
+
+
+@router.post("/clients/{name}/keys", status_code=201)
+async def create_key(
+    name: str, body: NewKey, _admin: AdminDep, accounts: AccountsDep
+) -> dict[str, Any]:
+    """Another key for an existing client (shown once)."""
+    secret = await asyncio.to_thread(
+        accounts.create_client, name, 0, body.rpm_limit, body.tpm_limit
+    )
+    return {"name": name, "api_key": secret}
+
+
+@router.get("/keys")
+async def list_keys(
+    _admin: AdminDep, accounts: AccountsDep, client: str | None = None
+) -> dict[str, Any]:
+    keys = await asyncio.to_thread(accounts.list_keys, client)
+    return {"keys": [dataclasses.asdict(k) for k in keys]}
+
+
+@router.delete("/keys/{key_id}")
+async def revoke_key(key_id: int, _admin: AdminDep, accounts: AccountsDep) -> dict[str, Any]:
+    return dataclasses.asdict(await asyncio.to_thread(accounts.revoke_key, key_id))
+
+
+@router.get("/routing")
+async def recent_routing(_admin: AdminDep, gateway: GatewayDep, limit: int = 50) -> dict[str, Any]:
+    return {"decisions": [r.as_dict() for r in gateway.decisions.recent(min(limit, 1000))]}
 
 
 @router.get("/balances")
@@ -56,20 +95,21 @@ async def workers(_admin: AdminDep, gateway: GatewayDep) -> dict[str, Any]:
                 "node_id": w.node_id,
                 "draining": w.draining,
                 "models": {
-                    m.name: {
-                        "available": w.available(m.name),
-                        "in_flight": w.in_flight.get(m.name, 0),
-                        "max_concurrency": m.max_concurrency,
-                        "engine_running": w.loads[m.name].running if m.name in w.loads else None,
-                        "engine_waiting": w.loads[m.name].waiting if m.name in w.loads else None,
-                        "kv_cache_usage": w.loads[m.name].kv_cache_usage
-                        if m.name in w.loads
-                        else None,
-                        "price_prompt_per_mtok": m.price_prompt_per_mtok,
-                        "price_completion_per_mtok": m.price_completion_per_mtok,
-                        "context_length": m.context_length,
+                    name: {
+                        "available": slot.available,
+                        "in_flight": slot.in_flight,
+                        "max_concurrency": slot.max_concurrency,
+                        "engine_running": slot.engine_running if slot.load_reported else None,
+                        "engine_waiting": slot.engine_waiting if slot.load_reported else None,
+                        "kv_cache_usage": slot.kv_cache_usage if slot.load_reported else None,
+                        "price_prompt_per_mtok": slot.offer.price_prompt_per_mtok,
+                        "price_completion_per_mtok": slot.offer.price_completion_per_mtok,
+                        "context_length": slot.offer.context_length,
+                        "ttft_ewma_s": gateway.stats.get(w.node_id, name).ttft_s,
+                        "itl_ewma_s": gateway.stats.get(w.node_id, name).itl_s,
+                        "failure_rate": gateway.stats.get(w.node_id, name).failure_rate(),
                     }
-                    for m in w.advert.models
+                    for name, slot in w.slots.items()
                 },
                 "hardware": dict(w.advert.hardware),
                 "software": dict(w.advert.software),

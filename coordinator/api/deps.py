@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 
 from coordinator.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
-from coordinator.services.accounts import Accounts
+from coordinator.services.accounts import Accounts, Principal
 from coordinator.services.gateway import Gateway
 from coordinator.services.settlement import Settlement
 
@@ -33,13 +33,13 @@ SettlementDep = Annotated[Settlement, Depends(get_settlement)]
 AccountsDep = Annotated[Accounts, Depends(get_accounts)]
 
 
-async def current_client(
+async def current_principal(
     accounts: AccountsDep, authorization: Annotated[str | None, Header()] = None
-) -> str:
+) -> Principal:
     return await accounts.authenticate(authorization)
 
 
-ClientDep = Annotated[str, Depends(current_client)]
+PrincipalDep = Annotated[Principal, Depends(current_principal)]
 
 
 async def require_admin(

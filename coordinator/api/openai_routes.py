@@ -1,4 +1,5 @@
-"""The OpenAI-compatible surface: /v1/models, /v1/chat/completions, /v1/completions, receipts."""
+"""The OpenAI-compatible surface: /v1/models, /v1/chat/completions, /v1/completions, plus
+/v1/receipts/{id} and /v1/routing/{id} for what Agora adds."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from coordinator.api.deps import BodyDep, ClientDep, GatewayDep, SettlementDep
+from coordinator.api.deps import BodyDep, GatewayDep, PrincipalDep, SettlementDep
 from coordinator.api.schemas import ChatCompletionBody, CompletionBody
 from coordinator.api.sse import EventStreamResponse
 from coordinator.errors import InvalidRequest, NotFound
-from coordinator.services.gateway import CHAT, COMPLETIONS, Completion, CompletionRequest
+from coordinator.services.jobs import CompletionRequest
+from coordinator.services.relay import Completion
+from protocol.completions import CHAT, COMPLETIONS
 
 router = APIRouter(prefix="/v1")
 
@@ -30,9 +33,8 @@ def _parse(schema: type[ChatCompletionBody | CompletionBody], body: dict[str, An
 
 def _headers(completion: Completion) -> dict[str, str]:
     return {
-        "X-Agora-Request-Id": completion.facts.request_id,
         "X-Agora-Worker": completion.worker_id,
-        "X-Agora-Route": completion.decision.explain(),
+        "X-Agora-Route": completion.route.decision.explain(),
     }
 
 
@@ -44,7 +46,7 @@ async def _sse(completion: Completion) -> AsyncGenerator[tuple[bytes, bool]]:
 
 async def _complete(
     gateway: GatewayDep,
-    client: str,
+    principal: PrincipalDep,
     endpoint: str,
     parsed: ChatCompletionBody | CompletionBody,
     body: dict[str, Any],
@@ -56,23 +58,25 @@ async def _complete(
         stream=parsed.stream,
         include_usage=parsed.include_usage,
         max_tokens=parsed.max_output_tokens,
+        prefs=parsed.provider.to_preferences(),
+        wants_token_ids=parsed.return_token_ids,
     )
-    completion = await gateway.start(client, request)
+    completion = await gateway.start(principal, request)
     if request.stream:
         return EventStreamResponse(_sse(completion), headers=_headers(completion))
     return JSONResponse(await completion.whole(), headers=_headers(completion))
 
 
 @router.post("/chat/completions")
-async def chat_completions(client: ClientDep, body: BodyDep, gateway: GatewayDep) -> Response:
+async def chat_completions(principal: PrincipalDep, body: BodyDep, gateway: GatewayDep) -> Response:
     parsed = _parse(ChatCompletionBody, body)
-    return await _complete(gateway, client, CHAT, parsed, body)
+    return await _complete(gateway, principal, CHAT, parsed, body)
 
 
 @router.post("/completions")
-async def completions(client: ClientDep, body: BodyDep, gateway: GatewayDep) -> Response:
+async def completions(principal: PrincipalDep, body: BodyDep, gateway: GatewayDep) -> Response:
     parsed = _parse(CompletionBody, body)
-    return await _complete(gateway, client, COMPLETIONS, parsed, body)
+    return await _complete(gateway, principal, COMPLETIONS, parsed, body)
 
 
 class ModelList(BaseModel):
@@ -81,30 +85,47 @@ class ModelList(BaseModel):
 
 
 @router.get("/models")
-async def list_models(_client: ClientDep, gateway: GatewayDep) -> ModelList:
+async def list_models(_principal: PrincipalDep, gateway: GatewayDep) -> ModelList:
     return ModelList(data=gateway.list_models())
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(model_id: str, _client: ClientDep, gateway: GatewayDep) -> dict[str, Any]:
+async def get_model(model_id: str, _principal: PrincipalDep, gateway: GatewayDep) -> dict[str, Any]:
     for model in gateway.list_models():
         if model["id"] == model_id:
             return model
     raise NotFound(f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
 
 
+def _request_id(any_id: str) -> str:
+    """Accept the response id (chatcmpl-…/cmpl-…) as well as the bare request id."""
+    return any_id.rsplit("-", 1)[-1]
+
+
 @router.get("/receipts/{request_id}")
 async def get_receipt(
-    request_id: str, client: ClientDep, settlement: SettlementDep
+    request_id: str, principal: PrincipalDep, settlement: SettlementDep
 ) -> dict[str, Any]:
-    """A countersigned receipt; `request_id` may be the response id (chatcmpl-…/cmpl-…)."""
-    rid = request_id.rsplit("-", 1)[-1]
+    """The countersigned receipt(s) of a request and what the client paid for it."""
+    rid = _request_id(request_id)
     record = await asyncio.to_thread(settlement.load, rid)
-    if record is None or record.client != client:
+    if record is None or record.client != principal.client:
         raise NotFound(f"No receipt for request `{request_id}`.", param="request_id")
     return {
         "object": "receipt",
         "request_id": rid,
         "amount_total": record.amount_total,
         **record.receipt.to_json(),
+        "continuations": [segment.to_json() for segment in record.segments],
     }
+
+
+@router.get("/routing/{request_id}")
+async def get_routing(
+    request_id: str, principal: PrincipalDep, gateway: GatewayDep
+) -> dict[str, Any]:
+    """Why a request went where it went: candidates, score terms, every attempt."""
+    record = gateway.decisions.get(_request_id(request_id))
+    if record is None or record.client != principal.client:
+        raise NotFound(f"No routing record for request `{request_id}`.", param="request_id")
+    return record.as_dict()

@@ -1,29 +1,62 @@
-"""Client accounts and API keys (the operator creates and funds them)."""
+"""Client accounts and API keys (the operator creates, funds, limits and revokes them)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import time
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from billing.ledger import NETWORK_FEES, client_account, deposit
-from coordinator.errors import AuthenticationFailed, InvalidRequest
+from coordinator.errors import AuthenticationFailed, InvalidRequest, NotFound
+from coordinator.services.admission import Limits
 from coordinator.store import keys_store, ledger_store
+from coordinator.store.models import ApiKey
 
 _CLIENT_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
-_CACHE_TTL_S = 30.0
+_CACHE_TTL_S = 5.0  # how long a revocation may take to reach other coordinator replicas
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the client (the account that pays) and the key it used."""
+
+    client: str
+    key_id: int
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: int
+    prefix: str
+    client: str
+    created_at: datetime
+    revoked: bool
+    rpm_limit: int | None
+    tpm_limit: int | None
+
+    @classmethod
+    def of(cls, row: ApiKey) -> KeyInfo:
+        assert row.id is not None
+        return cls(
+            row.id, row.prefix, row.client, row.created_at, row.revoked, row.rpm_limit,
+            row.tpm_limit,
+        )  # fmt: skip
 
 
 class Accounts:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, default_limits: Limits | None = None) -> None:
         self._engine = engine
-        self._key_cache: dict[str, tuple[str, float]] = {}  # secret hash -> (client, expiry)
+        self._defaults = default_limits or Limits()
+        self._key_cache: dict[str, tuple[Principal, float]] = {}  # secret hash -> (who, expiry)
 
-    async def authenticate(self, authorization: str | None) -> str:
-        """The client name for a `Bearer <key>` header, or AuthenticationFailed."""
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal for a `Bearer <key>` header, or AuthenticationFailed."""
         if not authorization:
             raise AuthenticationFailed(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
@@ -36,27 +69,48 @@ class Accounts:
         cached = self._key_cache.get(digest)
         if cached and cached[1] > time.monotonic():
             return cached[0]
-        client = await asyncio.to_thread(self._lookup, secret)
-        if client is None:
+        principal = await asyncio.to_thread(self._lookup, secret)
+        if principal is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        self._key_cache[digest] = (client, time.monotonic() + _CACHE_TTL_S)
-        return client
+        self._key_cache[digest] = (principal, time.monotonic() + _CACHE_TTL_S)
+        return principal
 
-    def _lookup(self, secret: str) -> str | None:
+    def _lookup(self, secret: str) -> Principal | None:
         with Session(self._engine) as session:
-            return keys_store.client_for_key(session, secret)
+            row = keys_store.find_active(session, secret)
+            if row is None or row.id is None:
+                return None
+            limits = Limits(
+                rpm=row.rpm_limit if row.rpm_limit is not None else self._defaults.rpm,
+                tpm=row.tpm_limit if row.tpm_limit is not None else self._defaults.tpm,
+            )
+            return Principal(row.client, row.id, limits)
 
-    def create_client(self, name: str, credit: int = 0) -> str:
+    def create_client(
+        self, name: str, credit: int = 0, rpm: int | None = None, tpm: int | None = None
+    ) -> str:
         """Create (or add a key to) client `name`, fund it with `credit`; return a new API key."""
         if not _CLIENT_NAME.match(name):
             raise InvalidRequest(
                 "client names use letters, digits and _ . @ - (max 100)", param="name"
             )
         with Session(self._engine) as session:
-            secret = keys_store.create_key(session, name)
+            secret, _row = keys_store.create_key(session, name, rpm, tpm)
         if credit:
             self.add_credit(name, credit, txid=f"deposit:init:{keys_store.hash_key(secret)[:16]}")
         return secret
+
+    def list_keys(self, client: str | None = None) -> list[KeyInfo]:
+        with Session(self._engine) as session:
+            return [KeyInfo.of(row) for row in keys_store.list_keys(session, client)]
+
+    def revoke_key(self, key_id: int) -> KeyInfo:
+        with Session(self._engine) as session:
+            row = keys_store.revoke(session, key_id)
+        if row is None:
+            raise NotFound(f"No API key with id {key_id}.", param="key_id")
+        self._key_cache = {d: v for d, v in self._key_cache.items() if v[0].key_id != key_id}
+        return KeyInfo.of(row)
 
     def add_credit(self, name: str, amount: int, txid: str) -> bool:
         """Post a deposit; False if this txid was already posted (safe to retry)."""

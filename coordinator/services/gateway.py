@@ -1,19 +1,17 @@
-"""The request path: pick a worker, send it the job, relay its output, settle its receipt.
-
-Errors before the first token are real HTTP errors (and a retryable one moves the job to the
-next-ranked worker); errors after it follow the SSE convention of a final `{"error": …}` chunk.
-"""
+"""The request path: admit, route, dispatch (failing over before the first token), and hand
+the stream to the relay; continue on another worker when one fails mid-stream."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import os
+import random
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from billing.pricing import Price, charge_for
@@ -24,62 +22,35 @@ from coordinator.errors import (
     InvalidRequest,
     ModelNotFound,
     NoCapacity,
-    PayloadTooLarge,
     RateLimited,
-    UpstreamFailed,
-    UpstreamTimeout,
 )
-from coordinator.services.accounts import Accounts
-from coordinator.services.registry import Registry, WorkerConnection
-from coordinator.services.routing import Candidate, Decision, RouteRequest, rank
-from coordinator.services.settlement import JobFacts, Observed, ReceiptRejected, Settlement
+from coordinator.observability import Metrics, request_id_var
+from coordinator.services.accounts import Accounts, Principal
+from coordinator.services.admission import RateLimiter
+from coordinator.services.continuation import (
+    continuation_body,
+    delivered_so_far,
+    why_not_continuable,
+)
+from coordinator.services.decisions import DecisionLog, RouteRecord
+from coordinator.services.jobs import (
+    ENDPOINT_PB,
+    Attempt,
+    CompletionRequest,
+    error_from_job,
+    prompt_token_bound,
+)
+from coordinator.services.registry import ModelSlot, Registry
+from coordinator.services.relay import Completion
+from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy, route
+from coordinator.services.settlement import JobFacts, Settled, Settlement
+from coordinator.services.stats import StatsBook
+from protocol.completions import CHAT, COMPLETIONS
 from protocol.proto import session_pb2 as pb
-from protocol.receipt import SignedReceipt, prompt_digest
+from protocol.receipt import prompt_digest
 
 log = logging.getLogger("agora.coordinator.gateway")
-
-CHAT = "chat"
-COMPLETIONS = "completions"
-_ENDPOINT_PB = {CHAT: pb.ENDPOINT_CHAT_COMPLETIONS, COMPLETIONS: pb.ENDPOINT_COMPLETIONS}
-MAX_ATTEMPTS = 3  # workers tried before the first token, at most
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    endpoint: str  # CHAT or COMPLETIONS
-    model: str
-    body: dict[str, Any]  # the client's JSON, validated; unknown fields pass through
-    stream: bool
-    include_usage: bool
-    max_tokens: int | None
-
-    @property
-    def prompt(self) -> Any:
-        return self.body.get("messages") if self.endpoint == CHAT else self.body.get("prompt")
-
-
-def prompt_token_bound(request: CompletionRequest) -> int:
-    """An upper bound of prompt tokens without a tokenizer: byte-level BPE never produces more
-    tokens than bytes, and the JSON framing over-covers chat-template tokens."""
-    return len(json.dumps(request.prompt, ensure_ascii=False).encode()) + 16
-
-
-def error_from_job(err: pb.JobError) -> CoordinatorError:
-    classes: dict[int, type[CoordinatorError]] = {
-        400: InvalidRequest,
-        404: ModelNotFound,
-        413: PayloadTooLarge,
-        422: InvalidRequest,
-        429: RateLimited,
-        503: NoCapacity,
-        504: UpstreamTimeout,
-    }
-    return classes.get(err.http_status, UpstreamFailed)(err.message or "the worker failed")
-
-
-def error_chunk(exc: CoordinatorError) -> bytes:
-    body = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
-    return json.dumps({"error": body}).encode()
+MAX_ATTEMPTS = 3  # workers tried for one request before giving up (failovers + continuations)
 
 
 class Gateway:
@@ -89,29 +60,37 @@ class Gateway:
         accounts: Accounts,
         settlement: Settlement,
         settings: CoordinatorSettings,
+        *,
+        stats: StatsBook | None = None,
+        limiter: RateLimiter | None = None,
+        decisions: DecisionLog | None = None,
+        metrics: Metrics | None = None,
+        policy: RoutingPolicy | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.registry = registry
-        self._accounts = accounts
-        self._settlement = settlement
-        self._settings = settings
+        self.accounts = accounts
+        self.settlement = settlement
+        self.settings = settings
+        self.stats = stats or StatsBook()
+        self.limiter = limiter or RateLimiter()
+        self.decisions = decisions or DecisionLog()
+        self.metrics = metrics
+        self.policy = policy or RoutingPolicy()
+        self._rng = rng or random.Random()
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def idle_timeout_s(self) -> float:
-        return self._settings.idle_token_timeout_s
+        return self.settings.idle_token_timeout_s
 
-    def client_price(self, price: Price) -> Price:
-        return price.with_fee(self._settlement.fee_bps)
-
+    # ---------------------------------------------------------------- catalogue
     def list_models(self) -> list[dict[str, Any]]:
         out = []
-        for name, advertising in sorted(self.registry.models().items()):
-            workers = [w for w in advertising if w.available(name)]
-            offers = [o for w in advertising if (o := w.offer(name))]
+        for name, pool in sorted(self.registry.models().items()):
+            up = [s for s in pool if s.available]
             cheapest = min(
-                offers, key=lambda o: (o.price_completion_per_mtok, o.price_prompt_per_mtok)
-            )
-            price = self.client_price(
-                Price(cheapest.price_prompt_per_mtok, cheapest.price_completion_per_mtok)
+                up or pool, key=lambda s: (s.price_completion_per_mtok, s.price_prompt_per_mtok)
             )
             out.append(
                 {
@@ -119,257 +98,301 @@ class Gateway:
                     "object": "model",
                     "created": 0,
                     "owned_by": "agora",
-                    "context_length": max(o.context_length for o in offers),
+                    "context_length": max(s.offer.context_length for s in pool),
                     "pricing": {
-                        "prompt_per_mtok": price.prompt_per_mtok,
-                        "completion_per_mtok": price.completion_per_mtok,
+                        "prompt_per_mtok": cheapest.price_prompt_per_mtok,
+                        "completion_per_mtok": cheapest.price_completion_per_mtok,
                         "unit": "micro-USD per 1M tokens",
                     },
-                    "workers": len(workers),  # available now
-                    "available": bool(workers),
-                    "available_slots": sum(max(0, w.free_slots(name)) for w in workers),
+                    "workers": len(up),
+                    "available": bool(up),
+                    "available_slots": sum(s.free_slots for s in up),
                 }
             )
         return out
 
-    async def start(self, client: str, request: CompletionRequest) -> Completion:
-        workers = self.registry.serving(request.model)
-        if not workers:
-            if self.registry.advertised(request.model):
-                raise NoCapacity(
-                    f"No worker serving `{request.model}` is available right now; retry shortly.",
-                    retry_after_s=self._settings.retry_after_s,
-                )
+    # ---------------------------------------------------------------- admission + routing
+    async def start(self, principal: Principal, request: CompletionRequest) -> Completion:
+        pool = self.registry.pool(request.model)
+        if not pool:
             raise ModelNotFound(
                 f"The model `{request.model}` does not exist or no worker serves it right now.",
                 param="model",
             )
-        body = dict(request.body)
-        context = max(
-            (o.context_length for w in workers if (o := w.offer(request.model))), default=0
-        )
-        max_tokens = request.max_tokens or context
-        if not max_tokens:  # keep the cost bound a real bound
-            max_tokens = body["max_tokens"] = self._settings.default_max_tokens
-        route = RouteRequest(request.model, prompt_token_bound(request), max_tokens)
-        decision = rank(route, [self._candidate(w, request.model) for w in workers])
-        if not decision.ranked:
-            raise NoCapacity(
-                f"Every worker serving `{request.model}` is busy; retry shortly.",
-                retry_after_s=self._settings.retry_after_s,
+        context = max(s.offer.context_length for s in pool)
+        max_tokens = request.max_tokens or context or None
+        body = {k: v for k, v in request.body.items() if k != "provider"}
+        if max_tokens is None:  # keep the cost bound a real bound
+            max_tokens = body["max_tokens"] = self.settings.default_max_tokens
+        body["return_token_ids"] = True  # exact metering, and continuation if a worker fails
+        bound = RouteRequest(request.model, prompt_token_bound(request), max_tokens)
+        try:
+            self.limiter.admit(
+                str(principal.key_id), principal.limits, bound.prompt_tokens + bound.max_tokens
             )
-        balance = await asyncio.to_thread(self._accounts.balance, client)
-        request_id = uuid.uuid4().hex
+        except RateLimited:
+            if self.metrics:
+                self.metrics.rate_limited.inc()
+            raise
+        request = dataclasses.replace(request, body=body)
+        request_id = request_id_var.get() or uuid.uuid4().hex
+        balance = await asyncio.to_thread(self.accounts.balance, principal.client)
+        record: RouteRecord | None = None
+        excluded: set[str] = set()
         last_error: CoordinatorError | None = None
-        for scored in decision.ranked[:MAX_ATTEMPTS]:
-            conn = self.registry.get(scored.node_id)
-            offer = conn.offer(request.model) if conn else None
-            if conn is None or offer is None or conn.closed:
-                continue
-            price = Price(offer.price_prompt_per_mtok, offer.price_completion_per_mtok)
-            bound = charge_for(price, route.prompt_tokens, max_tokens, self._settlement.fee_bps)
-            if balance < bound.total:
-                raise InsufficientCredit(
-                    f"This request may cost up to {bound.total} micro-units; the balance is "
-                    f"{balance}. Lower max_tokens or add credit."
+        deadline = time.monotonic() + self.settings.queue_timeout_s
+        attempts = 0
+        while True:
+            freed = self.registry.freed_signal()
+            decision = self._route(bound, request.prefs, excluded)
+            if record is None:
+                record = self.decisions.add(
+                    RouteRecord(request_id, principal.client, request.model, decision)
                 )
-            facts = JobFacts(
-                request_id=request_id,
-                client=client,
-                worker_id=conn.node_id,
-                model=request.model,
-                nonce_hex=os.urandom(16).hex(),
-                prompt_sha256=prompt_digest(request.prompt),
-                price=price,
-            )
-            job = pb.Job(
-                request_id=request_id,
-                model=request.model,
-                endpoint=_ENDPOINT_PB[request.endpoint],
-                body=json.dumps(body).encode(),
-                nonce=bytes.fromhex(facts.nonce_hex),
-                deadline_ms=int((time.time() + self._settings.first_token_timeout_s) * 1000),
-            )
-            events = conn.open_job(job)
-            try:
-                first = await asyncio.wait_for(
-                    events.get(), timeout=self._settings.first_token_timeout_s
-                )
-            except TimeoutError:
-                conn.close_job(request_id, request.model, cancel=True)
-                last_error = UpstreamTimeout(f"worker {conn.node_id} sent nothing in time")
-                continue
-            if first.WhichOneof("kind") == "error":
-                conn.close_job(request_id, request.model)
-                last_error = error_from_job(first.error)
-                if isinstance(last_error, NoCapacity):
-                    last_error.retry_after_s = self._settings.retry_after_s
-                if first.error.retryable:
-                    log.warning(
-                        "worker %s failed before output: %s", conn.node_id, first.error.message
-                    )
+            else:
+                record.decision = decision
+            if not decision.ranked:
+                remaining = deadline - time.monotonic()
+                if decision.excluded.get("at_capacity") and remaining > 0 and last_error is None:
+                    with contextlib.suppress(TimeoutError):  # a bounded wait, not an instant 503
+                        await asyncio.wait_for(freed.wait(), timeout=remaining)
                     continue
-                raise last_error
-            return Completion(self, request, conn, facts, events, first, decision)
-        raise last_error or NoCapacity(
-            "No worker could take the request.", retry_after_s=self._settings.retry_after_s
+                self._count(request.model, decision, "none")
+                raise last_error or self._no_route_error(request, decision)
+            for scored in decision.ranked:
+                slot = self._slot(scored.node_id, request.model)
+                if slot is None:  # left or went down since routing looked
+                    excluded.add(scored.node_id)
+                    continue
+                price = Price(
+                    slot.offer.price_prompt_per_mtok, slot.offer.price_completion_per_mtok
+                )
+                worst = charge_for(price, bound.prompt_tokens, max_tokens, self.settlement.fee_bps)
+                if balance < worst.total:
+                    raise InsufficientCredit(
+                        f"This request may cost up to {worst.total} micro-units; the balance is "
+                        f"{balance}. Lower max_tokens or add credit."
+                    )
+                attempts += 1
+                job_id = request_id if attempts == 1 else f"{request_id}~{attempts - 1}"
+                attempt = self._dispatch(slot, request, request.endpoint, body, job_id, principal,
+                                         attempts - 1)  # fmt: skip
+                first = await self._first_event(attempt)
+                if first.WhichOneof("kind") != "error":
+                    record.attempts.append({"worker": slot.node_id, "segment": 0, "outcome": "ok"})
+                    self._count(request.model, decision, "dispatched")
+                    return Completion(self, principal, request, attempt, first, record, max_tokens)
+                attempt.end(cancel=first.error.type == "timeout")
+                if first.error.retryable:  # a 4xx is the request's fault, not the worker's
+                    self.attempt_finished(attempt, ok=False)
+                record.attempts.append(
+                    {"worker": slot.node_id, "segment": 0, "outcome": first.error.message[:200]}
+                )
+                last_error = error_from_job(first.error, self.settings.retry_after_s)
+                if not first.error.retryable:
+                    raise last_error
+                excluded.add(slot.node_id)
+                if self.metrics:
+                    self.metrics.failovers.labels(request.model).inc()
+                if attempts >= MAX_ATTEMPTS or not request.prefs.allow_fallbacks:
+                    raise last_error
+
+    def _route(self, bound: RouteRequest, prefs: Preferences, excluded: set[str]) -> Decision:
+        if excluded:
+            prefs = dataclasses.replace(prefs, ignore=prefs.ignore | frozenset(excluded))
+        return route(
+            bound,
+            self.registry.pool(bound.model),
+            self.stats.for_model(bound.model),
+            prefs,
+            self._rng,
+            time.monotonic(),
+            self.policy,
+            price_sorted=True,
         )
 
-    def _candidate(self, conn: WorkerConnection, model: str) -> Candidate:
-        offer = conn.offer(model)
-        assert offer is not None
-        return Candidate(
-            node_id=conn.node_id,
-            price_prompt_per_mtok=offer.price_prompt_per_mtok,
-            price_completion_per_mtok=offer.price_completion_per_mtok,
-            in_flight=conn.in_flight.get(model, 0),
-            max_concurrency=offer.max_concurrency,
-        )
+    def _count(self, model: str, decision: Decision, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.routing.labels(model, decision.sort, outcome).inc()
 
-    async def settle(
-        self, facts: JobFacts, receipt: pb.SignedReceipt, observed: Observed
-    ) -> SignedReceipt | None:
-        signed = SignedReceipt(body=receipt.body, worker_signature=receipt.signature)
-        try:
-            settled = await self._settlement.settle(facts, signed, observed)
-        except ReceiptRejected as exc:
-            log.warning(
-                "receipt for %s from %s rejected: %s", facts.request_id, facts.worker_id, exc
+    def _no_route_error(self, request: CompletionRequest, decision: Decision) -> CoordinatorError:
+        reasons = decision.excluded
+        if reasons and set(reasons) == {"over_max_price"}:
+            prefs = request.prefs
+            return InvalidRequest(
+                f"No worker serves `{request.model}` at or below your max_price "
+                f"(prompt {prefs.max_price_prompt}, completion {prefs.max_price_completion} "
+                "micro-units per 1M tokens); raise provider.max_price.",
+                param="provider.max_price",
+                code="max_price_unmet",
             )
-            return None
-        return settled.receipt
+        if request.prefs.order and not request.prefs.allow_fallbacks:
+            return NoCapacity(
+                "None of the workers in provider.order can take the request and "
+                "allow_fallbacks is false.",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "none offered"
+        return NoCapacity(
+            f"No worker serving `{request.model}` can take the request now ({why}); retry shortly.",
+            retry_after_s=self.settings.retry_after_s,
+        )
 
+    def _slot(self, node_id: str, model: str) -> ModelSlot | None:
+        conn = self.registry.get(node_id)
+        slot = conn.slots.get(model) if conn else None
+        return slot if slot is not None and slot.available else None
 
-class Completion:
-    """One dispatched job whose first event has arrived; relays the rest."""
-
-    def __init__(
+    def _dispatch(
         self,
-        gateway: Gateway,
+        slot: ModelSlot,
         request: CompletionRequest,
-        conn: WorkerConnection,
-        facts: JobFacts,
-        events: asyncio.Queue[pb.JobEvent],
-        first: pb.JobEvent,
-        decision: Decision,
-    ) -> None:
-        self._gateway = gateway
-        self._request = request
-        self._conn = conn
-        self.facts = facts
-        self._events = events
-        self._first: pb.JobEvent | None = first
-        self.decision = decision
-        prefix = "chatcmpl" if request.endpoint == CHAT else "cmpl"
-        self.response_id = f"{prefix}-{facts.request_id}"
-        self.observed = Observed(texts={})
-        self.receipt: SignedReceipt | None = None
-        self._settled = False
+        endpoint: str,
+        body: dict[str, Any],
+        job_id: str,
+        principal: Principal,
+        segment: int,
+    ) -> Attempt:
+        prompt = body.get("messages") if endpoint == CHAT else body.get("prompt")
+        facts = JobFacts(
+            request_id=job_id,
+            client=principal.client,
+            worker_id=slot.node_id,
+            model=request.model,
+            nonce_hex=os.urandom(16).hex(),
+            prompt_sha256=prompt_digest(prompt),
+            price=Price(slot.offer.price_prompt_per_mtok, slot.offer.price_completion_per_mtok),
+        )
+        job = pb.Job(
+            request_id=job_id,
+            model=request.model,
+            endpoint=ENDPOINT_PB[endpoint],
+            body=json.dumps(body).encode(),
+            nonce=bytes.fromhex(facts.nonce_hex),
+            deadline_ms=int((time.time() + self.settings.first_token_timeout_s) * 1000),
+        )
+        events = slot.conn.open_job(job)
+        return Attempt(slot.conn, slot, facts, events, endpoint, segment)
 
-    @property
-    def worker_id(self) -> str:
-        return self._conn.node_id
-
-    async def _next_event(self) -> pb.JobEvent:
-        if self._first is not None:
-            event, self._first = self._first, None
-            return event
+    async def _first_event(self, attempt: Attempt) -> pb.JobEvent:
         try:
-            return await asyncio.wait_for(self._events.get(), timeout=self._gateway.idle_timeout_s)
+            return await asyncio.wait_for(
+                attempt.events.get(), timeout=self.settings.first_token_timeout_s
+            )
         except TimeoutError:
-            raise UpstreamTimeout("the worker stopped sending tokens") from None
+            error = pb.JobError(
+                http_status=504, message=f"worker {attempt.node_id} sent nothing in time",
+                type="timeout", retryable=True,
+            )  # fmt: skip
+            return pb.JobEvent(request_id=attempt.facts.request_id, error=error)
 
-    def _close(self, *, finished: bool = False) -> None:
-        """Release the worker slot (idempotent). Called as soon as the worker's last event is
-        in, before the client sees the end: a client that immediately sends its next request
-        must find the slot free."""
-        self._conn.close_job(
-            self.facts.request_id, self._request.model, cancel=not (finished or self._settled)
-        )
-
-    async def _finish(self, receipt: pb.SignedReceipt) -> None:
-        self.receipt = await self._gateway.settle(self.facts, receipt, self.observed)
-        self._settled = True
-
-    def _rewrite(self, raw: bytes) -> bytes | None:
-        chunk = json.loads(raw)
-        chunk["id"] = self.response_id
-        chunk["model"] = self._request.model
-        for choice in chunk.get("choices") or ():
-            self._observe_choice(choice, streamed=True)
-        usage = chunk.get("usage")
-        if usage:
-            self.observed.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.observed.completion_tokens = int(usage.get("completion_tokens") or 0)
-        if not self._request.include_usage:
-            if usage and not chunk.get("choices"):
-                return None  # the usage-only chunk the worker always asks the engine for
-            chunk.pop("usage", None)
-        return json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode()
-
-    def _observe_choice(self, choice: dict[str, Any], *, streamed: bool) -> None:
-        index = int(choice.get("index", 0))
-        if self._request.endpoint == COMPLETIONS:
-            text = choice.get("text")
+    # ---------------------------------------------------------------- the relay's calls
+    async def continue_elsewhere(self, completion: Completion) -> Attempt | None:
+        """Another worker for the rest of a stream whose worker failed or stalled."""
+        request = completion.request
+        nothing_yet = not any(c.text or c.token_ids for c in completion.delivered.choices.values())
+        if len(completion.attempts) >= MAX_ATTEMPTS or not request.prefs.allow_fallbacks:
+            return None
+        if nothing_yet:
+            endpoint, body = request.endpoint, dict(request.body)
         else:
-            text = (choice.get("delta" if streamed else "message") or {}).get("content")
-        self.observed.texts[index] = self.observed.texts.get(index, "") + (
-            text if isinstance(text, str) else ""
-        )
+            delivered = delivered_so_far([a.observed for a in completion.attempts])
+            reason = why_not_continuable(request.endpoint, request.body, delivered)
+            if reason:
+                log.info("request %s cannot continue: %s", completion.request_id, reason)
+                if self.metrics:
+                    self.metrics.continuations.labels(request.model, "impossible").inc()
+                return None
+            endpoint = COMPLETIONS
+            body = continuation_body(request.endpoint, request.body, delivered,
+                                     completion.max_tokens)  # fmt: skip
+        excluded = {a.node_id for a in completion.attempts}
+        bound = RouteRequest(request.model, prompt_token_bound(request), completion.max_tokens or 1)
+        for _ in range(MAX_ATTEMPTS):
+            decision = self._route(bound, request.prefs, excluded)
+            if not decision.ranked:
+                break
+            slot = self._slot(decision.ranked[0].node_id, request.model)
+            if slot is None:
+                excluded.add(decision.ranked[0].node_id)
+                continue
+            segment = len(completion.attempts)
+            job_id = f"{completion.request_id}~{segment}"
+            attempt = self._dispatch(slot, request, endpoint, body, job_id, completion.principal,
+                                     segment)  # fmt: skip
+            first = await self._first_event(attempt)
+            outcome = "ok" if first.WhichOneof("kind") != "error" else first.error.message[:200]
+            completion.route.attempts.append(
+                {"worker": slot.node_id, "segment": segment, "outcome": outcome,
+                 "continuation": not nothing_yet}
+            )  # fmt: skip
+            if first.WhichOneof("kind") != "error":
+                attempt.events.put_nowait(first)  # the relay reads it from the queue
+                if self.metrics:
+                    self.metrics.continuations.labels(request.model, "continued").inc()
+                return attempt
+            attempt.end()
+            self.attempt_finished(attempt, ok=False)
+            excluded.add(slot.node_id)
+        if self.metrics:
+            self.metrics.continuations.labels(request.model, "no_worker").inc()
+        return None
 
-    async def stream(self) -> AsyncIterator[tuple[list[bytes], bool]]:
-        """Rewritten chunk JSON in batches, each with `last`: whatever is queued when a batch
-        is taken goes together, and the final batch carries the end of the stream (after the
-        receipt is settled) or an error chunk if the job failed mid-stream."""
-        batch: list[bytes] = []
-        try:
-            while True:
-                event = await self._next_event()
-                kind = event.WhichOneof("kind")
-                if kind == "chunks":
-                    batch += [out for raw in event.chunks.chunks if (out := self._rewrite(raw))]
-                elif kind == "receipt":
-                    self._close(finished=True)
-                    await self._finish(event.receipt)
-                    yield batch, True
-                    return
-                elif kind == "error":
-                    self._close(finished=True)
-                    yield [*batch, error_chunk(error_from_job(event.error))], True
-                    return
-                else:
-                    raise UpstreamFailed(f"unexpected {kind} event in a stream")
-                if batch and self._events.empty():
-                    yield batch, False
-                    batch = []
-        except CoordinatorError as exc:
-            yield [*batch, error_chunk(exc)], True
-        finally:
-            self._close()
+    def attempt_finished(self, attempt: Attempt, *, ok: bool) -> None:
+        stats = self.stats.get(attempt.node_id, attempt.facts.model)
+        now = time.monotonic()
+        ttft, itl = attempt.latencies()
+        if ok:
+            stats.record_latency(ttft, itl)
+            stats.record_success(now)
+        else:
+            stats.record_failure(now)
+        if self.metrics and ok and ttft is not None:
+            self.metrics.ttft.labels(attempt.facts.model).observe(ttft)
+            if itl is not None:
+                self.metrics.itl.labels(attempt.facts.model).observe(itl)
 
-    async def whole(self) -> dict[str, Any]:
-        """The complete (non-streamed) response, after its receipt is settled."""
+    async def settle(self, completion: Completion) -> Settled | None:
+        records = [a.record() for a in completion.attempts if a.observed.choices]
+        if not records:
+            return None
         try:
-            result: dict[str, Any] | None = None
-            while True:
-                event = await self._next_event()
-                kind = event.WhichOneof("kind")
-                if kind == "response":
-                    result = json.loads(event.response)
-                    result["id"] = self.response_id
-                    result["model"] = self._request.model
-                    for choice in result.get("choices") or ():
-                        self._observe_choice(choice, streamed=False)
-                    usage = result.get("usage") or {}
-                    self.observed.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    self.observed.completion_tokens = int(usage.get("completion_tokens") or 0)
-                elif kind == "receipt" and result is not None:
-                    self._close(finished=True)
-                    await self._finish(event.receipt)
-                    return result
-                elif kind == "error":
-                    raise error_from_job(event.error)
-                else:
-                    raise UpstreamFailed(f"unexpected {kind} event")
-        finally:
-            self._close()
+            settled = await self.settlement.settle(
+                completion.request_id, completion.principal.client, records
+            )
+        except Exception:  # the client already has its tokens; the operator must see this
+            log.exception("could not settle request %s", completion.request_id)
+            return None
+        if self.metrics:
+            usage = completion.usage()
+            model = completion.request.model
+            self.metrics.tokens.labels(model, "prompt").inc(usage["prompt_tokens"])
+            self.metrics.tokens.labels(model, "completion").inc(usage["completion_tokens"])
+        return settled
+
+    def settle_later(self, completion: Completion) -> None:
+        task = asyncio.get_running_loop().create_task(self.settle(completion))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def request_finished(self, completion: Completion, status: str) -> None:
+        request = completion.request
+        if self.metrics:
+            self.metrics.requests.labels(request.model, request.endpoint, status).inc()
+        if status == "ok":
+            charge = completion.settled.charge.total if completion.settled else None
+            log.info(
+                "request done",
+                extra={
+                    "model": request.model,
+                    "worker": completion.worker_id,
+                    "segments": len(completion.attempts),
+                    "usage": completion.usage(),
+                    "charged": charge,
+                },
+            )
+
+    async def drain(self) -> None:
+        """Wait for detached settlements (at shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

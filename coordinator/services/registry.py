@@ -1,77 +1,116 @@
-"""Live worker sessions: who is connected, what they offer, what they are running."""
+"""Live worker sessions, and per model the pool of offers that routing draws from.
+
+A session's stats survive its disconnection (in services.stats): a flaky worker does not reset
+its record by reconnecting.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from billing.pricing import Price
 from protocol.advert import Advert, ModelOffer
 from protocol.proto import session_pb2 as pb
 
 
-@dataclass
+@dataclass(eq=False)
+class ModelSlot:
+    """One worker's offer of one model, with the live numbers routing reads."""
+
+    conn: WorkerConnection
+    offer: ModelOffer
+    client_price: Price  # what a client pays per 1M tokens, fee included
+    in_flight: int = 0
+    engine_running: int = 0
+    engine_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    engine_up: bool = True  # per the last heartbeat (registration proved it up)
+    load_reported: bool = False  # a heartbeat has carried the engine's own load numbers
+
+    @property
+    def node_id(self) -> str:
+        return self.conn.node_id
+
+    @property
+    def price_prompt_per_mtok(self) -> int:
+        return self.client_price.prompt_per_mtok
+
+    @property
+    def price_completion_per_mtok(self) -> int:
+        return self.client_price.completion_per_mtok
+
+    @property
+    def max_concurrency(self) -> int:
+        return self.offer.max_concurrency
+
+    @property
+    def available(self) -> bool:
+        return self.engine_up and not self.conn.draining and not self.conn.closed
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.offer.max_concurrency - self.in_flight)
+
+
+@dataclass(eq=False)
 class WorkerConnection:
     """One registered worker session. Owned by the gRPC session handler that created it."""
 
     node_id: str
     advert: Advert
-    outbox: asyncio.Queue[pb.CoordinatorMessage | None] = field(
-        default_factory=asyncio.Queue
-    )  # None ends the session
+    outbox: asyncio.Queue[pb.CoordinatorMessage | None] = field(default_factory=asyncio.Queue)
     connected_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     jobs: dict[str, asyncio.Queue[pb.JobEvent]] = field(default_factory=dict)
-    in_flight: dict[str, int] = field(default_factory=dict)  # per model
-    loads: dict[str, pb.ModelLoad] = field(default_factory=dict)  # last heartbeat, per model
+    slots: dict[str, ModelSlot] = field(default_factory=dict)  # per model
     gpus: list[pb.GpuLoad] = field(default_factory=list)
     draining: bool = False  # the worker is shutting down: route nothing new to it
     closed: bool = False
-
-    def offer(self, model: str) -> ModelOffer | None:
-        return self.advert.offer(model)
-
-    def available(self, model: str) -> bool:
-        """Routable for `model`: offered, engine up (per the last heartbeat), not leaving."""
-        load = self.loads.get(model)
-        engine_up = load is None or load.available  # no heartbeat yet: registration just proved it
-        return not (self.closed or self.draining) and engine_up and self.offer(model) is not None
-
-    def heartbeat(self, beat: pb.Heartbeat) -> None:
-        self.last_seen = time.monotonic()
-        for load in beat.loads:
-            self.loads[load.model] = load
-        self.gpus = list(beat.gpus)
-
-    def free_slots(self, model: str) -> int:
-        offer = self.offer(model)
-        return offer.max_concurrency - self.in_flight.get(model, 0) if offer else 0
+    on_slot_freed: Callable[[], None] | None = None  # called whenever a job ends
 
     def open_job(self, job: pb.Job) -> asyncio.Queue[pb.JobEvent]:
         events: asyncio.Queue[pb.JobEvent] = asyncio.Queue()
         self.jobs[job.request_id] = events
-        self.in_flight[job.model] = self.in_flight.get(job.model, 0) + 1
+        self.slots[job.model].in_flight += 1
         self.outbox.put_nowait(pb.CoordinatorMessage(job=job))
         return events
 
     def close_job(self, request_id: str, model: str, *, cancel: bool = False) -> None:
         if self.jobs.pop(request_id, None) is None:
             return
-        self.in_flight[model] = max(0, self.in_flight.get(model, 0) - 1)
+        slot = self.slots[model]
+        slot.in_flight = max(0, slot.in_flight - 1)
         if cancel and not self.closed:
             self.outbox.put_nowait(
                 pb.CoordinatorMessage(cancel=pb.CancelJob(request_id=request_id))
             )
+        if self.on_slot_freed is not None:
+            self.on_slot_freed()
 
     def deliver(self, event: pb.JobEvent) -> None:
-        self.last_seen = time.monotonic()
         events = self.jobs.get(event.request_id)
         if events is not None:
             events.put_nowait(event)
 
+    def heartbeat(self, beat: pb.Heartbeat) -> None:
+        self.last_seen = time.monotonic()
+        for load in beat.loads:
+            slot = self.slots.get(load.model)
+            if slot is not None:
+                slot.engine_up = load.available
+                slot.engine_running = load.running
+                slot.engine_waiting = load.waiting
+                slot.kv_cache_usage = load.kv_cache_usage
+                slot.load_reported = True
+        self.gpus = list(beat.gpus)
+        if self.on_slot_freed is not None:  # an engine may be back: queued requests look again
+            self.on_slot_freed()
+
     def close(self, reason: str) -> None:
-        """The session ended: every job still running on it fails (retryable if nothing was
-        relayed yet; the gateway knows)."""
+        """The session ended: every job still running on it fails with a retryable error."""
         self.closed = True
         self.outbox.put_nowait(None)  # ends the session's response stream
         for request_id, events in list(self.jobs.items()):
@@ -80,19 +119,50 @@ class WorkerConnection:
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, fee_bps: int = 0) -> None:
+        self._fee_bps = fee_bps
         self._workers: dict[str, WorkerConnection] = {}
+        self._pools: dict[str, list[ModelSlot]] = {}  # model -> slots, cheapest first
+        self._freed = asyncio.Event()  # replaced each time it fires
+
+    def freed_signal(self) -> asyncio.Event:
+        """An event that fires the next time any slot frees up or a worker changes: take it
+        before looking for capacity, then wait on it (no wake-up can be missed)."""
+        return self._freed
+
+    def notify(self) -> None:
+        fired, self._freed = self._freed, asyncio.Event()
+        fired.set()
 
     def add(self, conn: WorkerConnection) -> None:
         """Register a session; a newer session of the same node replaces the older one."""
         old = self._workers.get(conn.node_id)
         if old is not None and old is not conn:
             old.close("replaced by a newer session of the same node")
+            self._unpool(old)
         self._workers[conn.node_id] = conn
+        conn.on_slot_freed = self.notify
+        for offer in conn.advert.models:
+            price = Price(offer.price_prompt_per_mtok, offer.price_completion_per_mtok)
+            slot = ModelSlot(conn, offer, price.with_fee(self._fee_bps))
+            conn.slots[offer.name] = slot
+            pool = self._pools.setdefault(offer.name, [])
+            pool.append(slot)
+            pool.sort(key=lambda s: (s.price_completion_per_mtok, s.price_prompt_per_mtok))
+
+    def _unpool(self, conn: WorkerConnection) -> None:
+        for name, slot in conn.slots.items():
+            pool = self._pools.get(name, [])
+            if slot in pool:
+                pool.remove(slot)
+            if not pool:
+                self._pools.pop(name, None)
 
     def remove(self, conn: WorkerConnection) -> None:
         if self._workers.get(conn.node_id) is conn:
             del self._workers[conn.node_id]
+            self._unpool(conn)
+            self.notify()
 
     def get(self, node_id: str) -> WorkerConnection | None:
         return self._workers.get(node_id)
@@ -100,23 +170,12 @@ class Registry:
     def all(self) -> list[WorkerConnection]:
         return list(self._workers.values())
 
-    def serving(self, model: str) -> list[WorkerConnection]:
-        """Workers that can take a `model` job now."""
-        return [w for w in self._workers.values() if w.available(model)]
+    def pool(self, model: str) -> list[ModelSlot]:
+        """Every offer of `model` (available or not), cheapest completion price first."""
+        return self._pools.get(model, [])
 
-    def advertised(self, model: str) -> list[WorkerConnection]:
-        """Workers that offer `model`, available or not (down engine, draining)."""
-        return [w for w in self._workers.values() if not w.closed and w.offer(model)]
-
-    def models(self) -> dict[str, list[WorkerConnection]]:
-        """Every advertised model and the workers offering it."""
-        out: dict[str, list[WorkerConnection]] = {}
-        for w in self._workers.values():
-            if w.closed:
-                continue
-            for offer in w.advert.models:
-                out.setdefault(offer.name, []).append(w)
-        return out
+    def models(self) -> dict[str, list[ModelSlot]]:
+        return dict(self._pools)
 
     def expire(self, older_than_s: float) -> list[WorkerConnection]:
         """Close sessions not heard from in `older_than_s` seconds; return them."""

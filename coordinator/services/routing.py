@@ -1,28 +1,87 @@
-"""Routing: a pure, explainable function from (request, candidates) to a ranked list.
+"""Routing: a pure, explainable function from (request, candidates, stats, preferences) to a
+ranked list of workers.
 
-No I/O here: inputs are plain values, the output carries the terms of every score so a
-response can say why it went where it went.
+No I/O: inputs are plain values read through small protocols, randomness comes from the rng the
+caller passes, and the output carries every score term so each response can say why it went
+where it went. It scales by sampling: a request looks at `sample_size` random eligible
+candidates (power-of-k choices), never at all 10k workers, except where the client asked for
+something that needs an order over all of them (sort by price: the pool is kept sorted).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Sort = Literal["price", "latency", "throughput"]
+
+
+class CandidateView(Protocol):
+    """One worker's offer of one model, as routing sees it (live values)."""
+
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def price_prompt_per_mtok(self) -> int: ...  # client price (fee included)
+    @property
+    def price_completion_per_mtok(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def max_concurrency(self) -> int: ...
+    @property
+    def engine_waiting(self) -> int: ...
+    @property
+    def kv_cache_usage(self) -> float: ...
+    @property
+    def available(self) -> bool: ...
+
+
+class StatsView(Protocol):
+    """What the coordinator measured about a worker serving a model."""
+
+    @property
+    def ttft_s(self) -> float | None: ...
+    @property
+    def itl_s(self) -> float | None: ...
+    @property
+    def cooldown_until(self) -> float: ...
+
+    def failure_rate(self) -> float: ...
 
 
 @dataclass(frozen=True)
 class RouteRequest:
     model: str
-    prompt_tokens: int  # estimate
+    prompt_tokens: int  # upper bound
     max_tokens: int  # upper bound of completion tokens
 
 
 @dataclass(frozen=True)
-class Candidate:
-    node_id: str
-    price_prompt_per_mtok: int
-    price_completion_per_mtok: int
-    in_flight: int
-    max_concurrency: int
+class Preferences:
+    """The client's `provider` object (OpenRouter-style)."""
+
+    sort: Sort | None = None
+    max_price_prompt: int | None = None  # micro-units per 1M tokens, client price
+    max_price_completion: int | None = None
+    order: tuple[str, ...] = ()  # node ids (or their last characters) to try first
+    ignore: frozenset[str] = frozenset()  # node ids (or their last characters) never to use
+    allow_fallbacks: bool = True  # if False, only `order` (or the single best) is tried
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    sample_size: int = 8  # candidates scored per request; the rest are not looked at
+    ranked_size: int = 3  # how many ranked candidates a decision keeps (failover order)
+    price_weight: float = 1.0  # cost relative to the cheapest scored candidate, minus 1
+    latency_weight: float = 2.0  # expected time to first token, seconds
+    load_weight: float = 1.0  # slots in use (0..1) + engine queue per slot + KV usage / 2
+    failure_weight: float = 2.0  # Bayesian failure rate of recent attempts
+    reputation_weight: float = 1.0  # 1 - reputation (0..1)
+    default_ttft_s: float = 0.5  # TTFT assumed for a worker never measured
+    default_itl_s: float = 0.05  # inter-token latency assumed for a worker never measured
 
 
 @dataclass(frozen=True)
@@ -35,47 +94,194 @@ class Scored:
 @dataclass(frozen=True)
 class Decision:
     ranked: tuple[Scored, ...]
-    considered: int  # candidates that serve the model
-    excluded: dict[str, str]  # node id -> why it was not ranked
+    considered: int  # candidates offering the model
+    sampled: int  # candidates actually scored
+    excluded: dict[str, int] = field(default_factory=dict)  # reason -> count
+    sort: str = "default"
 
-    def explain(self, limit: int = 3) -> str:
-        """Compact form for a response header."""
-        head = ";".join(
+    def explain(self) -> str:
+        """Compact form for the X-Agora-Route header."""
+        chosen = ";".join(
             f"{s.node_id[-8:]}:{s.score:.3f}("
             + ",".join(f"{k}={v:.3g}" for k, v in s.terms.items())
             + ")"
-            for s in self.ranked[:limit]
+            for s in self.ranked
         )
-        return f"considered={self.considered};excluded={len(self.excluded)};{head}"
+        skipped = ",".join(f"{k}={v}" for k, v in sorted(self.excluded.items()))
+        return (
+            f"sort={self.sort};considered={self.considered};sampled={self.sampled};"
+            f"excluded={skipped or 0};ranked={chosen}"
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "sort": self.sort,
+            "considered": self.considered,
+            "sampled": self.sampled,
+            "excluded": dict(self.excluded),
+            "ranked": [
+                {"node_id": s.node_id, "score": s.score, "terms": dict(s.terms)}
+                for s in self.ranked
+            ],
+        }
 
 
-@dataclass(frozen=True)
-class Weights:
-    price: float = 1.0  # weight of the expected cost relative to the cheapest candidate
-    load: float = 1.0  # weight of the fraction of slots in use
+def _matches(node_id: str, names: Sequence[str] | frozenset[str]) -> bool:
+    return any(node_id == n or (len(n) >= 6 and node_id.endswith(n)) for n in names)
 
 
-def rank(
-    request: RouteRequest, candidates: list[Candidate], weights: Weights = Weights()
+def _cost(request: RouteRequest, c: CandidateView) -> int:
+    return (
+        request.prompt_tokens * c.price_prompt_per_mtok
+        + request.max_tokens * c.price_completion_per_mtok
+    )
+
+
+def _exclusion(
+    c: CandidateView, prefs: Preferences, stats: StatsView | None, now: float
+) -> str | None:
+    if not c.available:
+        return "unavailable"
+    if c.in_flight >= c.max_concurrency:
+        return "at_capacity"
+    if prefs.ignore and _matches(c.node_id, prefs.ignore):
+        return "ignored"
+    if prefs.max_price_prompt is not None and c.price_prompt_per_mtok > prefs.max_price_prompt:
+        return "over_max_price"
+    if (
+        prefs.max_price_completion is not None
+        and c.price_completion_per_mtok > prefs.max_price_completion
+    ):
+        return "over_max_price"
+    if stats is not None and stats.cooldown_until > now:
+        return "cooling_down"
+    return None
+
+
+def _score(
+    request: RouteRequest,
+    c: CandidateView,
+    stats: StatsView | None,
+    reputation: float,
+    cheapest: int,
+    policy: RoutingPolicy,
+    sort: Sort | None,
+) -> Scored:
+    ttft = (stats.ttft_s if stats else None) or policy.default_ttft_s
+    itl = (stats.itl_s if stats else None) or policy.default_itl_s
+    cost = _cost(request, c)
+    price = cost / cheapest - 1.0 if cheapest else (1.0 if cost else 0.0)
+    slots = max(1, c.max_concurrency)
+    load = c.in_flight / slots + c.engine_waiting / slots + c.kv_cache_usage / 2
+    failure = stats.failure_rate() if stats else 0.0
+    terms = {
+        "price": price,
+        "ttft": ttft,
+        "load": load,
+        "fail": failure,
+        "rep": reputation,
+    }
+    if sort == "price":
+        score = cost / 1e6 + 1e-6 * (ttft + load)  # cheapest first; ties by speed and load
+    elif sort == "latency":
+        score = ttft + itl * min(request.max_tokens, 256) + 0.1 * load
+    elif sort == "throughput":
+        score = itl + 0.01 * load
+        terms["itl"] = itl
+    else:
+        score = (
+            policy.price_weight * price
+            + policy.latency_weight * ttft
+            + policy.load_weight * load
+            + policy.failure_weight * failure
+            + policy.reputation_weight * (1.0 - reputation)
+        )
+    return Scored(c.node_id, score, terms)
+
+
+def route(
+    request: RouteRequest,
+    pool: Sequence[CandidateView],
+    stats: Mapping[str, StatsView],
+    prefs: Preferences,
+    rng: random.Random,
+    now: float,
+    policy: RoutingPolicy = RoutingPolicy(),
+    reputation: Mapping[str, float] | None = None,
+    price_sorted: bool = False,
 ) -> Decision:
-    excluded: dict[str, str] = {}
-    usable: list[tuple[Candidate, int]] = []
-    for c in candidates:
-        if c.in_flight >= c.max_concurrency:
-            excluded[c.node_id] = "at capacity"
-            continue
-        cost = (
-            request.prompt_tokens * c.price_prompt_per_mtok
-            + request.max_tokens * c.price_completion_per_mtok
-        )
-        usable.append((c, cost))
-    cheapest = min((cost for _, cost in usable), default=0)
-    scored = []
-    for c, cost in usable:
-        price_term = cost / cheapest - 1.0 if cheapest else (1.0 if cost else 0.0)
-        load_term = c.in_flight / c.max_concurrency
-        terms = {"price": price_term, "load": load_term}
-        score = weights.price * price_term + weights.load * load_term
-        scored.append(Scored(c.node_id, score, terms))
-    scored.sort(key=lambda s: (s.score, s.node_id))
-    return Decision(tuple(scored), len(candidates), excluded)
+    """Rank workers for one request. `pool` holds every candidate offering the model; when
+    `price_sorted` it is ordered by completion price, cheapest first."""
+    excluded: dict[str, int] = {}
+    picked: list[CandidateView] = []
+    seen: set[int] = set()
+
+    def consider(index: int) -> None:
+        if index in seen:
+            return
+        seen.add(index)
+        c = pool[index]
+        why = _exclusion(c, prefs, stats.get(c.node_id), now)
+        if why:
+            excluded[why] = excluded.get(why, 0) + 1
+        else:
+            picked.append(c)
+
+    first: list[CandidateView] = []
+    if prefs.order:  # the client's own order comes first, each if eligible
+        for name in prefs.order:
+            for i, c in enumerate(pool):
+                if i not in seen and _matches(c.node_id, (name,)):
+                    consider(i)
+        first, picked = picked, []
+    if prefs.allow_fallbacks or not prefs.order:
+        n = len(pool)
+        if (prefs.sort == "price" or prefs.max_price_completion is not None) and price_sorted:
+            for i in range(n):  # cheapest first: stop once enough eligible ones are found
+                if len(picked) >= policy.sample_size:
+                    break
+                if (
+                    prefs.max_price_completion is not None
+                    and pool[i].price_completion_per_mtok > prefs.max_price_completion
+                ):
+                    excluded["over_max_price"] = excluded.get("over_max_price", 0) + n - i
+                    break
+                consider(i)
+        elif n <= policy.sample_size * 2:
+            for i in range(n):
+                consider(i)
+        else:  # power-of-k choices: a few random draws, more if they were not eligible
+            tries = 0
+            while len(picked) < policy.sample_size and tries < policy.sample_size * 4:
+                consider(rng.randrange(n))
+                tries += 1
+    reputation = reputation or {}
+    everyone = first + picked
+    cheapest = min((_cost(request, c) for c in everyone), default=0)
+
+    def scored(cands: list[CandidateView]) -> list[Scored]:
+        out = [
+            _score(
+                request,
+                c,
+                stats.get(c.node_id),
+                reputation.get(c.node_id, 0.5),
+                cheapest,
+                policy,
+                prefs.sort,
+            )
+            for c in cands
+        ]
+        out.sort(key=lambda s: (s.score, s.node_id))
+        return out
+
+    ranked = scored(first) + scored(picked)
+    if not prefs.allow_fallbacks:
+        ranked = ranked[:1]
+    return Decision(
+        ranked=tuple(ranked[: policy.ranked_size]),
+        considered=len(pool),
+        sampled=len(seen),
+        excluded=excluded,
+        sort=prefs.sort or "default",
+    )

@@ -1,52 +1,81 @@
-"""Posting ledger transactions atomically: all postings and balance updates, or nothing."""
+"""Posting ledger transactions atomically: every posting and balance change, or nothing.
+
+Written with SQLAlchemy Core on a Connection (a settlement is a handful of statements, not an
+ORM unit of work). The non-negative rule for client and provider accounts is enforced by the
+UPDATE itself (`... WHERE balance + :amount >= 0`), so concurrent writers on PostgreSQL cannot
+overdraw an account between a read and a write.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
+from sqlmodel import select as select_rows
 
-from billing.errors import DuplicateTransaction
-from billing.ledger import Posting, Transaction, account_kind, apply
-from coordinator.store.models import Account, LedgerPosting, LedgerTransaction
+from billing.errors import DuplicateTransaction, InsufficientFunds
+from billing.ledger import MAY_GO_NEGATIVE, Posting, Transaction, account_kind
+from coordinator.store.models import Account, LedgerPosting, LedgerTransaction, utcnow
+
+ACCOUNTS: Table = Account.__table__  # type: ignore[attr-defined]
+TRANSACTIONS: Table = LedgerTransaction.__table__  # type: ignore[attr-defined]
+POSTINGS: Table = LedgerPosting.__table__  # type: ignore[attr-defined]
 
 
-def _locked_accounts(session: Session, names: list[str]) -> dict[str, Account]:
-    query = select(Account).where(col(Account.name).in_(names)).with_for_update()
-    return {a.name: a for a in session.exec(query)}
+def _insert_ignoring_conflicts(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        conn.execute(postgresql.insert(table).on_conflict_do_nothing(), rows)
+    elif dialect == "sqlite":
+        conn.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
+    else:  # pragma: no cover - other databases are not supported
+        raise RuntimeError(f"unsupported database {dialect}")
 
 
-def add_postings(session: Session, tx: Transaction) -> None:
-    """Apply `tx` inside the caller's transaction (locks the touched accounts on PostgreSQL).
-
-    Raises DuplicateTransaction if its id was posted before, InsufficientFunds if it would
-    overdraw an account; the caller's transaction must then be rolled back.
-    """
-    if session.get(LedgerTransaction, tx.txid) is not None:
-        raise DuplicateTransaction(tx.txid)
-    names = sorted({p.account for p in tx.postings})  # fixed order: no lock-order deadlocks
-    accounts = _locked_accounts(session, names)
-    for name in names:
-        if name not in accounts:
-            accounts[name] = Account(name=name, kind=account_kind(name).value, balance=0)
-            session.add(accounts[name])
-    session.flush()
-    after = apply({n: a.balance for n, a in accounts.items()}, frozenset(), tx)
-    session.add(LedgerTransaction(txid=tx.txid, kind=tx.kind, memo=tx.memo))
-    session.flush()
-    for p in tx.postings:
-        session.add(LedgerPosting(txid=tx.txid, account=p.account, amount=p.amount))
-    for name, balance in after.items():
-        accounts[name].balance = balance
+def post_in(conn: Connection, tx: Transaction) -> None:
+    """Apply `tx` inside the caller's transaction. Raises DuplicateTransaction if its id was
+    posted before, InsufficientFunds if it would overdraw an account; the caller must then roll
+    back (a savepoint is enough)."""
     try:
-        session.flush()
-    except IntegrityError as exc:  # a concurrent writer posted the same id first
+        conn.execute(
+            insert(TRANSACTIONS).values(
+                txid=tx.txid, kind=tx.kind, memo=tx.memo, created_at=utcnow()
+            )
+        )
+    except IntegrityError as exc:
         raise DuplicateTransaction(tx.txid) from exc
+    postings = sorted(tx.postings, key=lambda p: p.account)  # one lock order: no deadlocks
+    _insert_ignoring_conflicts(
+        conn,
+        ACCOUNTS,
+        [
+            {"name": p.account, "kind": account_kind(p.account).value, "balance": 0,
+             "created_at": utcnow()}
+            for p in postings
+        ],
+    )  # fmt: skip
+    for p in postings:
+        statement = update(ACCOUNTS).where(ACCOUNTS.c.name == p.account)
+        if account_kind(p.account) not in MAY_GO_NEGATIVE:
+            statement = statement.where(ACCOUNTS.c.balance + p.amount >= 0)
+        result = conn.execute(statement.values(balance=ACCOUNTS.c.balance + p.amount))
+        if result.rowcount != 1:
+            raise InsufficientFunds(f"{p.account} cannot take {p.amount}")
+    conn.execute(
+        insert(POSTINGS),
+        [{"txid": tx.txid, "account": p.account, "amount": p.amount} for p in postings],
+    )
 
 
 def post(session: Session, tx: Transaction) -> bool:
     """Post `tx` in its own database transaction. False if it was already posted."""
+    conn = session.connection()
     try:
-        add_postings(session, tx)
+        post_in(conn, tx)
         session.commit()
     except DuplicateTransaction:
         session.rollback()
@@ -57,18 +86,29 @@ def post(session: Session, tx: Transaction) -> bool:
     return True
 
 
+def balance_of(conn: Connection, account: str) -> int:
+    value = conn.execute(select(ACCOUNTS.c.balance).where(ACCOUNTS.c.name == account)).scalar()
+    return int(value or 0)
+
+
 def balance(session: Session, account: str) -> int:
-    row = session.get(Account, account)
-    return row.balance if row else 0
+    return balance_of(session.connection(), account)
 
 
 def balances(session: Session) -> dict[str, int]:
-    return {a.name: a.balance for a in session.exec(select(Account))}
+    return {a.name: a.balance for a in session.exec(select_rows(Account))}
 
 
 def postings_by_transaction(session: Session) -> dict[str, list[Posting]]:
     """Every transaction's postings, as stored (for audits: nothing is re-validated here)."""
-    out: dict[str, list[Posting]] = {t.txid: [] for t in session.exec(select(LedgerTransaction))}
-    for p in session.exec(select(LedgerPosting).order_by(col(LedgerPosting.id))):
+    out: dict[str, list[Posting]] = {
+        t.txid: [] for t in session.exec(select_rows(LedgerTransaction))
+    }
+    for p in session.exec(select_rows(LedgerPosting).order_by(col(LedgerPosting.id))):
         out.setdefault(p.txid, []).append(Posting(p.account, p.amount))
     return out
+
+
+def accounts_named(session: Session, names: Sequence[str]) -> dict[str, int]:
+    query = select_rows(Account).where(col(Account.name).in_(list(names)))
+    return {a.name: a.balance for a in session.exec(query)}

@@ -26,6 +26,8 @@ class ApiKey(SQLModel, table=True):
     client: str = Field(index=True, max_length=200)  # client name (account "client:<name>")
     created_at: datetime = Field(default_factory=utcnow)
     revoked: bool = False
+    rpm_limit: int | None = None  # requests per minute; None = the coordinator's default
+    tpm_limit: int | None = None  # tokens (prompt bound + max_tokens) per minute
 
 
 class LedgerTransaction(SQLModel, table=True):
@@ -43,7 +45,9 @@ class LedgerPosting(SQLModel, table=True):
 
 
 class StoredReceipt(SQLModel, table=True):
-    request_id: str = Field(primary_key=True, max_length=64)
+    request_id: str = Field(primary_key=True, max_length=80)  # the job's id (one per segment)
+    parent_id: str = Field(default="", index=True, max_length=64)  # the client's request id
+    segment: int = 0  # 0 = first worker; 1, 2… = continuations after a failure
     client: str = Field(index=True, max_length=200)
     worker_id: str = Field(index=True, max_length=100)
     model: str = Field(max_length=200)
@@ -53,5 +57,5 @@ class StoredReceipt(SQLModel, table=True):
     coordinator_signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     prompt_tokens: int
     completion_tokens: int
-    amount_total: int = Field(sa_column=Column(BigInteger, nullable=False))
+    amount_total: int = Field(sa_column=Column(BigInteger, nullable=False))  # provider's earning
     created_at: datetime = Field(default_factory=utcnow, index=True)

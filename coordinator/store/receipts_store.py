@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from coordinator.store.models import StoredReceipt
 
 
 def get(session: Session, request_id: str) -> StoredReceipt | None:
     return session.get(StoredReceipt, request_id)
+
+
+def segments(session: Session, parent_id: str) -> list[StoredReceipt]:
+    """Every receipt of one client request, first worker first."""
+    query = select(StoredReceipt).where(StoredReceipt.parent_id == parent_id)
+    return list(session.exec(query.order_by(col(StoredReceipt.segment))))

@@ -16,12 +16,10 @@ from typing import Any
 import httpx
 
 from protocol.advert import ModelOffer
+from protocol.completions import CHAT, Output, prompt_of
 from protocol.identity import Identity
 from protocol.receipt import Receipt, SignedReceipt, output_digest, prompt_digest, sign_receipt
 from worker_node.engines.base import Engine
-
-CHAT = "chat"
-COMPLETIONS = "completions"
 
 
 def now_ms() -> int:
@@ -67,45 +65,20 @@ JobOutput = Chunks | WholeResponse | Failed | Finished
 
 @dataclass
 class _Meter:
-    """What the worker saw leave the engine: texts per choice, usage, timing."""
+    """What the worker saw leave the engine: the output and when it began."""
 
+    endpoint: str
     started_ms: int = field(default_factory=now_ms)
     first_token_ms: int = 0
-    texts: dict[int, str] = field(default_factory=dict)
-    finish_reason: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    output: Output = field(default_factory=Output)
 
-    def add_choice(self, index: int, text: str | None, finish_reason: str | None) -> None:
-        if text:
-            if not self.first_token_ms:
-                self.first_token_ms = now_ms()
-            self.texts[index] = self.texts.get(index, "") + text
-        else:
-            self.texts.setdefault(index, "")
-        if finish_reason and index == 0:
-            self.finish_reason = finish_reason
+    def add(self, chunk: dict[str, Any], *, streamed: bool) -> None:
+        self.output.add(self.endpoint, chunk, streamed=streamed)
+        if not self.first_token_ms and any(c.text for c in self.output.choices.values()):
+            self.first_token_ms = now_ms()
 
-    def add_usage(self, usage: dict[str, Any] | None) -> None:
-        if usage:
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.completion_tokens = int(usage.get("completion_tokens") or 0)
-
-    def ordered_texts(self) -> list[str]:
-        return [self.texts[i] for i in sorted(self.texts)]
-
-
-def choice_text(endpoint: str, choice: dict[str, Any], *, streamed: bool) -> str | None:
-    if endpoint == COMPLETIONS:
-        text = choice.get("text")
-    else:
-        part = choice.get("delta" if streamed else "message") or {}
-        text = part.get("content")
-    return text if isinstance(text, str) else None
-
-
-def prompt_of(endpoint: str, body: dict[str, Any]) -> Any:
-    return body.get("messages") if endpoint == CHAT else body.get("prompt")
+    def produced(self) -> bool:
+        return any(c.text or c.token_ids for c in self.output.choices.values())
 
 
 def _sse_data(event: bytes) -> bytes | None:
@@ -153,7 +126,7 @@ class JobRunner:
             return
         body = dict(job.body, model=engine.served_model)
         url = f"{engine.base_url}/{'chat/completions' if job.endpoint == CHAT else 'completions'}"
-        meter = _Meter()
+        meter = _Meter(job.endpoint)
         if body.get("stream"):
             body["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
             outputs = self._stream(url, body, job, meter)
@@ -165,8 +138,7 @@ class JobRunner:
                 if isinstance(out, Failed):
                     return
         except httpx.HTTPError as exc:
-            produced = any(meter.texts.values())
-            yield Failed(502, f"engine unreachable: {exc}", "engine_error", not produced)
+            yield Failed(502, f"engine unreachable: {exc}", "engine_error", not meter.produced())
             return
         yield Finished(self._sign(job, offer, meter))
 
@@ -198,13 +170,7 @@ class JobRunner:
                         status = int(err.get("code") or 500)
                         yield Failed(status, str(err.get("message")), "engine_error", False)
                         return
-                    for choice in chunk.get("choices") or ():
-                        meter.add_choice(
-                            int(choice.get("index", 0)),
-                            choice_text(job.endpoint, choice, streamed=True),
-                            choice.get("finish_reason"),
-                        )
-                    meter.add_usage(chunk.get("usage"))
+                    meter.add(chunk, streamed=True)
                     batch.append(payload)
                 if batch:
                     yield Chunks(batch)
@@ -216,14 +182,7 @@ class JobRunner:
         if response.status_code != 200:
             yield _engine_error(response.content, response.status_code)
             return
-        result = response.json()
-        for choice in result.get("choices") or ():
-            meter.add_choice(
-                int(choice.get("index", 0)),
-                choice_text(job.endpoint, choice, streamed=False),
-                choice.get("finish_reason"),
-            )
-        meter.add_usage(result.get("usage"))
+        meter.add(response.json(), streamed=False)
         yield WholeResponse(response.content)
 
     def _sign(self, job: JobSpec, offer: ModelOffer, meter: _Meter) -> SignedReceipt:
@@ -234,14 +193,14 @@ class JobRunner:
             worker_id=self._identity.node_id,
             coordinator_nonce=job.nonce.hex(),
             prompt_sha256=prompt_digest(prompt_of(job.endpoint, job.body)),
-            output_sha256=output_digest(meter.ordered_texts()),
-            prompt_tokens=meter.prompt_tokens,
-            completion_tokens=meter.completion_tokens,
+            output_sha256=output_digest(meter.output.texts()),
+            prompt_tokens=meter.output.prompt_tokens or 0,
+            completion_tokens=meter.output.completion_tokens or 0,
             price_prompt_per_mtok=offer.price_prompt_per_mtok,
             price_completion_per_mtok=offer.price_completion_per_mtok,
             started_at_ms=meter.started_ms,
             ttft_ms=max(0, (meter.first_token_ms or finished) - meter.started_ms),
             finished_at_ms=finished,
-            finish_reason=meter.finish_reason or "stop",
+            finish_reason=meter.output.finish_reason(),
         )
         return sign_receipt(self._identity, receipt)

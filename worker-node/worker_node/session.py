@@ -22,14 +22,13 @@ from typing import Any
 import grpc
 
 from protocol.advert import PROTOCOL_VERSION, Advert, sign_registration
+from protocol.completions import CHAT, COMPLETIONS
 from protocol.identity import Identity
 from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
 from worker_node import __version__
 from worker_node.errors import ProtocolMismatch, RegistrationRefused
 from worker_node.jobs import (
-    CHAT,
-    COMPLETIONS,
     Chunks,
     Failed,
     Finished,

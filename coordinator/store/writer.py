@@ -1,0 +1,113 @@
+"""One thread owns the ledger's writes and commits them in groups.
+
+However many settlements are waiting share one database transaction (one commit, one fsync on
+PostgreSQL), each inside its own savepoint, so one that fails (duplicate, overdraft) rolls back
+alone and its caller gets the error. Callers await a future; the event loop never blocks on
+the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine
+
+log = logging.getLogger("agora.coordinator.ledger")
+T = TypeVar("T")
+
+
+@dataclass
+class _Work:
+    fn: Callable[[Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _resolve(work: _Work, result: Any, error: BaseException | None) -> None:
+    def settle() -> None:
+        if work.future.done():
+            return
+        if error is not None:
+            work.future.set_exception(error)
+        else:
+            work.future.set_result(result)
+
+    work.loop.call_soon_threadsafe(settle)
+
+
+class LedgerWriter:
+    def __init__(self, engine: Engine, max_batch: int = 256) -> None:
+        self._engine = engine
+        self._max_batch = max_batch  # most units of work in one database transaction
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+                self._thread.start()
+
+    async def submit(self, fn: Callable[[Connection], T]) -> T:
+        """Run `fn(connection)` inside the writer's transaction (its own savepoint); return
+        its result once committed, or raise what it raised (then nothing of it was written)."""
+        self._ensure_thread()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Work(fn, future, loop))
+        return await future
+
+    def close(self) -> None:
+        """Finish queued work, then stop the thread."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Work]) -> None:
+        outcomes: list[tuple[_Work, Any, BaseException | None]] = []
+        try:
+            with self._engine.begin() as conn:
+                for work in batch:
+                    savepoint = conn.begin_nested()
+                    try:
+                        result = work.fn(conn)
+                    except Exception as exc:
+                        savepoint.rollback()
+                        outcomes.append((work, None, exc))
+                    else:
+                        savepoint.commit()
+                        outcomes.append((work, result, None))
+        except Exception as exc:  # the commit itself failed: nothing of the batch was written
+            log.exception("ledger commit of %d unit(s) failed", len(batch))
+            for work in batch:
+                _resolve(work, None, exc)
+            return
+        for work, result, error in outcomes:
+            _resolve(work, result, error)
