@@ -7,6 +7,7 @@ import typer
 from agora import demo, keys, receipts
 from agora.bench.cli import app as bench_app
 from coordinator.cli import app as coordinator_app
+from coordinator.ledger_cli import app as ledger_app
 from worker_node.cli import app as worker_app
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(keys.app, name="keys")
 app.add_typer(receipts.app, name="receipt")
 app.add_typer(bench_app, name="bench")
+app.add_typer(ledger_app, name="ledger")
 app.command("demo")(demo.demo)
 
 

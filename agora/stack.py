@@ -103,7 +103,10 @@ class CoordinatorHandle:
 
 
 def start_coordinator(
-    workdir: Path, extra_args: list[str] | None = None, timeout_s: float = 60.0
+    workdir: Path,
+    extra_args: list[str] | None = None,
+    timeout_s: float = 60.0,
+    env: dict[str, str] | None = None,
 ) -> CoordinatorHandle:
     data = workdir / "coordinator"
     data.mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,7 @@ def start_coordinator(
         str(ready),
         *(extra_args or []),
     ]
-    process = spawn_agora("coordinator", args, workdir / "coordinator.log", None)
+    process = spawn_agora("coordinator", args, workdir / "coordinator.log", env)
     deadline = time.monotonic() + timeout_s
     while not ready.exists():
         if not process.alive():

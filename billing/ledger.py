@@ -140,3 +140,45 @@ def check_invariants(
     if sum(balances.values()) != 0:
         problems.append(f"balances sum to {sum(balances.values())}, not 0")
     return problems
+
+
+@dataclass(frozen=True)
+class PaidReceipt:
+    """A stored, countersigned receipt and what its worker earned by it."""
+
+    request_id: str  # the client's request (a continuation's receipt names its parent)
+    worker_id: str
+    amount: int
+
+
+def check_receipts(
+    postings_by_tx: Mapping[str, Sequence[Posting]], receipts: Sequence[PaidReceipt]
+) -> list[str]:
+    """Receipts and request postings, one to one: every provider credit of a request is backed
+    by that worker's receipts for it, to the micro-unit, and every receipt was posted."""
+    problems: list[str] = []
+    earned: dict[tuple[str, str], int] = {}
+    for r in receipts:
+        key = (f"req:{r.request_id}", provider_account(r.worker_id))
+        earned[key] = earned.get(key, 0) + r.amount
+    credited: dict[tuple[str, str], int] = {}
+    for txid, postings in postings_by_tx.items():
+        if not txid.startswith("req:"):
+            continue
+        for p in postings:
+            if account_kind(p.account) is AccountKind.PROVIDER:
+                credited[(txid, p.account)] = credited.get((txid, p.account), 0) + p.amount
+    for key in sorted(set(earned) | set(credited)):
+        txid, account = key
+        if key not in credited:
+            if txid not in postings_by_tx:
+                problems.append(f"receipt of {txid[4:]} was never posted")
+            elif earned[key]:
+                problems.append(f"{txid}: {account} has a receipt but no credit")
+        elif key not in earned:
+            problems.append(f"{txid}: {account} credited {credited[key]} without a receipt")
+        elif credited[key] != earned[key]:
+            problems.append(
+                f"{txid}: {account} credited {credited[key]}, receipts say {earned[key]}"
+            )
+    return problems

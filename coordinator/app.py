@@ -29,6 +29,7 @@ from coordinator.services.admission import Limits
 from coordinator.services.gateway import Gateway
 from coordinator.services.registry import Registry
 from coordinator.services.settlement import Settlement
+from coordinator.services.stats import BreakerPolicy, StatsBook
 from coordinator.store.db import make_engine, migrate
 from coordinator.store.writer import LedgerWriter
 from protocol.identity import Identity
@@ -62,10 +63,17 @@ class Coordinator:
         self.accounts = Accounts(self.db, Limits(settings.default_rpm, settings.default_tpm))
         self.settlement = Settlement(self.db, self.writer, self.identity, settings.fee_bps)
         self.metrics = Metrics()
+        breaker = BreakerPolicy(cooldown_s=settings.breaker_cooldown_s)
         self.gateway = Gateway(
-            self.registry, self.accounts, self.settlement, settings, metrics=self.metrics
+            self.registry,
+            self.accounts,
+            self.settlement,
+            settings,
+            stats=StatsBook(breaker),
+            metrics=self.metrics,
         )
         self.metrics.watch(self.registry, self.gateway.stats)
+        self.registry.on_join = self.gateway.stats.reset_breaker
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self._grpc_server: grpc.aio.Server | None = None
@@ -155,7 +163,8 @@ class Coordinator:
             host=self.settings.host,
             port=self.settings.http_port,
             log_level="warning",
-            loop="asyncio",
+            loop="none",  # the running loop (uvloop, from the CLI)
+            http="httptools",
             timeout_graceful_shutdown=10,
         )
         server = uvicorn.Server(config)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import typer
+import uvloop
 from rich.console import Console
 from rich.table import Table
 
@@ -51,7 +51,7 @@ def coordinator(
     if ctx.invoked_subcommand is not None:
         return
     configure_logging(log_level, log_format)
-    asyncio.run(Coordinator(settings).serve())
+    uvloop.run(Coordinator(settings).serve())
 
 
 @app.command("add-client")

@@ -30,6 +30,7 @@ class CoordinatorSettings(BaseSettings):
     first_token_timeout_s: float = 120.0  # per attempt: give up if no first token by then
     idle_token_timeout_s: float = 60.0  # give up if a running stream is silent this long
     default_max_tokens: int = 4096  # cost bound when neither request nor advert gives one
+    breaker_cooldown_s: float = 5.0  # a failed worker sits out this long (doubling per failure)
     retry_after_s: int = 2  # Retry-After sent with 503 when no worker has capacity
     queue_timeout_s: float = 10.0  # a request finding every worker busy waits this long for a slot
     default_rpm: int | None = None  # per-key requests/min when the key sets none (None = no limit)

@@ -77,6 +77,9 @@ class _WorkerCollector(Collector):
         failure = GaugeMetricFamily(
             "agora_worker_failure_rate", "Bayesian failure rate", labels=labels
         )
+        score = GaugeMetricFamily(
+            "agora_worker_score", "Routing score when last ranked (lower is better)", labels=labels
+        )
         workers = GaugeMetricFamily("agora_workers", "Connected workers")
         workers.add_metric([], len(self._registry.all()))
         for model, pool in self._registry.models().items():
@@ -90,7 +93,9 @@ class _WorkerCollector(Collector):
                 if stats.ttft_s is not None:
                     ttft.add_metric(key, stats.ttft_s)
                 failure.add_metric(key, stats.failure_rate())
-        yield from (workers, in_flight, available, waiting, kv, ttft, failure)
+                if stats.last_score is not None:
+                    score.add_metric(key, stats.last_score)
+        yield from (workers, in_flight, available, waiting, kv, ttft, failure, score)
 
 
 class _RequestIdFilter(logging.Filter):

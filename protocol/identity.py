@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
@@ -84,13 +85,13 @@ class Identity:
         """Deterministic key from 32 bytes (test vectors only)."""
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
 
-    @property
+    @cached_property
     def public_key(self) -> bytes:
         return self.private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
 
-    @property
+    @cached_property
     def node_id(self) -> str:
         return node_id_from_public_key(self.public_key)
 

@@ -30,6 +30,14 @@ from worker_node.engines.vllm import VllmConfig, VllmEngine
 from worker_node.tiny_model import ensure_tiny_model
 
 MODEL = "tiny"
+# what a provider puts in its model's `extra_args` to offer tools and compact structured output
+ENGINE_ARGS = (
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
+    "pythonic",
+    "--structured-outputs-config",
+    '{"backend": "xgrammar", "disable_any_whitespace": true}',
+)
 
 
 SdkFactory = Callable[[str, str], openai.OpenAI]
@@ -62,10 +70,13 @@ def vllm_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             model=str(tiny_model),
             served_model=MODEL,
             max_model_len=512,
-            dtype="bfloat16",
+            # float32: greedy output must not depend on what else shares the batch (a random
+            # model has many near-ties that bf16 batching flips), or continuation tests lie
+            dtype="float32",
             enforce_eager=True,
             log_path=log,
             startup_timeout_s=600,
+            extra_args=ENGINE_ARGS,
         )
     )
     asyncio.run(engine.start())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from agora.bench.gateway import gateway
 from agora.bench.resilience import resilience
 from agora.bench.serving import serving
 
 app = typer.Typer(help="Benchmarks; each writes its numbers to a file.", no_args_is_help=True)
+app.command("gateway")(gateway)
 app.command("resilience")(resilience)
 app.command("serving")(serving)

@@ -108,6 +108,9 @@ async def workers(_admin: AdminDep, gateway: GatewayDep) -> dict[str, Any]:
                         "ttft_ewma_s": gateway.stats.get(w.node_id, name).ttft_s,
                         "itl_ewma_s": gateway.stats.get(w.node_id, name).itl_s,
                         "failure_rate": gateway.stats.get(w.node_id, name).failure_rate(),
+                        "cooldown_left_s": max(
+                            0.0, round(gateway.stats.get(w.node_id, name).cooldown_until - now, 3)
+                        ),
                     }
                     for name, slot in w.slots.items()
                 },

@@ -42,6 +42,7 @@ from coordinator.services.jobs import (
 )
 from coordinator.services.registry import ModelSlot, Registry
 from coordinator.services.relay import Completion
+from coordinator.services.reservations import Hold, Reservations
 from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy, route
 from coordinator.services.settlement import JobFacts, Settled, Settlement
 from coordinator.services.stats import StatsBook
@@ -70,6 +71,7 @@ class Gateway:
     ) -> None:
         self.registry = registry
         self.accounts = accounts
+        self.reservations = Reservations(accounts.balance)
         self.settlement = settlement
         self.settings = settings
         self.stats = stats or StatsBook()
@@ -126,17 +128,38 @@ class Gateway:
             max_tokens = body["max_tokens"] = self.settings.default_max_tokens
         body["return_token_ids"] = True  # exact metering, and continuation if a worker fails
         bound = RouteRequest(request.model, prompt_token_bound(request), max_tokens)
+        admitted = bound.prompt_tokens + bound.max_tokens
         try:
-            self.limiter.admit(
-                str(principal.key_id), principal.limits, bound.prompt_tokens + bound.max_tokens
-            )
+            self.limiter.admit(str(principal.key_id), principal.limits, admitted)
         except RateLimited:
             if self.metrics:
                 self.metrics.rate_limited.inc()
             raise
         request = dataclasses.replace(request, body=body)
+        holds: list[Hold] = []  # the credit reserved for it, once a worker is chosen
+        try:
+            completion = await self._dispatch_first(principal, request, bound, max_tokens, holds)
+        except BaseException:  # nothing ran: the tokens and credit held for it go back
+            self.limiter.refund(str(principal.key_id), principal.limits, admitted)
+            for hold in holds:
+                hold.release()
+            raise
+        completion.admitted_tokens = admitted
+        completion.hold = holds[0] if holds else None
+        return completion
+
+    async def _dispatch_first(
+        self,
+        principal: Principal,
+        request: CompletionRequest,
+        bound: RouteRequest,
+        max_tokens: int,
+        holds: list[Hold],
+    ) -> Completion:
+        """Route and dispatch until a worker sends its first event, waiting a bounded time for
+        a free slot and failing over to the next ranked worker before the first token."""
+        body = request.body
         request_id = request_id_var.get() or uuid.uuid4().hex
-        balance = await asyncio.to_thread(self.accounts.balance, principal.client)
         record: RouteRecord | None = None
         excluded: set[str] = set()
         last_error: CoordinatorError | None = None
@@ -168,11 +191,10 @@ class Gateway:
                     slot.offer.price_prompt_per_mtok, slot.offer.price_completion_per_mtok
                 )
                 worst = charge_for(price, bound.prompt_tokens, max_tokens, self.settlement.fee_bps)
-                if balance < worst.total:
-                    raise InsufficientCredit(
-                        f"This request may cost up to {worst.total} micro-units; the balance is "
-                        f"{balance}. Lower max_tokens or add credit."
-                    )
+                current = holds[0] if holds else None
+                hold = await self.reservations.hold(principal.client, worst.total, current)
+                if current is None:
+                    holds.append(hold)
                 attempts += 1
                 job_id = request_id if attempts == 1 else f"{request_id}~{attempts - 1}"
                 attempt = self._dispatch(slot, request, request.endpoint, body, job_id, principal,
@@ -200,7 +222,7 @@ class Gateway:
     def _route(self, bound: RouteRequest, prefs: Preferences, excluded: set[str]) -> Decision:
         if excluded:
             prefs = dataclasses.replace(prefs, ignore=prefs.ignore | frozenset(excluded))
-        return route(
+        decision = route(
             bound,
             self.registry.pool(bound.model),
             self.stats.for_model(bound.model),
@@ -210,6 +232,9 @@ class Gateway:
             self.policy,
             price_sorted=True,
         )
+        for scored in decision.ranked:
+            self.stats.get(scored.node_id, bound.model).last_score = scored.score
+        return decision
 
     def _count(self, model: str, decision: Decision, outcome: str) -> None:
         if self.metrics:
@@ -316,6 +341,18 @@ class Gateway:
             if slot is None:
                 excluded.add(decision.ranked[0].node_id)
                 continue
+            price = Price(slot.offer.price_prompt_per_mtok, slot.offer.price_completion_per_mtok)
+            worst = charge_for(
+                price, bound.prompt_tokens, bound.max_tokens, self.settlement.fee_bps
+            )
+            if completion.hold is not None:
+                try:  # a dearer worker may carry on only if the client can still afford it
+                    await self.reservations.hold(
+                        completion.principal.client, worst.total, completion.hold
+                    )
+                except InsufficientCredit:
+                    excluded.add(slot.node_id)
+                    continue
             segment = len(completion.attempts)
             job_id = f"{completion.request_id}~{segment}"
             attempt = self._dispatch(slot, request, endpoint, body, job_id, completion.principal,
@@ -327,7 +364,7 @@ class Gateway:
                  "continuation": not nothing_yet}
             )  # fmt: skip
             if first.WhichOneof("kind") != "error":
-                attempt.events.put_nowait(first)  # the relay reads it from the queue
+                attempt.first_event = first  # the relay reads it before the queue (no reordering)
                 if self.metrics:
                     self.metrics.continuations.labels(request.model, "continued").inc()
                 return attempt
@@ -354,15 +391,18 @@ class Gateway:
 
     async def settle(self, completion: Completion) -> Settled | None:
         records = [a.record() for a in completion.attempts if a.observed.choices]
-        if not records:
-            return None
+        client = completion.principal.client
         try:
-            settled = await self.settlement.settle(
-                completion.request_id, completion.principal.client, records
-            )
+            if not records:
+                return None
+            settled = await self.settlement.settle(completion.request_id, client, records)
+            self.reservations.posted(client)  # the charge is in: now the hold may go
         except Exception:  # the client already has its tokens; the operator must see this
             log.exception("could not settle request %s", completion.request_id)
             return None
+        finally:
+            if completion.hold is not None:
+                completion.hold.release()
         if self.metrics:
             usage = completion.usage()
             model = completion.request.model
@@ -377,6 +417,11 @@ class Gateway:
 
     def request_finished(self, completion: Completion, status: str) -> None:
         request = completion.request
+        nothing_to_settle = completion.settled is None and not completion.delivered.choices
+        if completion.hold is not None and nothing_to_settle:
+            completion.hold.release()
+        unused = completion.admitted_tokens - completion.usage()["total_tokens"]
+        self.limiter.refund(str(completion.principal.key_id), completion.principal.limits, unused)
         if self.metrics:
             self.metrics.requests.labels(request.model, request.endpoint, status).inc()
         if status == "ok":

@@ -66,6 +66,7 @@ class Attempt:
     last_token_at: float | None = None
     receipt: pb.SignedReceipt | None = None
     ended: bool = False
+    first_event: pb.JobEvent | None = None  # taken off the queue while dispatching, not yet relayed
 
     @property
     def node_id(self) -> str:

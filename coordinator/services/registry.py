@@ -124,6 +124,7 @@ class Registry:
         self._workers: dict[str, WorkerConnection] = {}
         self._pools: dict[str, list[ModelSlot]] = {}  # model -> slots, cheapest first
         self._freed = asyncio.Event()  # replaced each time it fires
+        self.on_join: Callable[[str], None] | None = None  # called with each new session's node
 
     def freed_signal(self) -> asyncio.Event:
         """An event that fires the next time any slot frees up or a worker changes: take it
@@ -142,6 +143,8 @@ class Registry:
             self._unpool(old)
         self._workers[conn.node_id] = conn
         conn.on_slot_freed = self.notify
+        if self.on_join is not None:
+            self.on_join(conn.node_id)
         for offer in conn.advert.models:
             price = Price(offer.price_prompt_per_mtok, offer.price_completion_per_mtok)
             slot = ModelSlot(conn, offer, price.with_fee(self._fee_bps))

@@ -18,6 +18,7 @@ from coordinator.services.accounts import Principal
 from coordinator.services.continuation import as_chat_chunk
 from coordinator.services.decisions import RouteRecord
 from coordinator.services.jobs import Attempt, CompletionRequest, error_chunk, error_from_job
+from coordinator.services.reservations import Hold
 from coordinator.services.settlement import Settled
 from protocol.completions import CHAT, Output
 from protocol.proto import session_pb2 as pb
@@ -71,6 +72,8 @@ class Completion:
         self._pending: pb.JobEvent | None = first
         self.route = route
         self.max_tokens = max_tokens  # the bound the first job ran with
+        self.admitted_tokens = 0  # tokens held against the key's per-minute limit
+        self.hold: Hold | None = None  # credit reserved for it until it is settled
         self.request_id = route.request_id
         prefix = "chatcmpl" if request.endpoint == CHAT else "cmpl"
         self.response_id = f"{prefix}-{self.request_id}"
@@ -208,6 +211,7 @@ class Completion:
         if attempt is None:
             return False
         self.attempts.append(attempt)
+        self._pending, attempt.first_event = attempt.first_event, None
         return True
 
     async def whole(self) -> dict[str, Any]:

@@ -9,14 +9,18 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class BreakerPolicy:
-    alpha: float = 0.2  # EWMA weight of a new latency sample
+    alpha: float = 0.2  # EWMA weight of a new latency sample that is no worse than the mean
+    alpha_worse: float = 0.5  # weight of a worse sample: react fast to a worker turning slow
     half_life_s: float = 600.0  # success/failure counts halve over this time
     cooldown_s: float = 5.0  # first cooldown after a failure; doubles per consecutive failure
     max_cooldown_s: float = 120.0  # cooldown ceiling
 
 
-def _ewma(previous: float | None, sample: float, alpha: float) -> float:
-    return sample if previous is None else alpha * sample + (1 - alpha) * previous
+def _ewma(previous: float | None, sample: float, policy: BreakerPolicy) -> float:
+    if previous is None:
+        return sample
+    alpha = policy.alpha_worse if sample > previous else policy.alpha
+    return alpha * sample + (1 - alpha) * previous
 
 
 @dataclass
@@ -29,6 +33,7 @@ class WorkerStats:
     consecutive_failures: int = 0
     cooldown_until: float = 0.0
     updated_at: float = 0.0
+    last_score: float | None = None  # its routing score the last time it was ranked
 
     def _decay(self, now: float) -> None:
         if self.updated_at:
@@ -39,9 +44,9 @@ class WorkerStats:
 
     def record_latency(self, ttft_s: float | None, itl_s: float | None) -> None:
         if ttft_s is not None:
-            self.ttft_s = _ewma(self.ttft_s, ttft_s, self.policy.alpha)
+            self.ttft_s = _ewma(self.ttft_s, ttft_s, self.policy)
         if itl_s is not None:
-            self.itl_s = _ewma(self.itl_s, itl_s, self.policy.alpha)
+            self.itl_s = _ewma(self.itl_s, itl_s, self.policy)
 
     def record_success(self, now: float) -> None:
         self._decay(now)
@@ -70,6 +75,15 @@ class StatsBook:
 
     def for_model(self, model: str) -> dict[str, WorkerStats]:
         return self._by_model.setdefault(model, {})
+
+    def reset_breaker(self, node_id: str) -> None:
+        """A node that comes back in a new session (restarted) gets a closed breaker; its
+        failure record stays in its failure rate."""
+        for book in self._by_model.values():
+            stats = book.get(node_id)
+            if stats is not None:
+                stats.cooldown_until = 0.0
+                stats.consecutive_failures = 0
 
     def get(self, node_id: str, model: str) -> WorkerStats:
         book = self.for_model(model)

@@ -6,10 +6,12 @@ from billing.errors import DuplicateTransaction, InsufficientFunds, UnbalancedTr
 from billing.ledger import (
     EXTERNAL_DEPOSITS,
     NETWORK_FEES,
+    PaidReceipt,
     Posting,
     Transaction,
     apply,
     check_invariants,
+    check_receipts,
     client_account,
     deposit,
     provider_account,
@@ -68,3 +70,31 @@ def test_invariant_check_finds_drift_and_negative_clients() -> None:
     assert any(
         "negative" in p for p in check_invariants({EXTERNAL_DEPOSITS: 5, "client:a": -5}, negative)
     )
+
+
+def _request_books(provider_amount: int) -> dict[str, list[Posting]]:
+    tx = request_charge("r1", "a", "node", Charge(provider_amount, 1))
+    return {tx.txid: list(tx.postings)}
+
+
+def test_receipts_and_request_postings_match_one_to_one() -> None:
+    books = _request_books(10)
+    assert check_receipts(books, [PaidReceipt("r1", "node", 10)]) == []
+    # continuation: two receipts of one worker for one request add up
+    assert check_receipts(books, [PaidReceipt("r1", "node", 4), PaidReceipt("r1", "node", 6)]) == []
+
+
+def test_receipt_audit_finds_every_kind_of_mismatch() -> None:
+    books = _request_books(10)
+    assert check_receipts(books, []) == [
+        f"req:r1: {provider_account('node')} credited 10 without a receipt"
+    ]
+    assert check_receipts(books, [PaidReceipt("r1", "node", 9)]) == [
+        f"req:r1: {provider_account('node')} credited 10, receipts say 9"
+    ]
+    assert check_receipts(books, [PaidReceipt("r1", "node", 10), PaidReceipt("r2", "x", 3)]) == [
+        "receipt of r2 was never posted"
+    ]
+    assert check_receipts(books, [PaidReceipt("r1", "node", 10), PaidReceipt("r1", "y", 2)]) == [
+        f"req:r1: {provider_account('y')} has a receipt but no credit"
+    ]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+import uvloop
 from rich.console import Console
 from rich.table import Table
 
@@ -62,7 +63,7 @@ def run(config: WorkerConfig, log_level: str) -> None:
             status.stop()
 
     try:
-        asyncio.run(main())
+        uvloop.run(main())
     except WorkerError as exc:
         raise _fail(exc) from exc
 

@@ -1,0 +1,111 @@
+"""What the gateway costs, side by side in one run: a client calling a synthetic OpenAI upstream
+directly, through Agora's full path (coordinator + worker, receipts and ledger included), and
+through the peers (vllm-router, LiteLLM's proxy), with the tested instrument in bench/peers/.
+
+A synthetic upstream (uvloop, no model) is the right tool for this: a CPU engine would be the
+bottleneck and hide what the gateway adds. Results: JSON lines plus a Markdown report.
+
+    agora bench gateway                       # direct, vllm-router, LiteLLM, Agora
+    agora bench gateway --peers "" --duration 10   # direct and Agora only, shorter
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+
+from agora.bench.gateway_host import MODEL
+
+REPO = Path(__file__).resolve().parents[2]
+PEERS = REPO / "bench" / "peers"
+NOTE = (
+    "Synthetic upstream (bench/peers/upstream.py, 16 tokens per reply, no model): a CPU engine "
+    "would be the bottleneck and hide the gateway's cost. 2-core machine: at c >= 32 the "
+    "load generator, upstream and gateway share two cores, so CPU ms per request is the "
+    "machine-independent figure."
+)
+
+
+def _setup_peers(peers: list[str]) -> None:
+    needs_venv = any(p in ("vr", "vr_rr", "ll1", "ll2") for p in peers)
+    if not (PEERS / "venv-tools").exists() or (needs_venv and not (PEERS / "venv").exists()):
+        typer.echo("setting up the peers' venvs (bench/peers/setup.sh, about a minute)…")
+        subprocess.run(["bash", str(PEERS / "setup.sh")], check=True)
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} vCPU {cpu}, Python {platform.python_version()}"
+
+
+def gateway(
+    peers: str = typer.Option("vr,ll1", help="Peers to run beside direct and Agora (vr, ll1…)."),
+    duration: float = typer.Option(20.0, help="Seconds measured per point."),
+    warmup: float = typer.Option(5.0, help="Seconds of warm-up per point (discarded)."),
+    conc: str = typer.Option("1,32,128", help="Concurrencies."),
+    out: Path = typer.Option(Path("bench/results/gateway.jsonl"), help="Results (JSON lines)."),
+) -> None:
+    """Gateway overhead vs direct upstream at several concurrencies (TTFT, total, RPS, CPU/req,
+    RSS)."""
+    chosen = [p for p in peers.split(",") if p]
+    _setup_peers(chosen)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="agora-bench-gateway-"))
+    host = subprocess.Popen(
+        [sys.executable, "-m", "agora.bench.gateway_host", "--workdir", str(workdir)],
+        stdout=(workdir / "host.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        info_file = workdir / "host.json"
+        deadline = time.monotonic() + 120
+        while not info_file.exists():
+            if host.poll() is not None or time.monotonic() > deadline:
+                typer.echo(f"the Agora stack did not start; see {workdir / 'host.log'}", err=True)
+                raise typer.Exit(1)
+            time.sleep(0.2)
+        info = json.loads(info_file.read_text())
+        targets = ["direct", *chosen, "agora"]
+        repeat = ["direct", *[p for p in chosen if p == "vr"], "agora"]
+        command = [
+            str(PEERS / "venv-tools" / "bin" / "python"), str(PEERS / "bench.py"),
+            "--targets", ",".join(targets), "--repeat-targets", ",".join(repeat),
+            "--conc", conc, "--duration", str(duration), "--warmup", str(warmup),
+            "--external", f"agora={info['port']}:{host.pid}", "--key", f"agora={info['key']}",
+            "--ready-path", f"agora=/v1/models/{MODEL}", "--out", str(out),
+        ]  # fmt: skip
+        subprocess.run(command, check=True)
+    finally:
+        host.send_signal(signal.SIGTERM)
+        try:
+            host.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            host.kill()
+    report = subprocess.run(
+        [str(PEERS / "venv-tools" / "bin" / "python"), str(PEERS / "report.py"), str(out)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    markdown = out.with_suffix(".md")
+    markdown.write_text(
+        f"# Gateway overhead ({time.strftime('%Y-%m-%d')})\n\n{NOTE}\n\nMachine: {_machine()}\n\n"
+        f"Command: `agora bench gateway --peers '{peers}' --duration {duration:g} "
+        f"--warmup {warmup:g} --conc {conc}`\n\n{report.stdout}"
+    )
+    typer.echo(report.stdout)
+    typer.echo(f"{NOTE}\nwrote {out} and {markdown}")

@@ -1,0 +1,82 @@
+"""Credit held for requests in flight, so that concurrent requests can never together spend
+more than a client has.
+
+Before dispatch a request holds its worst-case cost (prompt bound + max_tokens at the chosen
+price); the hold is released only after its charge is committed, so `balance - held` never
+over-states what is free: a balance read that raced a commit either already shows the charge
+or still counts the hold that covers it. A read that overlapped a commit whose hold was
+already released is detected by the per-client generation and repeated.
+
+Holds live in this process: one coordinator per database (several replicas sharing one
+PostgreSQL need the holds in the database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from coordinator.errors import InsufficientCredit
+
+
+class Hold:
+    """One request's reservation (idempotent release)."""
+
+    def __init__(self, book: Reservations, client: str, amount: int) -> None:
+        self._book = book
+        self.client = client
+        self.amount = amount
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._book._take(self.client, -self.amount)
+
+
+class Reservations:
+    def __init__(self, read_balance: Callable[[str], int]) -> None:
+        self._read_balance = read_balance
+        self._held: dict[str, int] = {}
+        self._generation: dict[str, int] = {}
+
+    def held(self, client: str) -> int:
+        return self._held.get(client, 0)
+
+    def _take(self, client: str, amount: int) -> None:
+        left = self._held.get(client, 0) + amount
+        if left:
+            self._held[client] = left
+        else:
+            self._held.pop(client, None)
+
+    async def available(self, client: str) -> tuple[int, int]:
+        """(balance, balance minus what requests in flight hold)."""
+        while True:
+            generation = self._generation.get(client, 0)
+            balance = await asyncio.to_thread(self._read_balance, client)
+            if self._generation.get(client, 0) == generation:
+                return balance, balance - self.held(client)
+
+    def posted(self, client: str) -> None:
+        """A charge to `client` was committed: call before releasing the hold behind it."""
+        self._generation[client] = self._generation.get(client, 0) + 1
+
+    async def hold(self, client: str, amount: int, current: Hold | None = None) -> Hold:
+        """Hold `amount` (or raise `current` to it), or raise InsufficientCredit (402)."""
+        extra = amount - (current.amount if current else 0)
+        if current is not None and extra <= 0:
+            return current
+        balance, free = await self.available(client)
+        if free < extra:  # no await between this check and the hold: atomic on the loop
+            raise InsufficientCredit(
+                f"This request may cost up to {amount} micro-units; the balance is {balance}"
+                + (f", of which {balance - free} is held by requests in flight" if free < balance
+                   else "")
+                + ". Lower max_tokens or add credit."
+            )  # fmt: skip
+        self._take(client, extra)
+        if current is not None:
+            current.amount = amount
+            return current
+        return Hold(self, client, amount)

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fleet import Fleet
+from worker_node.engines.vllm import VllmEngine
+
+C_WORKERS = ("c1", "c2", "c3")
+C_PRICE = (100_000, 200_000)
+PRICES = {"cheap": (100_000, 200_000), "mid": (150_000, 300_000), "dear": (300_000, 600_000)}
+
+
+@pytest.fixture(scope="session")
+def fleet(vllm_engine: VllmEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """One coordinator; on the real engine, each through its own fault proxy:
+    - "tiny": cheap, mid, dear (different prices) for routing
+    - "tiny-c": c1, c2, c3 (same price) for failover and continuation: one can be killed and
+      restarted while two others serve
+    - "tiny-solo": solo (one slot) for capacity
+    """
+    fleet = Fleet.start(tmp_path_factory.mktemp("fleet"), vllm_engine.base_url)
+    try:
+        for name, (price_in, price_out) in PRICES.items():
+            fleet.add(name, "tiny", price_in, price_out)
+        for name in C_WORKERS:
+            fleet.add(name, "tiny-c", *C_PRICE)
+        fleet.add("solo", "tiny-solo", 100_000, 200_000, max_concurrency=1)
+        fleet.wait("tiny", 3)
+        fleet.wait("tiny-c", len(C_WORKERS))
+        fleet.wait("tiny-solo", 1)
+        yield fleet
+    finally:
+        fleet.stop()

@@ -1,0 +1,232 @@
+"""Mid-stream continuation: the worker serving a stream is killed (or stalls) at a random point
+and the client's stream goes on from another worker with exactly the text an uninterrupted
+greedy run gives, billed once for the tokens delivered."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from billing.ledger import client_account
+from billing.pricing import Price, charge_for
+from tests.coordinator.conftest import C_PRICE, C_WORKERS
+from tests.coordinator.test_observability import scrape
+from tests.fleet import Fleet
+
+pytestmark = pytest.mark.engine
+MODEL = "tiny-c"
+MAX_TOKENS = 40
+KILLS = 20
+CHAT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+PROMPT = "The lighthouse keeper opened the door and"
+GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": MAX_TOKENS}
+EXTRA = {"ignore_eos": True}  # the random tiny model would otherwise stop at any point
+
+
+@dataclass
+class Streamed:
+    request_id: str
+    worker: str
+    text: str
+    usage: Any
+    killed: str | None = None
+
+
+@pytest.fixture
+def paced(fleet: Fleet) -> Iterator[Fleet]:
+    """The tiny-c engines send one token per 20 ms, so a kill lands mid-generation."""
+    for name in C_WORKERS:
+        fleet.members[name].proxy.event_delay_s = 0.02
+    try:
+        yield fleet
+    finally:
+        for name in C_WORKERS:
+            fleet.members[name].proxy.reset()
+
+
+def stream(
+    client: openai.OpenAI,
+    kind: str,
+    fleet: Fleet | None = None,
+    kill_at: int | None = None,
+    provider: dict[str, Any] | None = None,
+) -> Streamed:
+    """Stream one greedy request; with `kill_at`, SIGKILL the serving worker after that many
+    content chunks reached the client."""
+    extra = {**EXTRA, "provider": provider} if provider else EXTRA
+    options: dict[str, Any] = {
+        **GREEDY, "stream": True, "stream_options": {"include_usage": True}, "extra_body": extra,
+    }  # fmt: skip
+    if kind == "chat":
+        api: Any = client.chat.completions.with_streaming_response
+        manager = api.create(model=MODEL, messages=CHAT, **options)
+    else:
+        api = client.completions.with_streaming_response
+        manager = api.create(model=MODEL, prompt=PROMPT, **options)
+    with manager as response:
+        worker = response.headers["x-agora-worker"]
+        request_id = response.headers["x-agora-request-id"]
+        text, usage, chunks, killed = "", None, 0, None
+        for chunk in response.parse():
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                piece = choice.delta.content if kind == "chat" else choice.text
+                if piece:
+                    text += piece
+                    chunks += 1
+            if fleet is not None and killed is None and kill_at is not None and chunks >= kill_at:
+                killed = fleet.name_of(worker)
+                fleet.kill(killed)
+    return Streamed(request_id, worker, text, usage, killed)
+
+
+def balance(fleet: Fleet, client: str) -> int:
+    return fleet.coordinator.balances().get(client_account(client), 0)
+
+
+def get(fleet: Fleet, key: str, path: str) -> dict[str, Any]:
+    response = httpx.get(
+        f"{fleet.coordinator.base_url}/{path}", headers={"Authorization": f"Bearer {key}"}
+    )
+    response.raise_for_status()
+    return dict(response.json())
+
+
+@pytest.fixture(scope="module")
+def reference(fleet: Fleet) -> dict[str, Streamed]:
+    """The uninterrupted greedy answers, chat and text, through the same market."""
+    _name, key = fleet.client()
+    with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as client:
+        return {kind: stream(client, kind) for kind in ("chat", "text")}
+
+
+def test_reference_runs_are_full_length_and_repeatable(
+    fleet: Fleet, reference: dict[str, Streamed]
+) -> None:
+    _name, key = fleet.client()
+    with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as client:
+        for kind, ref in reference.items():
+            assert ref.usage.completion_tokens == MAX_TOKENS
+            assert ref.text
+            again = stream(client, kind)
+            assert again.text == ref.text, kind  # greedy is deterministic on this engine
+
+
+def test_killed_worker_mid_stream_the_client_gets_the_uninterrupted_text_billed_once(
+    paced: Fleet, reference: dict[str, Streamed]
+) -> None:
+    fleet = paced
+    rng = random.Random(20261123)
+    price = Price(*C_PRICE)
+    continued = 'agora_continuations_total{model="tiny-c",outcome="continued"}'
+    counted = scrape(fleet).get(continued, 0)
+    for i in range(KILLS):
+        kind = ("chat", "text")[i % 2]
+        kill_at = rng.randint(1, MAX_TOKENS - 8)
+        fleet.ready(MODEL, 2)  # one to serve, one to carry on
+        name, key = fleet.client()
+        before = balance(fleet, name)
+        with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as client:
+            got = stream(client, kind, fleet, kill_at)
+        assert got.killed is not None
+        fleet.restart(got.killed)  # back in the pool while the next requests run
+        ref = reference[kind]
+        where = f"kill {i} ({kind}) after {kill_at} chunks"
+        assert got.text == ref.text, where  # no token lost or duplicated
+        assert got.usage.completion_tokens == MAX_TOKENS, where
+        assert got.usage.prompt_tokens == ref.usage.prompt_tokens, where
+        route = get(fleet, key, f"routing/{got.request_id}")
+        workers = [a["worker"] for a in route["attempts"]]
+        assert workers[0] == got.worker, where
+        assert len(set(workers)) >= 2, where
+        assert route["attempts"][-1]["outcome"] == "ok"
+        assert route["attempts"][-1]["continuation"]
+        paid = before - balance(fleet, name)
+        expected = charge_for(price, ref.usage.prompt_tokens, MAX_TOKENS, 500).total
+        assert paid == expected, where  # once, for exactly the delivered tokens
+        receipt = get(fleet, key, f"receipts/{got.request_id}")
+        assert receipt["amount_total"] == paid
+        signed = [receipt["receipt"], *(c["receipt"] for c in receipt["continuations"])]
+        assert {r["worker_id"] for r in signed} == {route["attempts"][-1]["worker"]}, where
+        segment = route["attempts"][-1]["segment"]  # 1, or more if a candidate failed first
+        assert segment >= 1, where
+        assert signed[0]["request_id"] == f"{got.request_id}~{segment}"  # the finishing job
+        # each receipt covers only its own worker's tokens: the killed worker's were delivered
+        # (and billed to the client above) but it signed nothing and is paid nothing
+        assert 1 <= signed[0]["completion_tokens"] <= MAX_TOKENS - kill_at, where
+    assert scrape(fleet)[continued] >= counted + KILLS
+    fleet.ready(MODEL, len(C_WORKERS))
+
+
+def test_stalled_worker_mid_stream_is_replaced(
+    paced: Fleet, reference: dict[str, Streamed]
+) -> None:
+    fleet = paced
+    fleet.ready(MODEL, 3)
+    name, key = fleet.client()
+    staller = fleet.members["c1"]
+    staller.proxy.stall_after_events = 6  # then silent, with the connection open
+    before = balance(fleet, name)
+    with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as client:
+        got = stream(client, "chat", provider={"order": [staller.node_id]})
+    ref = reference["chat"]
+    assert got.worker == staller.node_id
+    assert got.text == ref.text
+    route = get(fleet, key, f"routing/{got.request_id}")
+    assert next(a["worker"] for a in route["attempts"]) == staller.node_id
+    assert len(route["attempts"]) == 2
+    assert route["attempts"][1]["continuation"]
+    paid = before - balance(fleet, name)
+    assert paid == charge_for(Price(*C_PRICE), ref.usage.prompt_tokens, MAX_TOKENS, 500).total
+
+
+def test_a_stream_that_cannot_be_continued_ends_with_an_sse_error_and_bills_what_was_sent(
+    paced: Fleet,
+) -> None:
+    fleet = paced
+    fleet.ready(MODEL, 3)
+    name, key = fleet.client()
+    cutter = fleet.members["c2"]
+    cutter.proxy.cut_after_events = 5  # the engine connection drops after 5 events
+    before = balance(fleet, name)
+    body = {
+        "model": MODEL, "prompt": PROMPT, "stream": True, **GREEDY, **EXTRA,
+        "logprobs": 1,  # per-token logprobs cannot be carried over to another worker
+        "return_token_ids": True,
+        "provider": {"order": [cutter.node_id]},
+    }  # fmt: skip
+    events: list[str] = []
+    with httpx.stream(
+        "POST", f"{fleet.coordinator.base_url}/completions", json=body,
+        headers={"Authorization": f"Bearer {key}"}, timeout=60,
+    ) as response:  # fmt: skip
+        assert response.status_code == 200
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["message"]
+    assert error["type"]
+    delivered = [json.loads(e) for e in events[:-2]]
+    tokens = sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in delivered if c["choices"])
+    assert 1 <= tokens < MAX_TOKENS
+    request_id = response.headers["x-agora-request-id"]
+    assert len(get(fleet, key, f"routing/{request_id}")["attempts"]) == 1
+    prompt_tokens = len(
+        next(c for c in delivered if c["choices"])["choices"][0]["prompt_token_ids"]
+    )
+    expected = charge_for(Price(*C_PRICE), prompt_tokens, tokens, 500).total
+    paid = before - balance(fleet, name)
+    deadline = time.monotonic() + 10
+    while paid == 0 and time.monotonic() < deadline:  # billed after the stream, off its path
+        time.sleep(0.05)
+        paid = before - balance(fleet, name)
+    assert paid == expected  # the prompt and the delivered tokens, no more

@@ -1,0 +1,152 @@
+"""Routing is a pure function: these tests feed it plain values."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from coordinator.services.routing import (
+    Decision,
+    Preferences,
+    RouteRequest,
+    RoutingPolicy,
+    StatsView,
+    route,
+)
+from coordinator.services.stats import WorkerStats
+
+REQUEST = RouteRequest("m", prompt_tokens=100, max_tokens=100)
+
+
+@dataclass
+class Offer:
+    node_id: str
+    price_prompt_per_mtok: int
+    price_completion_per_mtok: int
+    in_flight: int = 0
+    max_concurrency: int = 4
+    engine_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    available: bool = True
+
+
+def pool(*offers: Offer) -> list[Offer]:
+    return sorted(offers, key=lambda o: (o.price_completion_per_mtok, o.price_prompt_per_mtok))
+
+
+CHEAP, MID, DEAR = (
+    Offer("node-cheap", 100, 200),
+    Offer("node-mid", 150, 300),
+    Offer("node-dear", 300, 600),
+)
+
+
+def decide(
+    candidates: list[Offer],
+    prefs: Preferences = Preferences(),
+    stats: Mapping[str, StatsView] | None = None,
+    **kw: Any,
+) -> Decision:
+    return route(REQUEST, candidates, stats or {}, prefs, random.Random(0), now=1000.0,
+                 price_sorted=True, **kw)  # fmt: skip
+
+
+def test_sort_by_price_picks_the_cheapest() -> None:
+    decision = decide(pool(DEAR, CHEAP, MID), Preferences(sort="price"))
+    assert [s.node_id for s in decision.ranked] == ["node-cheap", "node-mid", "node-dear"]
+    assert decision.sort == "price"
+
+
+def test_max_price_excludes_and_says_why() -> None:
+    decision = decide(pool(CHEAP, MID, DEAR), Preferences(max_price_completion=300))
+    assert {s.node_id for s in decision.ranked} == {"node-cheap", "node-mid"}
+    assert decision.excluded == {"over_max_price": 1}
+    nothing = decide(pool(CHEAP, MID), Preferences(max_price_completion=100))
+    assert nothing.ranked == ()
+    assert nothing.excluded == {"over_max_price": 2}
+    by_prompt = decide(pool(CHEAP, MID), Preferences(max_price_prompt=120))
+    assert [s.node_id for s in by_prompt.ranked] == ["node-cheap"]
+
+
+def test_ignore_and_order_are_obeyed() -> None:
+    ignored = decide(
+        pool(CHEAP, MID, DEAR), Preferences(sort="price", ignore=frozenset({"node-cheap"}))
+    )
+    assert ignored.ranked[0].node_id == "node-mid"
+    assert "node-cheap" not in [s.node_id for s in ignored.ranked]
+    ordered = decide(pool(CHEAP, MID, DEAR), Preferences(order=("node-dear",)))
+    assert ordered.ranked[0].node_id == "node-dear"
+    assert len(ordered.ranked) == 3  # fallbacks follow
+    strict = decide(
+        pool(CHEAP, MID, DEAR), Preferences(order=("node-dear",), allow_fallbacks=False)
+    )
+    assert [s.node_id for s in strict.ranked] == ["node-dear"]
+
+
+def test_names_match_by_suffix_of_at_least_six_characters() -> None:
+    decision = decide(pool(CHEAP, MID), Preferences(order=("e-mid",)))
+    assert decision.ranked[0].node_id == "node-cheap"  # too short to match: plain ranking
+    decision = decide(pool(CHEAP, MID), Preferences(order=("de-mid",)))
+    assert decision.ranked[0].node_id == "node-mid"
+
+
+def test_full_unavailable_and_cooling_workers_are_not_ranked() -> None:
+    full = Offer("node-full", 1, 1, in_flight=4)
+    down = Offer("node-down", 1, 1, available=False)
+    cooling = Offer("node-cool", 1, 1)
+    stats = {"node-cool": WorkerStats(cooldown_until=2000.0)}
+    decision = decide(pool(full, down, cooling, MID), stats=stats)
+    assert [s.node_id for s in decision.ranked] == ["node-mid"]
+    assert decision.excluded == {"at_capacity": 1, "unavailable": 1, "cooling_down": 1}
+
+
+def test_default_routing_prefers_a_fast_worker_over_a_slightly_cheaper_slow_one() -> None:
+    slow, fast = WorkerStats(ttft_s=1.5), WorkerStats(ttft_s=0.1)
+    decision = decide(pool(CHEAP, MID), stats={"node-cheap": slow, "node-mid": fast})
+    assert decision.ranked[0].node_id == "node-mid"
+    chosen = decision.ranked[0]
+    assert chosen.terms["ttft"] == pytest.approx(0.1)
+    assert chosen.terms["price"] == pytest.approx(0.5)  # 50 % dearer than the cheapest
+
+
+def test_load_and_failures_push_a_worker_down() -> None:
+    busy = Offer("node-busy", 100, 200, in_flight=3, engine_waiting=4)
+    idle = Offer("node-idle", 100, 200)
+    assert decide(pool(busy, idle)).ranked[0].node_id == "node-idle"
+    flaky = WorkerStats(successes=1, failures=6)
+    steady = WorkerStats(successes=20, failures=0)
+    decision = decide(pool(Offer("node-a", 100, 200), Offer("node-b", 100, 200)),
+                      stats={"node-a": flaky, "node-b": steady})  # fmt: skip
+    assert decision.ranked[0].node_id == "node-b"
+
+
+def test_explanation_names_the_chosen_worker_and_its_terms() -> None:
+    decision = decide(pool(CHEAP, MID, DEAR), Preferences(sort="price"))
+    header = decision.explain()
+    assert header.startswith("sort=price;considered=3;sampled=3;excluded=0;ranked=")
+    assert header.index("de-cheap") < header.index("node-mid")
+    assert decision.ranked[0].node_id == "node-cheap"
+    assert decision.as_dict()["sampled"] == 3
+
+
+def test_large_pools_are_sampled_not_scanned() -> None:
+    big = pool(*(Offer(f"node-{i:05d}", 100 + i % 7, 200 + i % 11) for i in range(10_000)))
+    policy = RoutingPolicy(sample_size=8)
+    decision = decide(big, policy=policy)
+    assert decision.considered == 10_000
+    assert decision.sampled <= 8 * 4
+    assert len(decision.ranked) == policy.ranked_size
+    cheapest = decide(big, Preferences(sort="price"), policy=policy)
+    assert cheapest.sampled == 8  # the pool is sorted by price: the first eight are the cheapest
+    assert cheapest.ranked[0].terms["price"] == 0.0
+
+
+def test_sampling_is_seeded_by_the_callers_rng() -> None:
+    big = pool(*(Offer(f"node-{i:05d}", 100, 200) for i in range(1000)))
+    a = route(REQUEST, big, {}, Preferences(), random.Random(7), 0.0)
+    b = route(REQUEST, big, {}, Preferences(), random.Random(7), 0.0)
+    assert a == b

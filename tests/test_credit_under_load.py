@@ -1,0 +1,61 @@
+"""300 concurrent streamed requests on a small balance, through the real market: the balance
+never goes below zero, refused requests cost nothing (402 before any work), and what the
+client lost is exactly what its receipts say it paid."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from billing.ledger import client_account
+from tests.conftest import MODEL, Market
+
+pytestmark = pytest.mark.engine
+CREDIT = 60  # micro-units: about ten requests' worst case at a time
+
+
+async def stream_one(client: httpx.AsyncClient) -> tuple[int, str | None]:
+    body = {
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    async with client.stream("POST", "/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            error = json.loads(await response.aread())["error"]
+            assert response.status_code == 402, error
+            assert error["code"] == "insufficient_quota"
+            return 402, None
+        lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert '"error"' not in lines[-2], lines[-2]
+        return 200, response.headers["x-agora-request-id"]
+
+
+def test_concurrent_streams_never_overdraw_and_bill_exactly(market: Market) -> None:
+    name, key = market.new_client(credit=CREDIT)
+
+    async def run() -> list[tuple[int, str | None]]:
+        async with httpx.AsyncClient(
+            base_url=market.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
+            limits=httpx.Limits(max_connections=300),
+        ) as client:  # fmt: skip
+            return await asyncio.gather(*(stream_one(client) for _ in range(300)))
+
+    outcomes = asyncio.run(run())
+    served = [rid for status, rid in outcomes if status == 200]
+    refused = sum(1 for status, _ in outcomes if status == 402)
+    assert served, "some requests must fit in the credit"
+    assert refused, "300 at once cannot all fit in the credit"
+    assert len(served) + refused == 300
+    balance = market.coordinator.balances()[client_account(name)]
+    assert balance >= 0
+    paid = 0
+    with httpx.Client(base_url=market.base_url, headers={"Authorization": f"Bearer {key}"}) as c:
+        for rid in served:
+            receipt = c.get(f"/receipts/{rid}")
+            assert receipt.status_code == 200, receipt.text
+            paid += receipt.json()["amount_total"]
+    assert CREDIT - balance == paid  # every micro-unit accounted for, nothing for the 402s
