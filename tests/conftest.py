@@ -26,6 +26,7 @@ from agora.stack import (
     start_worker,
     wait_for_workers,
 )
+from tests.databases import postgres_database, postgres_server
 from worker_node.engines.vllm import VllmConfig, VllmEngine
 from worker_node.tiny_model import ensure_tiny_model
 
@@ -126,3 +127,20 @@ def bare_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coord
         yield coordinator
     finally:
         coordinator.process.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[str]:
+    """A PostgreSQL server that answers (the machine's, or a private one started here)."""
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same store test on a SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'coordinator.db'}"
+        return
+    with postgres_database(request.getfixturevalue("postgres_admin")) as url:
+        yield url

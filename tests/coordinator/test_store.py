@@ -1,8 +1,8 @@
-"""The ledger store on a real SQLite file, migrated by Alembic."""
+"""The ledger store on a real SQLite file and a real PostgreSQL database, migrated by Alembic."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -19,10 +19,11 @@ from coordinator.store.models import LedgerPosting, LedgerTransaction
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
     migrate(engine)
-    return engine
+    yield engine
+    engine.dispose()
 
 
 def test_migrations_produce_exactly_the_models(engine: Engine) -> None:
