@@ -8,6 +8,7 @@ from agora import demo, keys, receipts
 from agora.bench.cli import app as bench_app
 from coordinator.cli import app as coordinator_app
 from coordinator.ledger_cli import app as ledger_app
+from coordinator.payouts_cli import app as payouts_app
 from worker_node.cli import app as worker_app
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(receipts.app, name="receipt")
 app.add_typer(bench_app, name="bench")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(payouts_app, name="payouts")
 app.command("demo")(demo.demo)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from billing.errors import DuplicateTransaction, InsufficientFunds, UnbalancedTransaction
 from billing.pricing import Charge
@@ -18,6 +19,7 @@ from billing.pricing import Charge
 class AccountKind(StrEnum):
     CLIENT = "client"  # prepaid credit; never below zero
     PROVIDER = "provider"  # earnings of a worker node; never below zero
+    BOND = "bond"  # what a worker node put at stake (slashed for proven fraud); never below zero
     NETWORK = "network"  # the network's own books (fees, failover costs); may go negative
     EXTERNAL = "external"  # money entering/leaving the system (deposits); may go negative
 
@@ -25,6 +27,7 @@ class AccountKind(StrEnum):
 NETWORK_FEES = "network:fees"
 NETWORK_FAILOVER = "network:failover"  # what re-running work after a worker failure cost
 EXTERNAL_DEPOSITS = "external:deposits"
+EXTERNAL_PAYOUTS = "external:payouts"  # earnings paid out to providers (closed epochs)
 MAY_GO_NEGATIVE = frozenset({AccountKind.NETWORK, AccountKind.EXTERNAL})
 
 
@@ -34,6 +37,10 @@ def client_account(name: str) -> str:
 
 def provider_account(node_id: str) -> str:
     return f"{AccountKind.PROVIDER}:{node_id}"
+
+
+def bond_account(node_id: str) -> str:
+    return f"{AccountKind.BOND}:{node_id}"
 
 
 def account_kind(account: str) -> AccountKind:
@@ -98,6 +105,44 @@ def deposit(txid: str, client: str, amount: int) -> Transaction:
         "deposit",
         (Posting(EXTERNAL_DEPOSITS, -amount), Posting(client_account(client), amount)),
     )
+
+
+def bond(txid: str, node_id: str, amount: int) -> Transaction:
+    """A provider's stake, deposited through the operator."""
+    if amount <= 0:
+        raise ValueError("a bond must be positive")
+    return Transaction(
+        txid,
+        "bond",
+        (Posting(EXTERNAL_DEPOSITS, -amount), Posting(bond_account(node_id), amount)),
+    )
+
+
+def payout(epoch: int, node_id: str, amount: int) -> Transaction:
+    """A closed epoch pays a provider's earnings out ("paid")."""
+    if amount <= 0:
+        raise ValueError("a payout must be positive")
+    return Transaction(
+        payout_txid(epoch, node_id),
+        "payout",
+        (Posting(provider_account(node_id), -amount), Posting(EXTERNAL_PAYOUTS, amount)),
+        memo=f"epoch {epoch}",
+    )
+
+
+def payout_txid(epoch: int, node_id: str) -> str:
+    return f"payout:{epoch}:{node_id}"
+
+
+def transaction_to_json(tx: Transaction) -> dict[str, Any]:
+    postings = [[p.account, p.amount] for p in tx.postings]
+    return {"txid": tx.txid, "kind": tx.kind, "memo": tx.memo, "postings": postings}
+
+
+def transaction_from_json(value: Mapping[str, Any]) -> Transaction:
+    """Re-validated on the way in (a stored transaction must still balance)."""
+    postings = tuple(Posting(str(a), int(n)) for a, n in value["postings"])
+    return Transaction(str(value["txid"]), str(value["kind"]), postings, str(value["memo"]))
 
 
 def apply(

@@ -27,9 +27,12 @@ from coordinator.observability import Metrics
 from coordinator.services.accounts import Accounts
 from coordinator.services.admission import Limits
 from coordinator.services.gateway import Gateway
+from coordinator.services.metering import Tokenizers
+from coordinator.services.payouts import Payouts
 from coordinator.services.registry import Registry
 from coordinator.services.settlement import Settlement
 from coordinator.services.stats import BreakerPolicy, StatsBook
+from coordinator.store import outbox_store
 from coordinator.store.db import make_engine, migrate
 from coordinator.store.writer import LedgerWriter
 from protocol.identity import Identity
@@ -58,10 +61,18 @@ class Coordinator:
         self.admin_token = settings.admin_token or load_or_create_token(self.admin_token_file)
         self.db = make_engine(settings.resolved_database_url)
         migrate(self.db)
+        reconciled = outbox_store.reconcile(self.db)  # settlements a crash left half-done
+        if reconciled:
+            log.warning("reconciled %d settlement(s) left unposted by the last run", reconciled)
         self.writer = LedgerWriter(self.db)
         self.registry = Registry(settings.fee_bps)
         self.accounts = Accounts(self.db, Limits(settings.default_rpm, settings.default_tpm))
-        self.settlement = Settlement(self.db, self.writer, self.identity, settings.fee_bps)
+        self.payouts = Payouts(self.db, self.identity)
+        self.tokenizers = Tokenizers(settings.tokenizers)
+        self.settlement = Settlement(
+            self.db, self.writer, self.identity, settings.fee_bps, self.tokenizers,
+            exit_before_posting=settings.fault_exit_before_posting,
+        )  # fmt: skip
         self.metrics = Metrics()
         breaker = BreakerPolicy(cooldown_s=settings.breaker_cooldown_s)
         self.gateway = Gateway(
@@ -128,6 +139,7 @@ class Coordinator:
         app.state.gateway = self.gateway
         app.state.accounts = self.accounts
         app.state.settlement = self.settlement
+        app.state.payouts = self.payouts
         app.state.admin_token = self.admin_token
         app.state.max_body_bytes = self.settings.max_body_bytes
         errors.install(app)

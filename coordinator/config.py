@@ -38,6 +38,11 @@ class CoordinatorSettings(BaseSettings):
     tls_cert: Path | None = None  # PEM cert for the worker gRPC endpoint
     tls_key: Path | None = None
     ready_file: Path | None = None  # written with the bound ports once serving
+    # model name -> local tokenizer directory the operator pins for recounting tokens
+    tokenizers: dict[str, Path] = Field(default_factory=dict)
+    # FAULT INJECTION for the crash-safety test only: exit right after a settlement's receipts
+    # are committed and before its ledger posting (never set this in production)
+    fault_exit_before_posting: bool = False
 
     @property
     def resolved_database_url(self) -> str:

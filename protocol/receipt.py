@@ -8,6 +8,7 @@ integers (micro-units of the account currency per 1M tokens), never floats.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -19,6 +20,7 @@ from protocol.identity import Identity, public_key_from_node_id, verify_signatur
 RECEIPT_VERSION = 1
 _WORKER_DOMAIN = b"agora-receipt-v1\0"
 _COORDINATOR_DOMAIN = b"agora-countersign-v1\0"
+_BILLED_DOMAIN = b"agora-countersign-v2\0"  # the countersignature also covers what was billed
 
 
 @dataclass(frozen=True)
@@ -62,30 +64,39 @@ class Receipt:
 @dataclass(frozen=True)
 class SignedReceipt:
     """Receipt bytes exactly as signed, the worker's signature, and optionally the
-    coordinator's countersignature over both."""
+    coordinator's countersignature over both (and over the token counts the client was
+    billed, min(claim, the coordinator's recount), when it gives them)."""
 
     body: bytes
     worker_signature: bytes
     coordinator_id: str = ""
     coordinator_signature: bytes = b""
+    billed: tuple[int, int] | None = None  # (prompt_tokens, completion_tokens)
 
     @property
     def receipt(self) -> Receipt:
         return Receipt.from_bytes(self.body)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "receipt": parse_canonical(self.body),
             "body_b64": base64.b64encode(self.body).decode(),
             "worker_signature": base64.b64encode(self.worker_signature).decode(),
             "coordinator_id": self.coordinator_id,
             "coordinator_signature": base64.b64encode(self.coordinator_signature).decode(),
         }
+        if self.billed is not None:
+            out["billed"] = {"prompt_tokens": self.billed[0], "completion_tokens": self.billed[1]}
+        return out
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> SignedReceipt:
         try:
+            billed = value.get("billed")
             return cls(
+                billed=(int(billed["prompt_tokens"]), int(billed["completion_tokens"]))
+                if billed is not None
+                else None,
                 body=base64.b64decode(value["body_b64"], validate=True),
                 worker_signature=base64.b64decode(value["worker_signature"], validate=True),
                 coordinator_id=str(value.get("coordinator_id", "")),
@@ -113,18 +124,21 @@ def verify_worker_signature(signed: SignedReceipt) -> Receipt:
 
 
 def _countersign_message(signed: SignedReceipt) -> bytes:
-    return _COORDINATOR_DOMAIN + hashlib.sha256(signed.body).digest() + signed.worker_signature
+    head = hashlib.sha256(signed.body).digest() + signed.worker_signature
+    if signed.billed is None:
+        return _COORDINATOR_DOMAIN + head
+    prompt, completion = signed.billed
+    billed = canonical_json({"prompt_tokens": prompt, "completion_tokens": completion})
+    return _BILLED_DOMAIN + head + billed
 
 
-def countersign(identity: Identity, signed: SignedReceipt) -> SignedReceipt:
+def countersign(
+    identity: Identity, signed: SignedReceipt, billed: tuple[int, int] | None = None
+) -> SignedReceipt:
     """The coordinator's signature over a receipt it has already verified (the caller checks
     the worker's signature first: verifying costs more than signing, so it is done once)."""
-    return SignedReceipt(
-        body=signed.body,
-        worker_signature=signed.worker_signature,
-        coordinator_id=identity.node_id,
-        coordinator_signature=identity.sign(_countersign_message(signed)),
-    )
+    out = SignedReceipt(signed.body, signed.worker_signature, identity.node_id, b"", billed)
+    return dataclasses.replace(out, coordinator_signature=identity.sign(_countersign_message(out)))
 
 
 def verify_receipt(signed: SignedReceipt, *, require_countersignature: bool = True) -> Receipt:

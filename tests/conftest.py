@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -102,9 +103,12 @@ class Market:
 
 
 @pytest.fixture(scope="session")
-def market(vllm_engine: VllmEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
+def market(
+    vllm_engine: VllmEngine, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Market]:
     workdir = tmp_path_factory.mktemp("market")
-    coordinator = start_coordinator(workdir)
+    pinned = json.dumps({MODEL: str(tiny_model)})  # the network recounts tokens
+    coordinator = start_coordinator(workdir, env={"AGORA_COORDINATOR_TOKENIZERS": pinned})
     worker = start_worker(
         workdir,
         coordinator,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -24,6 +25,22 @@ class Cut(Exception):
     """Raised inside the response to drop the connection mid-stream."""
 
 
+def _inflated(payload: bytes, extra: int) -> bytes:
+    """An engine over-reporting usage: `extra` more prompt and completion tokens."""
+    prefix = b"data: " if payload.startswith(b"data: ") else b""
+    try:
+        value = json.loads(payload[len(prefix) :])
+    except ValueError:
+        return payload  # [DONE]
+    usage = value.get("usage") if isinstance(value, dict) else None
+    if not usage:
+        return payload
+    usage["prompt_tokens"] += extra
+    usage["completion_tokens"] += extra
+    usage["total_tokens"] += 2 * extra
+    return prefix + json.dumps(value).encode()
+
+
 class FaultProxy:
     def __init__(self, upstream_base_url: str) -> None:
         self.upstream = upstream_base_url.rstrip("/").removesuffix("/v1")
@@ -32,6 +49,7 @@ class FaultProxy:
         self.fail_status: int | None = None  # answer every request with this HTTP status
         self.stall_after_events: int | None = None  # stop sending (connection open) after N
         self.cut_after_events: int | None = None  # drop the connection after N events
+        self.inflate_usage = 0  # add this to the engine's reported prompt and completion tokens
         self.requests = 0  # POSTs (jobs) received
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -43,6 +61,7 @@ class FaultProxy:
         self.fail_status = None
         self.stall_after_events = None
         self.cut_after_events = None
+        self.inflate_usage = 0
 
     @property
     def base_url(self) -> str:
@@ -64,7 +83,7 @@ class FaultProxy:
             stream=True,
         )  # fmt: skip
         delay, stall, cut = self.first_byte_delay_s, self.stall_after_events, self.cut_after_events
-        pace = self.event_delay_s
+        pace, inflate = self.event_delay_s, self.inflate_usage
 
         async def relay() -> AsyncIterator[bytes]:
             try:
@@ -75,7 +94,7 @@ class FaultProxy:
                     pending += data
                     *complete, pending = pending.split(b"\n\n")
                     for event in complete:  # one SSE event at a time, so faults hit exactly
-                        yield event + b"\n\n"
+                        yield (_inflated(event, inflate) if inflate else event) + b"\n\n"
                         events += 1
                         if pace:
                             await asyncio.sleep(pace)
@@ -87,7 +106,7 @@ class FaultProxy:
                         if cut is not None and events >= cut:
                             raise Cut
                 if pending:  # a plain JSON answer
-                    yield pending
+                    yield _inflated(pending, inflate) if inflate else pending
             finally:
                 await upstream.aclose()
                 await client.aclose()

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from coordinator.api.deps import AccountsDep, AdminDep, GatewayDep
+from coordinator.api.deps import AccountsDep, AdminDep, GatewayDep, PayoutsDep
 
 router = APIRouter(prefix="/admin/v1")
 
@@ -131,3 +131,46 @@ async def workers(_admin: AdminDep, gateway: GatewayDep) -> dict[str, Any]:
             for w in gateway.registry.all()
         ]
     }
+
+
+@router.post("/nodes/{node_id}/bond")
+async def add_bond(
+    node_id: str, body: Credit, _admin: AdminDep, accounts: AccountsDep
+) -> dict[str, Any]:
+    """A provider's stake (slashed for proven fraud)."""
+    posted = await asyncio.to_thread(
+        accounts.add_bond, node_id, body.amount, f"bond:{body.idempotency_key}"
+    )
+    return {"node_id": node_id, "posted": posted}
+
+
+@router.post("/payouts/close")
+async def close_payout_epoch(_admin: AdminDep, payouts: PayoutsDep) -> dict[str, Any]:
+    """Close the open epoch: every provider's earnings move to paid, one signed statement each."""
+    signed = await asyncio.to_thread(payouts.close, "admin-api")
+    return {"statements": [s.to_json() for s in signed]}
+
+
+@router.get("/payouts")
+async def payout_epochs(_admin: AdminDep, payouts: PayoutsDep) -> dict[str, Any]:
+    return {"epochs": await asyncio.to_thread(payouts.epochs)}
+
+
+@router.get("/payouts/{epoch}/statements")
+async def payout_statements(epoch: int, _admin: AdminDep, payouts: PayoutsDep) -> dict[str, Any]:
+    signed = await asyncio.to_thread(payouts.statements, epoch)
+    return {"epoch": epoch, "statements": [s.to_json() for s in signed]}
+
+
+@router.get("/audit")
+async def audit_log(_admin: AdminDep, payouts: PayoutsDep, limit: int = 100) -> dict[str, Any]:
+    """The admin actions, newest first (hash-chained; `agora ledger check` verifies it)."""
+    return {"events": await asyncio.to_thread(payouts.audit_events, min(limit, 1000))}
+
+
+@router.get("/metering/mismatches")
+async def metering_mismatches(
+    _admin: AdminDep, payouts: PayoutsDep, limit: int = 100
+) -> dict[str, Any]:
+    """Workers that claimed more tokens than the coordinator's recount."""
+    return {"mismatches": await asyncio.to_thread(payouts.mismatches, min(limit, 1000))}

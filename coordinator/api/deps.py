@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Request
 from coordinator.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
 from coordinator.services.accounts import Accounts, Principal
 from coordinator.services.gateway import Gateway
+from coordinator.services.payouts import Payouts
 from coordinator.services.settlement import Settlement
 
 
@@ -28,6 +29,12 @@ async def get_settlement(request: Request) -> Settlement:
     return settlement
 
 
+async def get_payouts(request: Request) -> Payouts:
+    payouts: Payouts = request.app.state.payouts
+    return payouts
+
+
+PayoutsDep = Annotated[Payouts, Depends(get_payouts)]
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 SettlementDep = Annotated[Settlement, Depends(get_settlement)]
 AccountsDep = Annotated[Accounts, Depends(get_accounts)]

@@ -7,14 +7,23 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from billing.ledger import NETWORK_FEES, client_account, deposit
+from billing.errors import DuplicateTransaction
+from billing.ledger import (
+    NETWORK_FEES,
+    Transaction,
+    bond,
+    bond_account,
+    client_account,
+    deposit,
+)
 from coordinator.errors import AuthenticationFailed, InvalidRequest, NotFound
 from coordinator.services.admission import Limits
-from coordinator.store import keys_store, ledger_store
+from coordinator.store import audit_store, keys_store, ledger_store
 from coordinator.store.models import ApiKey
 
 _CLIENT_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
@@ -50,8 +59,11 @@ class KeyInfo:
 
 
 class Accounts:
-    def __init__(self, engine: Engine, default_limits: Limits | None = None) -> None:
+    def __init__(
+        self, engine: Engine, default_limits: Limits | None = None, actor: str = "admin-api"
+    ) -> None:
         self._engine = engine
+        self._actor = actor  # who the audit log names for actions taken through this object
         self._defaults = default_limits or Limits()
         self._key_cache: dict[str, tuple[Principal, float]] = {}  # secret hash -> (who, expiry)
 
@@ -95,7 +107,9 @@ class Accounts:
                 "client names use letters, digits and _ . @ - (max 100)", param="name"
             )
         with Session(self._engine) as session:
-            secret, _row = keys_store.create_key(session, name, rpm, tpm)
+            secret, row = keys_store.create_key(session, name, rpm, tpm)
+        self._audit("key.create", client_account(name), key_id=row.id, prefix=row.prefix,
+                    rpm=rpm, tpm=tpm)  # fmt: skip
         if credit:
             self.add_credit(name, credit, txid=f"deposit:init:{keys_store.hash_key(secret)[:16]}")
         return secret
@@ -109,6 +123,7 @@ class Accounts:
             row = keys_store.revoke(session, key_id)
         if row is None:
             raise NotFound(f"No API key with id {key_id}.", param="key_id")
+        self._audit("key.revoke", client_account(row.client), key_id=key_id)
         self._key_cache = {d: v for d, v in self._key_cache.items() if v[0].key_id != key_id}
         return KeyInfo.of(row)
 
@@ -116,8 +131,29 @@ class Accounts:
         """Post a deposit; False if this txid was already posted (safe to retry)."""
         if amount <= 0:
             raise InvalidRequest("credit must be a positive number of micro-units", param="amount")
-        with Session(self._engine) as session:
-            return ledger_store.post(session, deposit(txid, name, amount))
+        return self._post_audited(deposit(txid, name, amount), "credit.add", client_account(name))
+
+    def add_bond(self, node_id: str, amount: int, txid: str) -> bool:
+        """A provider's stake, deposited by the operator; False if already posted."""
+        if amount <= 0:
+            raise InvalidRequest("a bond must be a positive number of micro-units", param="amount")
+        return self._post_audited(bond(txid, node_id, amount), "bond.add", bond_account(node_id))
+
+    def _post_audited(self, tx: Transaction, action: str, subject: str) -> bool:
+        """Post `tx` and its audit event in one database transaction."""
+        amount = max(p.amount for p in tx.postings)
+        with self._engine.connect() as conn, conn.begin() as outer:
+            try:
+                ledger_store.post_in(conn, tx)
+            except DuplicateTransaction:
+                outer.rollback()
+                return False
+            audit_store.append(conn, self._actor, action, subject, amount=amount, txid=tx.txid)
+        return True
+
+    def _audit(self, action: str, subject: str, **detail: Any) -> None:
+        with self._engine.begin() as conn:
+            audit_store.append(conn, self._actor, action, subject, **detail)
 
     def balance(self, name: str) -> int:
         with Session(self._engine) as session:

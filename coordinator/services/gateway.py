@@ -287,6 +287,9 @@ class Gateway:
             nonce_hex=os.urandom(16).hex(),
             prompt_sha256=prompt_digest(prompt),
             price=Price(slot.offer.price_prompt_per_mtok, slot.offer.price_completion_per_mtok),
+            endpoint=endpoint,
+            prompt=prompt,
+            tools=body.get("tools"),
         )
         job = pb.Job(
             request_id=job_id,

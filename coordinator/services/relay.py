@@ -125,7 +125,15 @@ class Completion:
         return json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode()
 
     def usage(self) -> dict[str, int]:
-        """The client's usage: the original prompt once, every delivered completion token."""
+        """The client's usage: the original prompt once, every delivered completion token
+        (once settled: the tokens billed, min(worker's claim, the coordinator's recount))."""
+        if self.settled is not None:
+            billed = self.settled.usage
+            return {
+                "prompt_tokens": billed.prompt_tokens,
+                "completion_tokens": billed.completion_tokens,
+                "total_tokens": billed.prompt_tokens + billed.completion_tokens,
+            }
         first = self.attempts[0].observed
         prompt = first.prompt_tokens
         if prompt is None:
@@ -239,6 +247,8 @@ class Completion:
                     attempt.end()
                     self._dispatcher.attempt_finished(attempt, ok=True)
                     await self._settle()
+                    if self.settled is not None and isinstance(result.get("usage"), dict):
+                        result["usage"].update(self.usage())  # what was billed
                     status = "ok"
                     return result
                 elif kind == "error":

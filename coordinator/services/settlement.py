@@ -10,19 +10,23 @@ work its verified receipt covers. Receipts and the posting are written in one tr
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select
 from sqlmodel import Session
 
-from billing.ledger import client_account, request_settlement
+from billing.ledger import Transaction, client_account, request_settlement
 from billing.pricing import Charge, Price, Segment, segments_charge
-from coordinator.store import ledger_store, receipts_store
+from coordinator.services.metering import Count, Tokenizers, billed, recount
+from coordinator.store import outbox_store, receipts_store
 from coordinator.store.ledger_store import POSTINGS
-from coordinator.store.models import StoredReceipt, utcnow
+from coordinator.store.models import MeteringMismatch, StoredReceipt, utcnow
 from coordinator.store.writer import LedgerWriter
-from protocol.completions import Output
+from protocol.completions import COMPLETIONS, Output
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.receipt import (
@@ -35,6 +39,7 @@ from protocol.receipt import (
 
 log = logging.getLogger("agora.coordinator.settlement")
 RECEIPTS = StoredReceipt.__table__  # type: ignore[attr-defined]
+MISMATCHES = MeteringMismatch.__table__  # type: ignore[attr-defined]
 
 
 class ReceiptRejected(Exception):
@@ -53,6 +58,9 @@ class JobFacts:
     nonce_hex: str
     prompt_sha256: str
     price: Price  # the worker's advertised price (before the network fee)
+    endpoint: str = COMPLETIONS  # what the worker ran (for the recount)
+    prompt: Any = None  # what it was given: messages, a prompt, or token ids
+    tools: Any = None
 
 
 @dataclass
@@ -76,9 +84,22 @@ class SegmentRecord:
 
 
 @dataclass(frozen=True)
+class _Plan:
+    """Everything a settlement writes, worked out before any of it is written."""
+
+    tx: Transaction
+    charge: Charge
+    receipts: list[dict[str, Any]]
+    mismatches: list[dict[str, Any]]
+    countersigned: list[SignedReceipt]
+    usage: Count
+
+
+@dataclass(frozen=True)
 class Settled:
     charge: Charge  # what the client paid
     receipts: list[SignedReceipt]  # countersigned, in segment order (verified ones only)
+    usage: Count  # the tokens billed: the first segment's prompt, every segment's completion
 
 
 @dataclass(frozen=True)
@@ -116,45 +137,90 @@ def check_receipt(facts: JobFacts, signed: SignedReceipt, observed: Output) -> R
 
 class Settlement:
     def __init__(
-        self, engine: Engine, writer: LedgerWriter, identity: Identity, fee_bps: int
+        self,
+        engine: Engine,
+        writer: LedgerWriter,
+        identity: Identity,
+        fee_bps: int,
+        tokenizers: Tokenizers | None = None,
+        exit_before_posting: bool = False,
     ) -> None:
         self._engine = engine
         self._writer = writer
         self._identity = identity
         self._fee_bps = fee_bps
+        self._tokenizers = tokenizers
+        self._exit_before_posting = exit_before_posting  # fault injection (crash-safety test)
 
     @property
     def fee_bps(self) -> int:
         return self._fee_bps
 
     async def settle(self, request_id: str, client: str, records: list[SegmentRecord]) -> Settled:
-        """Check every receipt, then post the charge and store the receipts together."""
+        """Check and recount every segment; commit the receipts with the staged posting, then
+        post it (see store.outbox_store: a crash in between is reconciled at start-up)."""
+        model = records[0].facts.model
+        if self._tokenizers is not None and self._tokenizers.covers(model):
+            plan = await asyncio.to_thread(self._plan, request_id, client, records)  # CPU work
+        else:
+            plan = self._plan(request_id, client, records)
+
+        def stage(conn: Connection) -> None:
+            now = utcnow()
+            if plan.receipts:
+                conn.execute(insert(RECEIPTS), [{**r, "created_at": now} for r in plan.receipts])
+            if plan.mismatches:
+                conn.execute(
+                    insert(MISMATCHES), [{**m, "created_at": now} for m in plan.mismatches]
+                )
+            outbox_store.stage(conn, plan.tx)
+
+        await self._writer.submit(stage)
+        if self._exit_before_posting:
+            log.critical("fault injection: exiting between receipts and posting")
+            os._exit(70)
+        await self._writer.submit(lambda conn: outbox_store.post_staged(conn, plan.tx))
+        return Settled(plan.charge, plan.countersigned, plan.usage)
+
+    def _plan(self, request_id: str, client: str, records: list[SegmentRecord]) -> _Plan:
+        tokenizer = self._tokenizers.for_model(records[0].facts.model) if self._tokenizers else None
         segments: list[Segment] = []
-        verified: list[tuple[int, Receipt, SignedReceipt]] = []
+        verified: list[tuple[int, Receipt, SignedReceipt, Count]] = []
+        mismatches: list[dict[str, Any]] = []
         for index, record in enumerate(records):
+            facts = record.facts
             receipt = None
             if record.receipt is not None:
                 try:
-                    receipt = check_receipt(record.facts, record.receipt, record.observed)
+                    receipt = check_receipt(facts, record.receipt, record.observed)
                 except ReceiptRejected as exc:
                     log.warning(
-                        "receipt %s from %s rejected: %s",
-                        record.facts.request_id,
-                        record.facts.worker_id,
-                        exc,
+                        "receipt %s from %s rejected: %s", facts.request_id, facts.worker_id, exc
                     )
-            if receipt is not None and record.receipt is not None:
-                signed = countersign(self._identity, record.receipt)
-                verified.append((index, receipt, signed))
-                prompt, completion = receipt.prompt_tokens, receipt.completion_tokens
+            if receipt is not None:
+                claim = Count(receipt.prompt_tokens, receipt.completion_tokens)
             else:  # bill what the coordinator itself relayed; the worker is not paid
-                prompt, completion = record.prompt_tokens(), record.delivered_tokens()
+                claim = Count(record.prompt_tokens(), record.delivered_tokens())
+            counted = recount(tokenizer, facts.endpoint, facts.prompt, facts.tools, record.observed)
+            bill, over = billed(claim, counted)
+            if over and counted is not None:
+                log.warning("%s claimed %s, recount %s", facts.worker_id, claim, counted)
+                mismatches.append({
+                    "request_id": facts.request_id, "worker_id": facts.worker_id,
+                    "model": facts.model, "claimed_prompt_tokens": claim.prompt_tokens,
+                    "claimed_completion_tokens": claim.completion_tokens,
+                    "recounted_prompt_tokens": counted.prompt_tokens,
+                    "recounted_completion_tokens": counted.completion_tokens,
+                })  # fmt: skip
+            if receipt is not None and record.receipt is not None:
+                billed_pair = (bill.prompt_tokens, bill.completion_tokens)
+                signed = countersign(self._identity, record.receipt, billed_pair)
+                verified.append((index, receipt, signed, bill))
             segments.append(
-                Segment(record.facts.worker_id, record.facts.price, prompt, completion,
+                Segment(facts.worker_id, facts.price, bill.prompt_tokens, bill.completion_tokens,
                         verified=receipt is not None)
             )  # fmt: skip
         charge, earned = segments_charge(segments, self._fee_bps)
-        tx = request_settlement(request_id, client, charge, earned)
         rows = [
             {
                 "request_id": receipt.request_id,
@@ -169,20 +235,16 @@ class Settlement:
                 "coordinator_signature": signed.coordinator_signature,
                 "prompt_tokens": receipt.prompt_tokens,
                 "completion_tokens": receipt.completion_tokens,
+                "billed_prompt_tokens": bill.prompt_tokens,
+                "billed_completion_tokens": bill.completion_tokens,
                 "amount_total": earned.get(receipt.worker_id, 0),
-                "created_at": None,
             }
-            for index, receipt, signed in verified
+            for index, receipt, signed, bill in verified
         ]
-
-        def write(conn: Connection) -> None:
-            ledger_store.post_in(conn, tx)
-            if rows:
-                now = utcnow()
-                conn.execute(insert(RECEIPTS), [{**row, "created_at": now} for row in rows])
-
-        await self._writer.submit(write)
-        return Settled(charge, [signed for _i, _r, signed in verified])
+        tx = request_settlement(request_id, client, charge, earned)
+        usage = Count(segments[0].prompt_tokens, sum(s.completion_tokens for s in segments))
+        signed_ones = [signed for _i, _r, signed, _b in verified]
+        return _Plan(tx, charge, rows, mismatches, signed_ones, usage)
 
     def load(self, request_id: str) -> ReceiptRecord | None:
         """The receipts of a client request (its id, or the id of one of its segments)."""
@@ -194,9 +256,12 @@ class Settlement:
                 return None
             paid = self._client_charge(session.connection(), parent, rows[0].client)
             signed = [
-                SignedReceipt(r.body, r.worker_signature, r.coordinator_id, r.coordinator_signature)
+                SignedReceipt(
+                    r.body, r.worker_signature, r.coordinator_id, r.coordinator_signature,
+                    (r.billed_prompt_tokens, r.billed_completion_tokens),
+                )
                 for r in rows
-            ]
+            ]  # fmt: skip
             return ReceiptRecord(rows[0].client, signed[0], paid, signed[1:])
 
     @staticmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Column, LargeBinary
+from sqlalchemy import BigInteger, Column, LargeBinary, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -59,3 +59,62 @@ class StoredReceipt(SQLModel, table=True):
     completion_tokens: int
     amount_total: int = Field(sa_column=Column(BigInteger, nullable=False))  # provider's earning
     created_at: datetime = Field(default_factory=utcnow, index=True)
+    # what was billed: min(worker's claim, the coordinator's recount), countersigned
+    billed_prompt_tokens: int = 0
+    billed_completion_tokens: int = 0
+    epoch_id: int | None = Field(default=None, index=True)  # the payout epoch that paid it
+
+
+class PendingPosting(SQLModel, table=True):
+    """Outbox: a settlement's ledger transaction, committed with its receipts before it is
+    posted, so a coordinator that dies in between posts it at start-up (exactly once)."""
+
+    txid: str = Field(primary_key=True, max_length=200)
+    body: str = Field(sa_column=Column(Text, nullable=False))  # the transaction as JSON
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class MeteringMismatch(SQLModel, table=True):
+    """A worker claimed more tokens than the coordinator's recount (input to reputation)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(index=True, max_length=80)
+    worker_id: str = Field(index=True, max_length=100)
+    model: str = Field(max_length=200)
+    claimed_prompt_tokens: int
+    claimed_completion_tokens: int
+    recounted_prompt_tokens: int
+    recounted_completion_tokens: int
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class PayoutEpoch(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    opened_at: datetime = Field(default_factory=utcnow)
+    closed_at: datetime | None = None
+
+
+class PayoutStatement(SQLModel, table=True):
+    """One provider's signed statement for one closed epoch, as signed."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    epoch_id: int = Field(foreign_key="payoutepoch.id", index=True)
+    node_id: str = Field(index=True, max_length=100)
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # canonical JSON
+    coordinator_id: str = Field(max_length=100)
+    signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class AuditEvent(SQLModel, table=True):
+    """Append-only log of admin actions; each row's hash covers the previous row's hash, so
+    an edited or deleted row breaks the chain (`agora ledger check` walks it)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow)
+    actor: str = Field(max_length=200)
+    action: str = Field(index=True, max_length=60)
+    subject: str = Field(default="", max_length=200)
+    detail: str = Field(default="{}", sa_column=Column(Text, nullable=False))  # JSON
+    prev_sha256: str = Field(max_length=64)
+    sha256: str = Field(unique=True, max_length=64)

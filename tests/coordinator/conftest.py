@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,14 +15,18 @@ PRICES = {"cheap": (100_000, 200_000), "mid": (150_000, 300_000), "dear": (300_0
 
 
 @pytest.fixture(scope="session")
-def fleet(vllm_engine: VllmEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(
+    vllm_engine: VllmEngine, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
     """One coordinator; on the real engine, each through its own fault proxy:
     - "tiny": cheap, mid, dear (different prices) for routing
     - "tiny-c": c1, c2, c3 (same price) for failover and continuation: one can be killed and
       restarted while two others serve
     - "tiny-solo": solo (one slot) for capacity
     """
-    fleet = Fleet.start(tmp_path_factory.mktemp("fleet"), vllm_engine.base_url)
+    pinned = {model: str(tiny_model) for model in ("tiny", "tiny-c", "tiny-solo")}
+    env = {"AGORA_COORDINATOR_TOKENIZERS": json.dumps(pinned)}  # the network recounts tokens
+    fleet = Fleet.start(tmp_path_factory.mktemp("fleet"), vllm_engine.base_url, env)
     try:
         for name, (price_in, price_out) in PRICES.items():
             fleet.add(name, "tiny", price_in, price_out)

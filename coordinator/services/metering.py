@@ -1,0 +1,137 @@
+"""Metering by the network: the coordinator recounts each job's tokens with the model's own
+tokenizer and bills min(worker's claim, recount).
+
+Tokenizers are pinned by the operator (a local directory per model, fingerprinted by the SHA-256
+of its files and shown in /v1/models), never taken from the worker being metered. The recount of
+completion tokens is exact for an honest worker: the token ids it streamed must decode to the
+text the client got, and then their number is the count; ids that do not match the text are
+replaced by a re-encoding of the text. Prompts are re-rendered with the chat template and
+encoded; a continuation's prompt is token ids the coordinator built itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from protocol.completions import CHAT, Output
+
+log = logging.getLogger("agora.coordinator.metering")
+_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+          "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer the recount uses."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Count:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def noise_allowance(count: int) -> int:
+    """How far a claim may exceed the recount before it is recorded against the worker:
+    re-encoding text (tool calls, ids that did not match) may merge a few tokens."""
+    return 2 + count // 50
+
+
+def fingerprint(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for name in _FILES:
+        path = directory / name
+        if path.exists():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+class Tokenizers:
+    """The operator's pinned tokenizers, loaded on first use (transformers is a heavy import)."""
+
+    def __init__(self, paths: Mapping[str, Path]) -> None:
+        self._paths = dict(paths)
+        self._loaded: dict[str, Tokenizer] = {}
+        self._lock = threading.Lock()
+        self.fingerprints = {model: fingerprint(path) for model, path in self._paths.items()}
+
+    def covers(self, model: str) -> bool:
+        return model in self._paths
+
+    def for_model(self, model: str) -> Tokenizer | None:
+        path = self._paths.get(model)
+        if path is None:
+            return None
+        with self._lock:
+            if model not in self._loaded:
+                from transformers import AutoTokenizer
+
+                loaded: Tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                self._loaded[model] = loaded
+            return self._loaded[model]
+
+
+def recount_prompt(tokenizer: Tokenizer, endpoint: str, prompt: Any, tools: Any = None) -> int:
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return len(prompt)  # token ids (a continuation the coordinator built)
+    if endpoint == CHAT:
+        options: dict[str, Any] = {"add_generation_prompt": True, "tokenize": True}
+        if tools:
+            options["tools"] = tools
+        rendered = tokenizer.apply_chat_template(prompt, **options)
+        ids = rendered["input_ids"] if isinstance(rendered, Mapping) else rendered
+        return len(ids)
+    if isinstance(prompt, str):
+        return len(tokenizer.encode(prompt))
+    return len(tokenizer.encode(str(prompt)))
+
+
+def recount_completion(tokenizer: Tokenizer, observed: Output) -> int:
+    total = 0
+    for choice in observed.choices.values():
+        ids = choice.token_ids
+        if ids and tokenizer.decode(ids, skip_special_tokens=True) == choice.text:
+            total += len(ids)
+        elif choice.text:
+            total += len(tokenizer.encode(choice.text, add_special_tokens=False))
+    return total
+
+
+def recount(
+    tokenizer: Tokenizer | None, endpoint: str, prompt: Any, tools: Any, observed: Output
+) -> Count | None:
+    """The network's own count of a job's tokens (None without a pinned tokenizer)."""
+    if tokenizer is None:
+        return None
+    try:
+        prompt_tokens = recount_prompt(tokenizer, endpoint, prompt, tools)
+        return Count(prompt_tokens, recount_completion(tokenizer, observed))
+    except Exception:  # a template that cannot render this request: keep the stream's count
+        log.exception("could not recount a %s job", endpoint)
+        return None
+
+
+def billed(claim: Count, counted: Count | None) -> tuple[Count, bool]:
+    """What is billed, and whether the claim exceeds the recount beyond tokenizer noise."""
+    if counted is None:
+        return claim, False
+    bill = Count(
+        min(claim.prompt_tokens, counted.prompt_tokens),
+        min(claim.completion_tokens, counted.completion_tokens),
+    )
+    over = claim.prompt_tokens - counted.prompt_tokens > noise_allowance(counted.prompt_tokens)
+    over |= claim.completion_tokens - counted.completion_tokens > noise_allowance(
+        counted.completion_tokens
+    )
+    return bill, over

@@ -1,0 +1,120 @@
+"""Metering by the network: the coordinator recounts tokens with the model's own (operator-
+pinned) tokenizer and bills min(claim, recount). An honest engine's counts recount exactly;
+an engine that over-reports is billed the recount and the worker gets a mismatch on record."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from billing.ledger import client_account
+from billing.pricing import Price, charge_for
+from tests.fleet import Fleet, Member
+
+pytestmark = pytest.mark.engine
+MODEL = "tiny-solo"
+SOLO_PRICE = Price(100_000, 200_000)
+FEE_BPS = 500
+MESSAGES: list[Any] = [{"role": "user", "content": "Count the waves on the shore."}]
+PROMPT = "The tide came in and"
+GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture
+def solo(fleet: Fleet) -> Iterator[Member]:
+    member = fleet.members["solo"]
+    fleet.ready(MODEL, 1)
+    try:
+        yield member
+    finally:
+        member.proxy.reset()
+
+
+def receipt_of(fleet: Fleet, key: str, request_id: str) -> dict[str, Any]:
+    response = httpx.get(
+        f"{fleet.coordinator.base_url}/receipts/{request_id}",
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    response.raise_for_status()
+    return dict(response.json())
+
+
+def mismatches(fleet: Fleet) -> list[dict[str, Any]]:
+    with fleet.coordinator.admin() as admin:
+        return list(admin.get("/metering/mismatches").json()["mismatches"])
+
+
+def run(client: openai.OpenAI, kind: str, stream: bool) -> tuple[str, Any]:
+    """(request id, usage) of one greedy request."""
+    if kind == "chat":
+        api: Any = client.chat.completions.with_raw_response
+        raw = api.create(model=MODEL, messages=MESSAGES, stream=stream, **_stream_opts(stream),
+                         **GREEDY)  # fmt: skip
+    else:
+        api = client.completions.with_raw_response
+        raw = api.create(model=MODEL, prompt=PROMPT, stream=stream, **_stream_opts(stream),
+                         **GREEDY)  # fmt: skip
+    request_id = raw.headers["x-agora-request-id"]
+    parsed = raw.parse()
+    if not stream:
+        return request_id, parsed.usage
+    usage = None
+    for chunk in parsed:
+        usage = chunk.usage or usage
+    return request_id, usage
+
+
+def _stream_opts(stream: bool) -> dict[str, Any]:
+    return {"stream_options": {"include_usage": True}} if stream else {}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("kind", ["chat", "text"])
+def test_honest_counts_recount_exactly_and_nothing_is_recorded(
+    fleet: Fleet, solo: Member, kind: str, stream: bool
+) -> None:
+    _name, key = fleet.client()
+    with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as client:
+        request_id, usage = run(client, kind, stream)
+    document = receipt_of(fleet, key, request_id)
+    claimed = document["receipt"]
+    assert document["billed"] == {
+        "prompt_tokens": claimed["prompt_tokens"],
+        "completion_tokens": claimed["completion_tokens"],
+    }  # the recount agreed with the engine: min(claim, recount) is the claim
+    assert claimed["completion_tokens"] == 12
+    assert usage.prompt_tokens == claimed["prompt_tokens"]
+    assert request_id not in {m["request_id"] for m in mismatches(fleet)}
+
+
+@pytest.mark.parametrize("kind", ["chat", "text"])
+def test_an_inflating_engine_is_billed_the_recount_and_the_mismatch_is_recorded(
+    fleet: Fleet, solo: Member, kind: str, tmp_path: Any
+) -> None:
+    name, key = fleet.client()
+    with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as client:
+        _honest_id, honest = run(client, kind, stream=False)
+        solo.proxy.inflate_usage = 7  # the engine (so the worker's signed receipt) over-reports
+        before = fleet.coordinator.balances()[client_account(name)]
+        request_id, usage = run(client, kind, stream=True)
+    paid = before - fleet.coordinator.balances()[client_account(name)]
+    document = receipt_of(fleet, key, request_id)
+    claimed = document["receipt"]
+    assert (claimed["prompt_tokens"], claimed["completion_tokens"]) == (
+        honest.prompt_tokens + 7, honest.completion_tokens + 7,
+    )  # fmt: skip
+    true_counts = {"prompt_tokens": honest.prompt_tokens, "completion_tokens": 12}
+    assert document["billed"] == true_counts
+    assert (usage.prompt_tokens, usage.completion_tokens) == (honest.prompt_tokens, 12)
+    assert paid == charge_for(SOLO_PRICE, honest.prompt_tokens, 12, FEE_BPS).total
+    assert document["amount_total"] == paid
+    recorded = [m for m in mismatches(fleet) if m["request_id"] == request_id]
+    assert len(recorded) == 1
+    assert recorded[0]["worker_id"] == solo.node_id
+    assert recorded[0]["claimed_completion_tokens"] == 19
+    assert recorded[0]["recounted_completion_tokens"] == 12
+    assert recorded[0]["recounted_prompt_tokens"] == honest.prompt_tokens
