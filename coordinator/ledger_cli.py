@@ -25,7 +25,11 @@ def check(
     zero, receipts and request postings one to one. Exit 1 on any problem."""
     overrides: dict[str, Any] = {"data_dir": data_dir, "database_url": database_url}
     settings = CoordinatorSettings(**{k: v for k, v in overrides.items() if v is not None})
-    problems = audit_ledger(make_engine(settings.resolved_database_url))
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        problems = audit_ledger(engine)
+    finally:
+        engine.dispose()
     for problem in problems:
         console.print(f"[red]✗[/] {problem}")
     if problems:
