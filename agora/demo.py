@@ -8,6 +8,7 @@ own client (`--serve`).
 
 from __future__ import annotations
 
+import json
 import signal
 import tempfile
 import threading
@@ -44,7 +45,8 @@ def _start_market(workdir: Path, workers: int) -> tuple[CoordinatorHandle, list[
     with console.status("making the tiny model (first run only)…"):
         model_dir = ensure_tiny_model("tiny")
     console.print(f"model      {model_dir}")
-    coordinator = start_coordinator(workdir)
+    pinned = json.dumps({MODEL: str(model_dir)})  # the coordinator recounts tokens with it
+    coordinator = start_coordinator(workdir, env={"AGORA_COORDINATOR_TOKENIZERS": pinned})
     console.print(f"coordinator {coordinator.base_url}  (workers dial {coordinator.grpc_target})")
     api_key = coordinator.create_client("demo", DEMO_CREDIT)
     procs = [

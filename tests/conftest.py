@@ -27,6 +27,8 @@ from agora.stack import (
     start_worker,
     wait_for_workers,
 )
+from coordinator.services.audit import audit_ledger
+from coordinator.store.db import make_engine
 from tests.databases import postgres_database, postgres_server
 from worker_node.engines.vllm import VllmConfig, VllmEngine
 from worker_node.tiny_model import ensure_tiny_model
@@ -121,6 +123,7 @@ def market(
     finally:
         worker.stop()
         coordinator.process.stop()
+    assert books_problems(workdir) == []  # `agora ledger check` after everything the suite did
 
 
 @pytest.fixture(scope="session")
@@ -131,6 +134,15 @@ def bare_coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coord
         yield coordinator
     finally:
         coordinator.process.stop()
+
+
+def books_problems(workdir: Path) -> list[str]:
+    """The ledger audit of the coordinator started in `workdir` (its default SQLite file)."""
+    engine = make_engine(f"sqlite:///{workdir / 'coordinator' / 'coordinator.db'}")
+    try:
+        return audit_ledger(engine)
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -109,6 +109,7 @@ class Gateway:
                     "workers": len(up),
                     "available": bool(up),
                     "available_slots": sum(s.free_slots for s in up),
+                    "tokenizer_sha256": self.settlement.tokenizer_fingerprint(name),
                 }
             )
         return out

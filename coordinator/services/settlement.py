@@ -156,6 +156,10 @@ class Settlement:
     def fee_bps(self) -> int:
         return self._fee_bps
 
+    def tokenizer_fingerprint(self, model: str) -> str | None:
+        """SHA-256 of the tokenizer the network recounts `model` with, if one is pinned."""
+        return self._tokenizers.fingerprints.get(model) if self._tokenizers else None
+
     async def settle(self, request_id: str, client: str, records: list[SegmentRecord]) -> Settled:
         """Check and recount every segment; commit the receipts with the staged posting, then
         post it (see store.outbox_store: a crash in between is reconciled at start-up)."""

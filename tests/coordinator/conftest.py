@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import books_problems
 from tests.fleet import Fleet
 from worker_node.engines.vllm import VllmEngine
 
@@ -39,3 +40,4 @@ def fleet(
         yield fleet
     finally:
         fleet.stop()
+    assert books_problems(fleet.workdir) == []  # the books after every gateway test

@@ -5,6 +5,7 @@ an engine that over-reports is billed the recount and the worker gets a mismatch
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 
 from billing.ledger import client_account
 from billing.pricing import Price, charge_for
+from coordinator.services.metering import fingerprint
 from tests.fleet import Fleet, Member
 
 pytestmark = pytest.mark.engine
@@ -118,3 +120,13 @@ def test_an_inflating_engine_is_billed_the_recount_and_the_mismatch_is_recorded(
     assert recorded[0]["claimed_completion_tokens"] == 19
     assert recorded[0]["recounted_completion_tokens"] == 12
     assert recorded[0]["recounted_prompt_tokens"] == honest.prompt_tokens
+
+
+def test_models_list_the_pinned_tokenizer_the_network_recounts_with(
+    fleet: Fleet, tiny_model: Path
+) -> None:
+    _name, key = fleet.client()
+    with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as client:
+        models = {m.id: m.model_extra or {} for m in client.models.list()}
+    assert models[MODEL]["tokenizer_sha256"] == fingerprint(tiny_model)
+    assert len(fingerprint(tiny_model)) == 64
