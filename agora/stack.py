@@ -149,6 +149,7 @@ class WorkerSpec:
     price_out: int = 200_000
     max_concurrency: int = 8
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the process
 
 
 TINY_ENGINE_ARGS = ["--max-model-len", "512", "--dtype", "bfloat16", "--enforce-eager"]
@@ -179,7 +180,7 @@ def start_worker(workdir: Path, coordinator: CoordinatorHandle, spec: WorkerSpec
         args += ["--engine-url", spec.engine_url]
     if spec.engine_model:
         args += ["--engine-model", spec.engine_model]
-    return spawn_agora(spec.name, args, workdir / f"{spec.name}.log", None)
+    return spawn_agora(spec.name, args, workdir / f"{spec.name}.log", spec.env or None)
 
 
 def wait_for_workers(

@@ -26,6 +26,8 @@ class AccountKind(StrEnum):
 
 NETWORK_FEES = "network:fees"
 NETWORK_FAILOVER = "network:failover"  # what re-running work after a worker failure cost
+NETWORK_REFUNDS = "network:refunds"  # refunds to clients of a fraudulent worker, less clawbacks
+NETWORK_SLASHED = "network:slashed"  # bonds taken from workers proven to cheat
 EXTERNAL_DEPOSITS = "external:deposits"
 EXTERNAL_PAYOUTS = "external:payouts"  # earnings paid out to providers (closed epochs)
 MAY_GO_NEGATIVE = frozenset({AccountKind.NETWORK, AccountKind.EXTERNAL})

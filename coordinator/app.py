@@ -32,6 +32,7 @@ from coordinator.services.payouts import Payouts
 from coordinator.services.registry import Registry
 from coordinator.services.settlement import Settlement
 from coordinator.services.stats import BreakerPolicy, StatsBook
+from coordinator.services.trust import Trust
 from coordinator.store import outbox_store
 from coordinator.store.db import make_engine, migrate
 from coordinator.store.writer import LedgerWriter
@@ -73,6 +74,12 @@ class Coordinator:
             self.db, self.writer, self.identity, settings.fee_bps, self.tokenizers,
             exit_before_posting=settings.fault_exit_before_posting,
         )  # fmt: skip
+        self.trust = Trust(
+            self.db, self.writer, slash_amount=settings.slash_amount,
+            on_quarantine=self.registry.quarantine,
+        )  # fmt: skip
+        self.trust.load()
+        self.registry.quarantine_of = self.trust.quarantined
         self.metrics = Metrics()
         breaker = BreakerPolicy(cooldown_s=settings.breaker_cooldown_s)
         self.gateway = Gateway(
@@ -82,6 +89,7 @@ class Coordinator:
             settings,
             stats=StatsBook(breaker),
             metrics=self.metrics,
+            trust=self.trust,
         )
         self.metrics.watch(self.registry, self.gateway.stats)
         self.registry.on_join = self.gateway.stats.reset_breaker

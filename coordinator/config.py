@@ -38,6 +38,7 @@ class CoordinatorSettings(BaseSettings):
     tls_cert: Path | None = None  # PEM cert for the worker gRPC endpoint
     tls_key: Path | None = None
     ready_file: Path | None = None  # written with the bound ports once serving
+    slash_amount: int = Field(default=1_000_000, ge=0)  # bond taken per proven fraud (micro-units)
     # model name -> local tokenizer directory the operator pins for recounting tokens
     tokenizers: dict[str, Path] = Field(default_factory=dict)
     # FAULT INJECTION for the crash-safety test only: exit right after a settlement's receipts

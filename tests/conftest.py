@@ -152,11 +152,17 @@ def postgres_admin() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def database_url_postgresql(postgres_admin: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    with postgres_database(postgres_admin) as url:
+        yield url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The same store test on a SQLite file and on a fresh PostgreSQL database."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'coordinator.db'}"
         return
-    with postgres_database(request.getfixturevalue("postgres_admin")) as url:
-        yield url
+    yield request.getfixturevalue("database_url_postgresql")

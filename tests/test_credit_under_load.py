@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from agora.stack import WorkerSpec, start_coordinator, start_worker, wait_for_workers
 from billing.ledger import client_account
+from coordinator.services.audit import audit_ledger
+from coordinator.store.db import make_engine
 from tests.conftest import MODEL, Market
+from worker_node.engines.vllm import VllmEngine
 
 pytestmark = pytest.mark.engine
 CREDIT = 60  # micro-units: about ten requests' worst case at a time
@@ -34,7 +40,40 @@ async def stream_one(client: httpx.AsyncClient) -> tuple[int, str | None]:
         return 200, response.headers["x-agora-request-id"]
 
 
-def test_concurrent_streams_never_overdraw_and_bill_exactly(market: Market) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_market(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Market]:
+    """The suite's market (SQLite), or one just like it whose coordinator keeps its books in a
+    fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("market")
+        return
+    engine: VllmEngine = request.getfixturevalue("vllm_engine")
+    tiny_model: Path = request.getfixturevalue("tiny_model")
+    database_url: str = request.getfixturevalue("database_url_postgresql")
+    env = {
+        "AGORA_COORDINATOR_DATABASE_URL": database_url,
+        "AGORA_COORDINATOR_TOKENIZERS": json.dumps({MODEL: str(tiny_model)}),
+    }
+    coordinator = start_coordinator(tmp_path, env=env)
+    worker = start_worker(
+        tmp_path, coordinator, WorkerSpec("pg-worker", MODEL, engine_url=engine.base_url)
+    )
+    try:
+        key = coordinator.create_client("readiness", 1)
+        wait_for_workers(coordinator, key, MODEL, 1, [worker], timeout_s=120)
+        yield Market(coordinator, worker, tmp_path)
+    finally:
+        worker.stop()
+        coordinator.process.stop()
+    db = make_engine(database_url)
+    try:
+        assert audit_ledger(db) == []
+    finally:
+        db.dispose()
+
+
+def test_concurrent_streams_never_overdraw_and_bill_exactly(any_market: Market) -> None:
+    market = any_market
     name, key = market.new_client(credit=CREDIT)
 
     async def run() -> list[tuple[int, str | None]]:

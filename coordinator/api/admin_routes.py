@@ -94,6 +94,10 @@ async def workers(_admin: AdminDep, gateway: GatewayDep) -> dict[str, Any]:
             {
                 "node_id": w.node_id,
                 "draining": w.draining,
+                "quarantined": w.quarantined,
+                "reputation": gateway.trust.standing(w.node_id).as_dict()
+                if gateway.trust
+                else None,
                 "models": {
                     name: {
                         "available": slot.available,

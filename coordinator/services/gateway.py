@@ -42,10 +42,12 @@ from coordinator.services.jobs import (
 )
 from coordinator.services.registry import ModelSlot, Registry
 from coordinator.services.relay import Completion
+from coordinator.services.reputation import Outcome
 from coordinator.services.reservations import Hold, Reservations
 from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy, route
 from coordinator.services.settlement import JobFacts, Settled, Settlement
 from coordinator.services.stats import StatsBook
+from coordinator.services.trust import Trust, Verdict
 from protocol.completions import CHAT, COMPLETIONS
 from protocol.proto import session_pb2 as pb
 from protocol.receipt import prompt_digest
@@ -68,7 +70,9 @@ class Gateway:
         metrics: Metrics | None = None,
         policy: RoutingPolicy | None = None,
         rng: random.Random | None = None,
+        trust: Trust | None = None,
     ) -> None:
+        self.trust = trust  # reputation for routing; verdicts from settlement feed it
         self.registry = registry
         self.accounts = accounts
         self.reservations = Reservations(accounts.balance)
@@ -231,6 +235,7 @@ class Gateway:
             self._rng,
             time.monotonic(),
             self.policy,
+            reputation=self.trust.scores if self.trust else None,
             price_sorted=True,
         )
         for scored in decision.ranked:
@@ -388,6 +393,9 @@ class Gateway:
             stats.record_success(now)
         else:
             stats.record_failure(now)
+            if self.trust is not None:
+                failed = Verdict(attempt.node_id, Outcome.FAILED, attempt.facts.request_id)
+                self.trust.observe([failed])
         if self.metrics and ok and ttft is not None:
             self.metrics.ttft.labels(attempt.facts.model).observe(ttft)
             if itl is not None:
@@ -401,6 +409,8 @@ class Gateway:
                 return None
             settled = await self.settlement.settle(completion.request_id, client, records)
             self.reservations.posted(client)  # the charge is in: now the hold may go
+            if self.trust is not None:
+                self.trust.observe(settled.verdicts)
         except Exception:  # the client already has its tokens; the operator must see this
             log.exception("could not settle request %s", completion.request_id)
             return None

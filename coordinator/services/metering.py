@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from protocol.completions import CHAT, Output
 
 log = logging.getLogger("agora.coordinator.metering")
+_REPLACEMENT = "\ufffd"
 _FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
           "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")  # fmt: skip
 
@@ -97,11 +98,21 @@ def recount_prompt(tokenizer: Tokenizer, endpoint: str, prompt: Any, tools: Any 
     return len(tokenizer.encode(str(prompt)))
 
 
+def ids_match_text(tokenizer: Tokenizer, ids: list[int], text: str) -> bool:
+    """The ids decode to the text. An engine holds back the bytes of an unfinished character,
+    so a sequence cut mid-character decodes to up to 3 replacement characters more."""
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    if decoded == text:
+        return True
+    tail = len(decoded) - len(decoded.rstrip(_REPLACEMENT))
+    return 0 < tail <= 3 and decoded[:-tail] == text.rstrip(_REPLACEMENT)
+
+
 def recount_completion(tokenizer: Tokenizer, observed: Output) -> int:
     total = 0
     for choice in observed.choices.values():
         ids = choice.token_ids
-        if ids and tokenizer.decode(ids, skip_special_tokens=True) == choice.text:
+        if ids and ids_match_text(tokenizer, ids, choice.text):
             total += len(ids)
         elif choice.text:
             total += len(tokenizer.encode(choice.text, add_special_tokens=False))

@@ -48,7 +48,8 @@ class ModelSlot:
 
     @property
     def available(self) -> bool:
-        return self.engine_up and not self.conn.draining and not self.conn.closed
+        conn = self.conn
+        return self.engine_up and not conn.draining and not conn.closed and not conn.quarantined
 
     @property
     def free_slots(self) -> int:
@@ -69,6 +70,7 @@ class WorkerConnection:
     gpus: list[pb.GpuLoad] = field(default_factory=list)
     draining: bool = False  # the worker is shutting down: route nothing new to it
     closed: bool = False
+    quarantined: str | None = None  # why the market no longer routes to it (services.trust)
     on_slot_freed: Callable[[], None] | None = None  # called whenever a job ends
 
     def open_job(self, job: pb.Job) -> asyncio.Queue[pb.JobEvent]:
@@ -125,6 +127,13 @@ class Registry:
         self._pools: dict[str, list[ModelSlot]] = {}  # model -> slots, cheapest first
         self._freed = asyncio.Event()  # replaced each time it fires
         self.on_join: Callable[[str], None] | None = None  # called with each new session's node
+        self.quarantine_of: Callable[[str], str | None] = lambda _node: None
+
+    def quarantine(self, node_id: str, reason: str) -> None:
+        """Stop routing to a worker now (its session stays, so its running jobs finish)."""
+        conn = self._workers.get(node_id)
+        if conn is not None:
+            conn.quarantined = reason
 
     def freed_signal(self) -> asyncio.Event:
         """An event that fires the next time any slot frees up or a worker changes: take it
@@ -143,6 +152,7 @@ class Registry:
             self._unpool(old)
         self._workers[conn.node_id] = conn
         conn.on_slot_freed = self.notify
+        conn.quarantined = self.quarantine_of(conn.node_id)  # a reconnect does not clear it
         if self.on_join is not None:
             self.on_join(conn.node_id)
         for offer in conn.advert.models:

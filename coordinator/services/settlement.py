@@ -22,6 +22,8 @@ from sqlmodel import Session
 from billing.ledger import Transaction, client_account, request_settlement
 from billing.pricing import Charge, Price, Segment, segments_charge
 from coordinator.services.metering import Count, Tokenizers, billed, recount
+from coordinator.services.reputation import Outcome
+from coordinator.services.trust import Verdict
 from coordinator.store import outbox_store, receipts_store
 from coordinator.store.ledger_store import POSTINGS
 from coordinator.store.models import MeteringMismatch, StoredReceipt, utcnow
@@ -44,6 +46,17 @@ MISMATCHES = MeteringMismatch.__table__  # type: ignore[attr-defined]
 
 class ReceiptRejected(Exception):
     """A receipt that does not match the job: its worker is not paid for it."""
+
+    def __init__(self, message: str, field: str = "signature", proof: bool = False) -> None:
+        super().__init__(message)
+        self.field = field
+        # the worker's own valid signature is on a claim that contradicts what happened
+        self.proof = proof
+
+
+# a validly signed receipt wrong in one of these is proof of cheating, not a fault: a receipt
+# replayed from another job, or billing for output the client never received
+_PROOF_FIELDS = frozenset({"request_id", "coordinator_nonce", "output_sha256"})
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class _Plan:
     mismatches: list[dict[str, Any]]
     countersigned: list[SignedReceipt]
     usage: Count
+    verdicts: list[Verdict]
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,7 @@ class Settled:
     charge: Charge  # what the client paid
     receipts: list[SignedReceipt]  # countersigned, in segment order (verified ones only)
     usage: Count  # the tokens billed: the first segment's prompt, every segment's completion
+    verdicts: list[Verdict]  # what each segment said about its worker (input to reputation)
 
 
 @dataclass(frozen=True)
@@ -131,7 +146,11 @@ def check_receipt(facts: JobFacts, signed: SignedReceipt, observed: Output) -> R
         expected["completion_tokens"] = observed.completion_tokens
     for name, value in expected.items():
         if getattr(receipt, name) != value:
-            raise ReceiptRejected(f"{name} is {getattr(receipt, name)!r}, expected {value!r}")
+            raise ReceiptRejected(
+                f"{name} is {getattr(receipt, name)!r}, expected {value!r}",
+                field=name,
+                proof=name in _PROOF_FIELDS,
+            )
     return receipt
 
 
@@ -184,13 +203,14 @@ class Settlement:
             log.critical("fault injection: exiting between receipts and posting")
             os._exit(70)
         await self._writer.submit(lambda conn: outbox_store.post_staged(conn, plan.tx))
-        return Settled(plan.charge, plan.countersigned, plan.usage)
+        return Settled(plan.charge, plan.countersigned, plan.usage, plan.verdicts)
 
     def _plan(self, request_id: str, client: str, records: list[SegmentRecord]) -> _Plan:
         tokenizer = self._tokenizers.for_model(records[0].facts.model) if self._tokenizers else None
         segments: list[Segment] = []
         verified: list[tuple[int, Receipt, SignedReceipt, Count]] = []
         mismatches: list[dict[str, Any]] = []
+        verdicts: list[Verdict] = []
         for index, record in enumerate(records):
             facts = record.facts
             receipt = None
@@ -201,6 +221,9 @@ class Settlement:
                     log.warning(
                         "receipt %s from %s rejected: %s", facts.request_id, facts.worker_id, exc
                     )
+                    outcome = Outcome.FRAUD if exc.proof else Outcome.RECEIPT_REJECTED
+                    verdicts.append(Verdict(facts.worker_id, outcome, facts.request_id,
+                                            f"receipt {exc}"))  # fmt: skip
             if receipt is not None:
                 claim = Count(receipt.prompt_tokens, receipt.completion_tokens)
             else:  # bill what the coordinator itself relayed; the worker is not paid
@@ -216,6 +239,10 @@ class Settlement:
                     "recounted_prompt_tokens": counted.prompt_tokens,
                     "recounted_completion_tokens": counted.completion_tokens,
                 })  # fmt: skip
+                verdicts.append(Verdict(facts.worker_id, Outcome.OVERCLAIMED, facts.request_id,
+                                        f"claimed {claim}, recount {counted}"))  # fmt: skip
+            elif receipt is not None:
+                verdicts.append(Verdict(facts.worker_id, Outcome.SERVED, facts.request_id))
             if receipt is not None and record.receipt is not None:
                 billed_pair = (bill.prompt_tokens, bill.completion_tokens)
                 signed = countersign(self._identity, record.receipt, billed_pair)
@@ -248,7 +275,7 @@ class Settlement:
         tx = request_settlement(request_id, client, charge, earned)
         usage = Count(segments[0].prompt_tokens, sum(s.completion_tokens for s in segments))
         signed_ones = [signed for _i, _r, signed, _b in verified]
-        return _Plan(tx, charge, rows, mismatches, signed_ones, usage)
+        return _Plan(tx, charge, rows, mismatches, signed_ones, usage, verdicts)
 
     def load(self, request_id: str) -> ReceiptRecord | None:
         """The receipts of a client request (its id, or the id of one of its segments)."""

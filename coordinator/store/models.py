@@ -118,3 +118,23 @@ class AuditEvent(SQLModel, table=True):
     detail: str = Field(default="{}", sa_column=Column(Text, nullable=False))  # JSON
     prev_sha256: str = Field(max_length=64)
     sha256: str = Field(unique=True, max_length=64)
+
+
+class TrustEvent(SQLModel, table=True):
+    """One outcome that moves a worker's reputation (see services.reputation)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    node_id: str = Field(index=True, max_length=100)
+    outcome: str = Field(max_length=40)
+    request_id: str = Field(default="", max_length=80)
+    detail: str = Field(default="", max_length=500)
+    at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class Quarantine(SQLModel, table=True):
+    """A worker the market no longer routes to, and why (proven fraud or a collapsed score)."""
+
+    node_id: str = Field(primary_key=True, max_length=100)
+    reason: str = Field(max_length=500)
+    request_id: str = Field(default="", max_length=80)
+    at: datetime = Field(default_factory=utcnow)

@@ -58,3 +58,25 @@ def test_billing_takes_the_smaller_count_and_flags_only_beyond_noise() -> None:
     assert billed(Count(30, 100), Count(10, 100)) == (Count(10, 100), True)
     assert billed(Count(8, 90), Count(10, 100)) == (Count(8, 90), False)  # under-claims stand
     assert billed(Count(8, 90), None) == (Count(8, 90), False)  # no tokenizer pinned
+
+
+def test_a_character_cut_off_at_the_end_still_counts_its_byte_tokens(
+    tokenizer: Tokenizer,
+) -> None:
+    """An engine holds back the bytes of an unfinished character: the text lacks them, the ids
+    do not (seen with sampled output: 11 counted instead of 12 before this was handled)."""
+    byte_token = next(i for i in range(4096) if tokenizer.decode([i]) == "\ufffd")
+    ids = [*tokenizer.encode("the keeper", add_special_tokens=False), byte_token]
+    text = tokenizer.decode(ids[:-1], skip_special_tokens=True)
+    counted = recount(tokenizer, COMPLETIONS, "Once", None, output(text, ids))
+    assert counted is not None
+    assert counted.completion_tokens == len(ids)
+    four = [
+        *ids,
+        byte_token,
+        byte_token,
+        byte_token,
+    ]  # more held-back bytes than any character has: not believed
+    counted = recount(tokenizer, COMPLETIONS, "Once", None, output(text, four))
+    assert counted is not None
+    assert counted.completion_tokens == len(tokenizer.encode(text, add_special_tokens=False))

@@ -20,6 +20,7 @@ from protocol.completions import CHAT, Output, prompt_of
 from protocol.identity import Identity
 from protocol.receipt import Receipt, SignedReceipt, output_digest, prompt_digest, sign_receipt
 from worker_node.engines.base import Engine
+from worker_node.faults import Fault
 
 
 def now_ms() -> int:
@@ -108,7 +109,9 @@ class JobRunner:
         offers: dict[str, ModelOffer],
         client: httpx.AsyncClient,
         is_available: Callable[[str], bool] = lambda _model: True,
+        fault: Fault | None = None,
     ) -> None:
+        self._fault = fault  # a misbehaving mode, for tests only (see worker_node.faults)
         self._identity = identity
         self._engines = engines
         self._offers = offers
@@ -151,7 +154,7 @@ class JobRunner:
             if response.status_code != 200:
                 yield _engine_error(await response.aread(), response.status_code)
                 return
-            pending = b""
+            pending, relayed, fault = b"", 0, self._fault
             async for data in response.aiter_bytes():
                 pending += data.replace(b"\r\n", b"\n")
                 *events, pending = pending.split(b"\n\n")
@@ -170,9 +173,17 @@ class JobRunner:
                         status = int(err.get("code") or 500)
                         yield Failed(status, str(err.get("message")), "engine_error", False)
                         return
+                    if fault is not None:
+                        chunk = fault.rewrite(chunk)
+                        payload = json.dumps(chunk).encode()
                     meter.add(chunk, streamed=True)
+                    if fault is not None and fault.withholds(relayed):
+                        continue  # metered (and billed) but never relayed
                     batch.append(payload)
+                    relayed += 1
                 if batch:
+                    if fault is not None:
+                        await fault.before_batch()
                     yield Chunks(batch)
 
     async def _whole(
@@ -182,8 +193,14 @@ class JobRunner:
         if response.status_code != 200:
             yield _engine_error(response.content, response.status_code)
             return
-        meter.add(response.json(), streamed=False)
-        yield WholeResponse(response.content)
+        if self._fault is None:
+            meter.add(response.json(), streamed=False)
+            yield WholeResponse(response.content)
+            return
+        await self._fault.before_batch()
+        rewritten = self._fault.rewrite(response.json())
+        meter.add(rewritten, streamed=False)
+        yield WholeResponse(json.dumps(rewritten).encode())
 
     def _sign(self, job: JobSpec, offer: ModelOffer, meter: _Meter) -> SignedReceipt:
         finished = now_ms()
@@ -203,4 +220,6 @@ class JobRunner:
             finished_at_ms=finished,
             finish_reason=meter.output.finish_reason(),
         )
+        if self._fault is not None:
+            return self._fault.sign(self._identity, receipt)
         return sign_receipt(self._identity, receipt)

@@ -27,6 +27,7 @@ from worker_node.engines.attach import AttachedEngine
 from worker_node.engines.base import Engine
 from worker_node.engines.supervisor import EngineStatus, Supervisor
 from worker_node.engines.vllm import VllmConfig, VllmEngine, vllm_build
+from worker_node.faults import fault_from_env
 from worker_node.hardware import Hardware, detect, gpu_loads
 from worker_node.jobs import JobRunner
 from worker_node.metrics import EngineLoad, read_engine_load
@@ -96,6 +97,10 @@ class Node:
         on_registered: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
+        self.fault = fault_from_env()  # refused (ConfigError) unless explicitly allowed
+        if self.fault is not None:
+            log.warning("FAULT MODE %s: this node misbehaves on purpose (tests only)",
+                        self.fault.mode)  # fmt: skip
         self.identity = Identity.load_or_create(config.node.key)
         self.state_dir = config.node.state_dir
         self.hardware: Hardware = detect()
@@ -224,6 +229,7 @@ class Node:
                     self.offers,
                     http,
                     is_available=lambda name: self.supervisors[name].available,
+                    fault=self.fault,
                 )
                 root_certs = (
                     self.config.node.tls_ca.read_bytes() if self.config.node.tls_ca else None

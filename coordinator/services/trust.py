@@ -1,0 +1,149 @@
+"""Each worker's reputation, probation and quarantine, fed by what settlement and the relay
+observe; proven fraud is punished in the books (store.trust_store.punish_fraud).
+
+Evidence is kept in memory for routing (no database read on the request path) and written
+behind through the ledger writer; at start-up the recent evidence and the quarantine list are
+read back, so a restart neither forgives nor forgets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+
+from coordinator.services.reputation import Outcome, Standing, Tally, TrustPolicy
+from coordinator.store import trust_store
+from coordinator.store.trust_store import FraudOutcome
+from coordinator.store.writer import LedgerWriter
+
+log = logging.getLogger("agora.coordinator.trust")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What settling one job said about its worker."""
+
+    node_id: str
+    outcome: Outcome
+    request_id: str
+    detail: str = ""
+
+
+class Trust:
+    def __init__(
+        self,
+        engine: Engine,
+        writer: LedgerWriter,
+        policy: TrustPolicy | None = None,
+        slash_amount: int = 0,
+        quarantine_below: float = 0.2,
+        clock: Callable[[], float] = time.time,
+        on_quarantine: Callable[[str, str], None] = lambda _node, _why: None,
+    ) -> None:
+        self._on_quarantine = on_quarantine
+        self._engine = engine
+        self._writer = writer
+        self.policy = policy or TrustPolicy()
+        self._slash_amount = slash_amount
+        self._quarantine_below = quarantine_below
+        self._clock = clock
+        self._tallies: dict[str, Tally] = {}
+        self._quarantined: dict[str, str] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def load(self) -> None:
+        """Read the quarantine list and the recent evidence back (at start-up)."""
+        since = self._clock() - 4 * self.policy.half_life_s  # older evidence weighs < 1/16
+        with self._engine.connect() as conn:
+            self._quarantined = trust_store.quarantined(conn)
+            for node, outcome, at in trust_store.recent_events(conn, since):
+                tally = self._tallies.get(node, Tally(at=at))
+                self._tallies[node] = tally.add(Outcome(outcome), at, self.policy)
+
+    # ------------------------------------------------------------------ reading
+    def standing(self, node_id: str) -> Standing:
+        now = self._clock()
+        return self._tallies.get(node_id, Tally(at=now)).standing(now, self.policy)
+
+    def score(self, node_id: str) -> float:
+        return self.standing(node_id).score
+
+    @property
+    def scores(self) -> Mapping[str, float]:
+        """Every worker's score, computed when asked (routing reads only its candidates)."""
+        return _Scores(self)
+
+    def on_probation(self, node_id: str) -> bool:
+        return self.standing(node_id).probation
+
+    def quarantined(self, node_id: str) -> str | None:
+        """Why the market no longer routes to this worker, or None."""
+        return self._quarantined.get(node_id)
+
+    # ------------------------------------------------------------------ writing
+    def observe(self, verdicts: Iterable[Verdict]) -> None:
+        """Take evidence in now (routing sees it at once); persist it without waiting."""
+        rows = []
+        verdicts = list(verdicts)
+        now = self._clock()
+        for v in verdicts:
+            tally = self._tallies.get(v.node_id, Tally(at=now))
+            self._tallies[v.node_id] = tally.add(v.outcome, now, self.policy)
+            rows.append({"node_id": v.node_id, "outcome": v.outcome.value,
+                         "request_id": v.request_id, "detail": v.detail[:500]})  # fmt: skip
+        if not rows:
+            return
+        self._spawn(self._writer.submit(lambda conn: trust_store.record_events(conn, rows)))
+        for v in verdicts:
+            if v.outcome is Outcome.FRAUD:
+                self._spawn(self.punish(v.node_id, v.request_id, v.detail))
+            elif v.node_id not in self._quarantined:
+                record = self.standing(v.node_id)
+                if record.score < self._quarantine_below and record.bad >= 10:
+                    reason = f"reputation {record.score:.2f} after {v.outcome.value}"
+                    self._spawn(self.punish(v.node_id, v.request_id, reason, proven=False))
+
+    async def punish(
+        self, node_id: str, request_id: str, reason: str, *, proven: bool = True
+    ) -> FraudOutcome:
+        """Quarantine the worker; for proven fraud also refund, claw back and slash."""
+        self._quarantined[node_id] = reason
+        self._on_quarantine(node_id, reason)
+        slash = self._slash_amount if proven else 0
+        outcome: FraudOutcome = await self._writer.submit(
+            lambda conn: (
+                trust_store.punish_fraud(conn, node_id, request_id, reason, slash)
+                if proven
+                else trust_store.quarantine_only(conn, node_id, request_id, reason)
+            )
+        )
+        log.warning(
+            "worker %s quarantined (%s): refunded %s, clawed back %d, slashed %d",
+            node_id, reason, outcome.refunded, outcome.clawed_back, outcome.slashed,
+        )  # fmt: skip
+        return outcome
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class _Scores(Mapping[str, float]):
+    def __init__(self, trust: Trust) -> None:
+        self._trust = trust
+
+    def __getitem__(self, node_id: str) -> float:
+        return self._trust.score(node_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._trust._tallies)
+
+    def __len__(self) -> int:
+        return len(self._trust._tallies)

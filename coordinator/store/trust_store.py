@@ -1,0 +1,142 @@
+"""Trust records, and what proven fraud does to the books, in one database transaction:
+the worker is quarantined, its unpaid earnings are clawed back, its bond is slashed, and every
+client it served in the open payout epoch (and the request the fraud was proven on) is
+refunded what it paid. Transaction ids make each step happen at most once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, Table, insert, select
+
+from billing.errors import DuplicateTransaction
+from billing.ledger import (
+    NETWORK_REFUNDS,
+    NETWORK_SLASHED,
+    Posting,
+    Transaction,
+    bond_account,
+    client_account,
+    provider_account,
+)
+from coordinator.store import ledger_store
+from coordinator.store.ledger_store import POSTINGS
+from coordinator.store.models import Quarantine, StoredReceipt, TrustEvent, utcnow
+
+EVENTS: Table = TrustEvent.__table__  # type: ignore[attr-defined]
+QUARANTINE: Table = Quarantine.__table__  # type: ignore[attr-defined]
+RECEIPTS: Table = StoredReceipt.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class FraudOutcome:
+    refunded: dict[str, int]  # client -> micro-units returned
+    clawed_back: int
+    slashed: int
+
+
+def record_events(conn: Connection, rows: list[dict[str, str]]) -> None:
+    now = utcnow()
+    conn.execute(insert(EVENTS), [{**row, "at": now} for row in rows])
+
+
+def quarantined(conn: Connection) -> dict[str, str]:
+    return {r.node_id: r.reason for r in conn.execute(select(QUARANTINE))}
+
+
+def recent_events(conn: Connection, since: float) -> list[tuple[str, str, float]]:
+    """(node, outcome, unix time) of every event since `since`, oldest first."""
+    query = (
+        select(EVENTS.c.node_id, EVENTS.c.outcome, EVENTS.c.at)
+        .where(EVENTS.c.at >= datetime.fromtimestamp(since, UTC))
+        .order_by(EVENTS.c.id)
+    )
+    return [(r.node_id, r.outcome, _unix(r.at)) for r in conn.execute(query)]
+
+
+def _unix(moment: datetime) -> float:
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _post_once(conn: Connection, tx: Transaction) -> bool:
+    savepoint = conn.begin_nested()
+    try:
+        ledger_store.post_in(conn, tx)
+    except DuplicateTransaction:
+        savepoint.rollback()
+        return False
+    savepoint.commit()
+    return True
+
+
+def _client_paid(conn: Connection, request_id: str) -> tuple[str, int] | None:
+    for account, amount in conn.execute(
+        select(POSTINGS.c.account, POSTINGS.c.amount).where(POSTINGS.c.txid == f"req:{request_id}")
+    ):
+        if account.startswith("client:") and amount < 0:
+            return account.split(":", 1)[1], -int(amount)
+    return None
+
+
+def quarantine_only(conn: Connection, node_id: str, request_id: str, reason: str) -> FraudOutcome:
+    """Stop routing to a worker whose record collapsed, without claiming proof of fraud."""
+    _quarantine(conn, node_id, request_id, reason)
+    return FraudOutcome({}, 0, 0)
+
+
+def _quarantine(conn: Connection, node_id: str, request_id: str, reason: str) -> bool:
+    """True if newly quarantined."""
+    if conn.execute(select(QUARANTINE.c.node_id).where(QUARANTINE.c.node_id == node_id)).first():
+        return False
+    conn.execute(
+        insert(QUARANTINE).values(
+            node_id=node_id, reason=reason[:500], request_id=request_id, at=utcnow()
+        )
+    )
+    return True
+
+
+def punish_fraud(
+    conn: Connection, node_id: str, request_id: str, reason: str, slash_amount: int
+) -> FraudOutcome:
+    already = not _quarantine(conn, node_id, request_id, reason)
+    unpaid = conn.execute(
+        select(RECEIPTS.c.parent_id).where(
+            RECEIPTS.c.worker_id == node_id, RECEIPTS.c.epoch_id.is_(None)
+        )
+    ).scalars()
+    requests = sorted({*unpaid, request_id.split("~", 1)[0]})
+    refunded: dict[str, int] = {}
+    for rid in requests:
+        paid = _client_paid(conn, rid)
+        if paid is None:
+            continue
+        client, amount = paid
+        refund = Transaction(
+            f"refund:{rid}", "refund",
+            (Posting(client_account(client), amount), Posting(NETWORK_REFUNDS, -amount)),
+            memo=f"fraud by {node_id}",
+        )  # fmt: skip
+        if _post_once(conn, refund):
+            refunded[client] = refunded.get(client, 0) + amount
+    earned = ledger_store.balance_of(conn, provider_account(node_id))
+    clawed = 0
+    if earned > 0:
+        clawback = Transaction(
+            f"clawback:{node_id}:{request_id}", "clawback",
+            (Posting(provider_account(node_id), -earned), Posting(NETWORK_REFUNDS, earned)),
+        )  # fmt: skip
+        clawed = earned if _post_once(conn, clawback) else 0
+    bond = ledger_store.balance_of(conn, bond_account(node_id))
+    slashed = min(bond, slash_amount)
+    if slashed > 0 and not already:
+        slash = Transaction(
+            f"slash:{node_id}:{request_id}", "slash",
+            (Posting(bond_account(node_id), -slashed), Posting(NETWORK_SLASHED, slashed)),
+            memo=reason[:200],
+        )  # fmt: skip
+        slashed = slashed if _post_once(conn, slash) else 0
+    else:
+        slashed = 0
+    return FraudOutcome(refunded, clawed, slashed)

@@ -1,0 +1,234 @@
+"""Cheating must not pay: real workers in clearly named fault modes, on the real engine, against
+a real coordinator. Provable fraud (a replayed receipt, billing output never delivered)
+quarantines the worker, slashes its bond, claws back its unpaid earnings and refunds its
+clients; unprovable misbehaviour (bad signatures, over-claimed tokens) goes unpaid and sinks
+its reputation until it is quarantined. Honest sampled work is never accused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from agora.stack import (
+    CoordinatorHandle,
+    Process,
+    WorkerSpec,
+    start_coordinator,
+    start_worker,
+    wait_for_workers,
+)
+from billing.ledger import bond_account, client_account, provider_account
+from protocol.identity import Identity
+from tests.conftest import books_problems
+from worker_node.engines.vllm import VllmEngine
+from worker_node.faults import ALLOW_ENV, ALLOW_VALUE, FAULT_ENV
+
+pytestmark = pytest.mark.engine
+MODEL = "tiny-t"
+BOND = 5_000_000
+SLASH = 1_000_000
+CREDIT = 10**9
+PROMPT = "The keeper climbed the stairs and"
+
+
+class Market:
+    def __init__(self, workdir: Path, engine: VllmEngine, tiny_model: Path) -> None:
+        self.workdir, self.engine = workdir, engine
+        env = {
+            "AGORA_COORDINATOR_TOKENIZERS": json.dumps({MODEL: str(tiny_model)}),
+            "AGORA_COORDINATOR_SLASH_AMOUNT": str(SLASH),
+            "AGORA_COORDINATOR_HEARTBEAT_INTERVAL_S": "1",
+        }
+        self.coordinator: CoordinatorHandle = start_coordinator(workdir, env=env)
+        self.workers: dict[str, Process] = {}
+
+    def add(self, name: str, fault: str | None = None) -> str:
+        env = {FAULT_ENV: fault, ALLOW_ENV: ALLOW_VALUE} if fault else {}
+        spec = WorkerSpec(name, MODEL, engine_url=self.engine.base_url, env=env)
+        self.workers[name] = start_worker(self.workdir, self.coordinator, spec)
+        key = self.workdir / f"{name}.key"
+        deadline = time.monotonic() + 30
+        while not key.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return Identity.load(key).node_id
+
+    def wait(self, count: int) -> None:
+        key = self.coordinator.create_client(f"probe-{count}-{time.monotonic_ns()}", 1)
+        procs = list(self.workers.values())
+        wait_for_workers(self.coordinator, key, MODEL, count, procs, timeout_s=120)
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> Any:
+        with self.coordinator.admin() as admin:
+            response = admin.request(method, path, **kwargs)
+            response.raise_for_status()
+            return response.json()
+
+    def worker(self, node_id: str) -> dict[str, Any]:
+        return next(w for w in self.admin("GET", "/workers")["workers"] if w["node_id"] == node_id)
+
+    def balance(self, account: str) -> int:
+        return self.coordinator.balances().get(account, 0)
+
+    def stop(self) -> None:
+        for process in self.workers.values():
+            process.stop()
+        self.coordinator.process.stop()
+
+
+@pytest.fixture(scope="module")
+def market(
+    vllm_engine: VllmEngine, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Market]:
+    workdir = tmp_path_factory.mktemp("trust")
+    market = Market(workdir, vllm_engine, tiny_model)
+    try:
+        market.add("honest")
+        market.wait(1)
+        yield market
+    finally:
+        market.stop()
+    assert books_problems(workdir) == []  # refunds, clawbacks and slashes keep the books sound
+
+
+def cheater(market: Market, name: str, fault: str) -> str:
+    node = market.add(name, fault)
+    market.wait(2 + sum(1 for w in market.admin("GET", "/workers")["workers"] if w["quarantined"]))
+    market.admin("POST", f"/nodes/{node}/bond", json={"amount": BOND})
+    return node
+
+
+def ask(market: Market, key: str, node: str, *, stream: bool = False) -> str:
+    """One request pinned to `node`; its request id."""
+    body: dict[str, Any] = {
+        "model": MODEL, "prompt": PROMPT, "max_tokens": 10, "temperature": 0,
+        "ignore_eos": True, "stream": stream,
+        "provider": {"order": [node], "allow_fallbacks": False},
+    }  # fmt: skip
+    with httpx.Client(base_url=market.coordinator.base_url, timeout=120) as client:
+        response = client.post(
+            "/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert response.status_code == 200, response.text
+        return str(response.headers["x-agora-request-id"])
+
+
+def until(condition: Any, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def quarantined(market: Market, node: str) -> str | None:
+    reason: str | None = market.worker(node)["quarantined"]
+    return reason
+
+
+@pytest.mark.parametrize(
+    ("fault", "stream", "proof"),
+    [
+        ("replay-receipt", False, "request_id"),  # its second job carries the first's receipt
+        ("drop-midstream-but-bill", True, "output_sha256"),  # billed the undelivered rest
+    ],
+)
+def test_provable_fraud_is_quarantined_slashed_clawed_back_and_refunded(
+    market: Market, fault: str, stream: bool, proof: str
+) -> None:
+    node = cheater(market, f"cheat-{fault}", fault)
+    name = f"victim-{fault}"
+    key = market.coordinator.create_client(name, CREDIT)
+    ask(market, key, node, stream=stream)
+    if fault == "replay-receipt":
+        assert quarantined(market, node) is None  # its first receipt was genuine
+        ask(market, key, node, stream=stream)
+    until(lambda: quarantined(market, node) is not None)
+    reason = quarantined(market, node)
+    assert reason is not None
+    assert proof in reason
+    until(lambda: market.balance(client_account(name)) == CREDIT)  # every request refunded
+    assert market.balance(bond_account(node)) == BOND - SLASH
+    assert market.balance(provider_account(node)) == 0  # nothing left to pay out
+    assert market.worker(node)["models"][MODEL]["available"] is False
+    with httpx.Client(base_url=market.coordinator.base_url, timeout=60) as client:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4,
+                "provider": {"order": [node], "allow_fallbacks": False}}  # fmt: skip
+        refused = client.post("/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert refused.status_code == 503  # never routed to again
+        body["provider"] = {"order": [node]}
+        served = client.post("/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert served.status_code == 200
+        assert served.headers["x-agora-worker"] != node
+
+
+@pytest.mark.parametrize(
+    ("fault", "requests"), [("bad-signature", 2), ("inflate-tokens", 1)]
+)  # fmt: skip
+def test_unprovable_cheating_is_unpaid_or_billed_down_and_sinks_into_quarantine(
+    market: Market, fault: str, requests: int
+) -> None:
+    node = cheater(market, f"cheat-{fault}", fault)
+    key = market.coordinator.create_client(f"client-{fault}", CREDIT)
+    for _ in range(requests):
+        ask(market, key, node)
+    until(lambda: quarantined(market, node) is not None)
+    reputation = market.worker(node)["reputation"]
+    assert reputation["score"] < 0.2
+    assert market.balance(bond_account(node)) == BOND  # no proof, no slash
+    if fault == "bad-signature":
+        assert market.balance(provider_account(node)) == 0  # never paid
+    else:
+        mismatches = market.admin("GET", "/metering/mismatches")["mismatches"]
+        assert any(m["worker_id"] == node for m in mismatches)
+
+
+def test_honest_sampled_work_is_never_accused(market: Market) -> None:
+    honest = market.add("honest-2")
+    market.wait(2 + sum(1 for w in market.admin("GET", "/workers")["workers"] if w["quarantined"]))
+    key = market.coordinator.create_client("sampler", CREDIT)
+    with openai.OpenAI(base_url=market.coordinator.base_url, api_key=key) as client:
+        for i in range(40):
+            provider = {"order": [honest], "allow_fallbacks": False}
+            if i % 2:
+                client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": f"Story {i}"}],
+                    max_tokens=16, temperature=0.7 + 0.3 * (i % 3) / 2, seed=i,
+                    extra_body={"provider": provider},
+                )  # fmt: skip
+            else:
+                stream = client.completions.create(
+                    model=MODEL, prompt=f"{PROMPT} {i}", max_tokens=16, temperature=1.0,
+                    stream=True, extra_body={"provider": provider},
+                )  # fmt: skip
+                for _chunk in stream:
+                    pass
+    until(lambda: market.worker(honest)["reputation"]["good"] >= 40)
+    standing = market.worker(honest)["reputation"]
+    assert standing["bad"] == 0
+    assert quarantined(market, honest) is None
+    mismatches = market.admin("GET", "/metering/mismatches")["mismatches"]
+    assert all(m["worker_id"] != honest for m in mismatches)
+
+
+def test_a_fault_mode_is_refused_unless_explicitly_allowed(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "agora", "worker", "--coordinator", "127.0.0.1:1",
+         "--engine-url", "http://127.0.0.1:1/v1", "--served-model-name", "m",
+         "--key", str(tmp_path / "k.key")],
+        env={**_env(), FAULT_ENV: "garbage-text"}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert ALLOW_ENV in result.stdout + result.stderr
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, ALLOW_ENV)}

@@ -1,0 +1,112 @@
+"""Misbehaving modes, for testing that cheating does not pay. Never on by default: a mode is
+named in AGORA_WORKER_FAULT and refused unless AGORA_WORKER_FAULTS_ALLOWED says this is a test.
+
+- inflate-tokens: reports (and signs) more prompt and completion tokens than the engine did
+- garbage-text: replaces the engine's text with random words, signed as if generated
+- bad-signature: signs receipts with a key that is not the node's
+- drop-midstream-but-bill: stops relaying half-way, then bills the whole output
+- replay-receipt: sends its first receipt again for every later job
+- slow: waits 200 ms before each batch of tokens
+(wrong-model needs no code: a node attaches an engine serving another model under the
+advertised name.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+from enum import StrEnum
+from typing import Any
+
+from protocol.identity import Identity
+from protocol.receipt import Receipt, SignedReceipt, sign_receipt
+from worker_node.errors import ConfigError
+
+FAULT_ENV = "AGORA_WORKER_FAULT"
+ALLOW_ENV = "AGORA_WORKER_FAULTS_ALLOWED"
+ALLOW_VALUE = "yes-this-is-a-test"
+INFLATION = 9
+_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "quux", "zork", "blarg", "fnord", "wibble")
+
+
+class FaultMode(StrEnum):
+    INFLATE_TOKENS = "inflate-tokens"
+    GARBAGE_TEXT = "garbage-text"
+    BAD_SIGNATURE = "bad-signature"
+    DROP_MIDSTREAM_BUT_BILL = "drop-midstream-but-bill"
+    REPLAY_RECEIPT = "replay-receipt"
+    SLOW = "slow"
+
+
+def fault_from_env(environ: dict[str, str] | None = None) -> Fault | None:
+    env = dict(os.environ if environ is None else environ)
+    name = env.get(FAULT_ENV)
+    if not name:
+        return None
+    if env.get(ALLOW_ENV) != ALLOW_VALUE:
+        raise ConfigError(
+            f"{FAULT_ENV}={name} makes this node cheat; it is refused unless "
+            f"{ALLOW_ENV}={ALLOW_VALUE} (tests only)"
+        )
+    try:
+        return Fault(FaultMode(name))
+    except ValueError:
+        known = ", ".join(m.value for m in FaultMode)
+        raise ConfigError(f"unknown {FAULT_ENV} {name!r}; known: {known}") from None
+
+
+class Fault:
+    def __init__(self, mode: FaultMode, seed: int | None = None) -> None:
+        self.mode = mode
+        self._rng = random.Random(seed)
+        self._first_receipt: SignedReceipt | None = None
+        self._impostor = Identity.generate()  # not the node's key
+
+    # ------------------------------------------------------------------ the stream
+    async def before_batch(self) -> None:
+        if self.mode is FaultMode.SLOW:
+            await asyncio.sleep(0.2)
+
+    def rewrite(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """A chunk (or a whole response) as this node reports it."""
+        if self.mode is FaultMode.GARBAGE_TEXT:
+            for choice in chunk.get("choices") or ():
+                for holder in (choice, choice.get("delta") or {}, choice.get("message") or {}):
+                    for key in ("text", "content"):
+                        if isinstance(holder.get(key), str) and holder[key]:
+                            holder[key] = " " + self._rng.choice(_WORDS)
+                if choice.get("token_ids"):
+                    choice["token_ids"] = [
+                        self._rng.randrange(50, 5000) for _ in choice["token_ids"]
+                    ]
+        if self.mode is FaultMode.INFLATE_TOKENS and chunk.get("usage"):
+            usage = chunk["usage"]
+            usage["prompt_tokens"] += INFLATION
+            usage["completion_tokens"] += INFLATION
+            usage["total_tokens"] += 2 * INFLATION
+        return chunk
+
+    def withholds(self, relayed: int) -> bool:
+        """True once a drop-midstream node stops relaying (it keeps metering the engine)."""
+        return self.mode is FaultMode.DROP_MIDSTREAM_BUT_BILL and relayed >= 3
+
+    # ------------------------------------------------------------------ the receipt
+    def sign(self, identity: Identity, receipt: Receipt) -> SignedReceipt:
+        if self.mode is FaultMode.BAD_SIGNATURE:
+            honest = sign_receipt(identity, receipt)
+            forged = sign_receipt(self._impostor, _renamed(receipt, self._impostor.node_id))
+            return SignedReceipt(honest.body, forged.worker_signature)
+        signed = sign_receipt(identity, receipt)
+        if self.mode is FaultMode.REPLAY_RECEIPT:
+            if self._first_receipt is None:
+                self._first_receipt = signed
+            return self._first_receipt
+        return signed
+
+
+def _renamed(receipt: Receipt, worker_id: str) -> Receipt:
+    value = json.loads(receipt.to_bytes())
+    value["worker_id"] = worker_id
+    return Receipt(**value)
