@@ -23,6 +23,12 @@ from coordinator.store.trust_store import FraudOutcome
 from coordinator.store.writer import LedgerWriter
 
 log = logging.getLogger("agora.coordinator.trust")
+# a collapsed score quarantines only on enough bad evidence: two rejected receipts or one
+# over-claim (see reputation.WEIGHTS), not a few failures of an unlucky new worker
+_MIN_BAD_TO_QUARANTINE = 8.0
+# only these can quarantine by score: failures and slowness lower it (routing) but are not
+# cheating, and the circuit breaker already rests a failing worker
+_CHEATING = frozenset({Outcome.RECEIPT_REJECTED, Outcome.OVERCLAIMED})
 
 
 @dataclass(frozen=True)
@@ -103,9 +109,9 @@ class Trust:
         for v in verdicts:
             if v.outcome is Outcome.FRAUD:
                 self._spawn(self.punish(v.node_id, v.request_id, v.detail))
-            elif v.node_id not in self._quarantined:
+            elif v.outcome in _CHEATING and v.node_id not in self._quarantined:
                 record = self.standing(v.node_id)
-                if record.score < self._quarantine_below and record.bad >= 10:
+                if record.score < self._quarantine_below and record.bad >= _MIN_BAD_TO_QUARANTINE:
                     reason = f"reputation {record.score:.2f} after {v.outcome.value}"
                     self._spawn(self.punish(v.node_id, v.request_id, reason, proven=False))
 

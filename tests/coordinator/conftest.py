@@ -24,8 +24,9 @@ def fleet(
     - "tiny-c": c1, c2, c3 (same price) for failover and continuation: one can be killed and
       restarted while two others serve
     - "tiny-solo": solo (one slot) for capacity
+    - "tiny-x": none at first; tests add workers that cheat (and get quarantined) here
     """
-    pinned = {model: str(tiny_model) for model in ("tiny", "tiny-c", "tiny-solo")}
+    pinned = {model: str(tiny_model) for model in ("tiny", "tiny-c", "tiny-solo", "tiny-x")}
     env = {"AGORA_COORDINATOR_TOKENIZERS": json.dumps(pinned)}  # the network recounts tokens
     fleet = Fleet.start(tmp_path_factory.mktemp("fleet"), vllm_engine.base_url, env)
     try:

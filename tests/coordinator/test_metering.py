@@ -4,6 +4,7 @@ an engine that over-reports is billed the recount and the worker gets a mismatch
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from tests.fleet import Fleet, Member
 
 pytestmark = pytest.mark.engine
 MODEL = "tiny-solo"
-SOLO_PRICE = Price(100_000, 200_000)
+SOLO_PRICE_PAIR = (100_000, 200_000)
+SOLO_PRICE = Price(*SOLO_PRICE_PAIR)
+CHEAT_MODEL = "tiny-x"
 FEE_BPS = 500
 MESSAGES: list[Any] = [{"role": "user", "content": "Count the waves on the shore."}]
 PROMPT = "The tide came in and"
@@ -50,15 +53,15 @@ def mismatches(fleet: Fleet) -> list[dict[str, Any]]:
         return list(admin.get("/metering/mismatches").json()["mismatches"])
 
 
-def run(client: openai.OpenAI, kind: str, stream: bool) -> tuple[str, Any]:
+def run(client: openai.OpenAI, kind: str, stream: bool, model: str = MODEL) -> tuple[str, Any]:
     """(request id, usage) of one greedy request."""
     if kind == "chat":
         api: Any = client.chat.completions.with_raw_response
-        raw = api.create(model=MODEL, messages=MESSAGES, stream=stream, **_stream_opts(stream),
+        raw = api.create(model=model, messages=MESSAGES, stream=stream, **_stream_opts(stream),
                          **GREEDY)  # fmt: skip
     else:
         api = client.completions.with_raw_response
-        raw = api.create(model=MODEL, prompt=PROMPT, stream=stream, **_stream_opts(stream),
+        raw = api.create(model=model, prompt=PROMPT, stream=stream, **_stream_opts(stream),
                          **GREEDY)  # fmt: skip
     request_id = raw.headers["x-agora-request-id"]
     parsed = raw.parse()
@@ -94,15 +97,18 @@ def test_honest_counts_recount_exactly_and_nothing_is_recorded(
 
 
 @pytest.mark.parametrize("kind", ["chat", "text"])
-def test_an_inflating_engine_is_billed_the_recount_and_the_mismatch_is_recorded(
-    fleet: Fleet, solo: Member, kind: str, tmp_path: Any
+def test_an_inflating_engine_is_billed_the_recount_recorded_and_quarantined(
+    fleet: Fleet, solo: Member, kind: str
 ) -> None:
     name, key = fleet.client()
     with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as client:
         _honest_id, honest = run(client, kind, stream=False)
-        solo.proxy.inflate_usage = 7  # the engine (so the worker's signed receipt) over-reports
-        before = fleet.coordinator.balances()[client_account(name)]
-        request_id, usage = run(client, kind, stream=True)
+    inflater = fleet.add(f"inflater-{kind}", CHEAT_MODEL, *SOLO_PRICE_PAIR)
+    inflater.proxy.inflate_usage = 7  # the engine (so the worker's signed receipt) over-reports
+    fleet.wait(CHEAT_MODEL, 1)
+    before = fleet.coordinator.balances()[client_account(name)]
+    with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as client:
+        request_id, usage = run(client, kind, stream=True, model=CHEAT_MODEL)
     paid = before - fleet.coordinator.balances()[client_account(name)]
     document = receipt_of(fleet, key, request_id)
     claimed = document["receipt"]
@@ -116,10 +122,15 @@ def test_an_inflating_engine_is_billed_the_recount_and_the_mismatch_is_recorded(
     assert document["amount_total"] == paid
     recorded = [m for m in mismatches(fleet) if m["request_id"] == request_id]
     assert len(recorded) == 1
-    assert recorded[0]["worker_id"] == solo.node_id
+    assert recorded[0]["worker_id"] == inflater.node_id
     assert recorded[0]["claimed_completion_tokens"] == 19
     assert recorded[0]["recounted_completion_tokens"] == 12
     assert recorded[0]["recounted_prompt_tokens"] == honest.prompt_tokens
+    deadline = time.monotonic() + 10  # an over-claim sinks its reputation at once
+    while not (view := fleet.worker_view(inflater.node_id) or {}).get("quarantined"):
+        assert time.monotonic() < deadline, view
+        time.sleep(0.05)
+    assert view["reputation"]["score"] < 0.2
 
 
 def test_models_list_the_pinned_tokenizer_the_network_recounts_with(
