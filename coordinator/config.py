@@ -38,6 +38,8 @@ class CoordinatorSettings(BaseSettings):
     tls_cert: Path | None = None  # PEM cert for the worker gRPC endpoint
     tls_key: Path | None = None
     ready_file: Path | None = None  # written with the bound ports once serving
+    spot_check_rate: float = Field(default=0.05, ge=0, le=1)  # greedy jobs re-scored elsewhere
+    spot_check_probation_rate: float = Field(default=0.5, ge=0, le=1)  # for new workers
     slash_amount: int = Field(default=1_000_000, ge=0)  # bond taken per proven fraud (micro-units)
     # model name -> local tokenizer directory the operator pins for recounting tokens
     tokenizers: dict[str, Path] = Field(default_factory=dict)

@@ -26,6 +26,9 @@ FAST = {
     "AGORA_COORDINATOR_QUEUE_TIMEOUT_S": "1",  # how long a request waits for a free slot
     "AGORA_COORDINATOR_HEARTBEAT_INTERVAL_S": "1",
     "AGORA_COORDINATOR_BREAKER_COOLDOWN_S": "2",  # a failed worker sits out 2 s, 4 s, …
+    # gateway tests count the jobs each engine sees: no spot checks here (tests/…/test_trust.py)
+    "AGORA_COORDINATOR_SPOT_CHECK_RATE": "0",
+    "AGORA_COORDINATOR_SPOT_CHECK_PROBATION_RATE": "0",
 }
 
 

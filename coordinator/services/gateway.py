@@ -46,6 +46,7 @@ from coordinator.services.reputation import Outcome
 from coordinator.services.reservations import Hold, Reservations
 from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy, route
 from coordinator.services.settlement import JobFacts, Settled, Settlement
+from coordinator.services.spot_check import CheckPolicy, SpotChecker
 from coordinator.services.stats import StatsBook
 from coordinator.services.trust import Trust, Verdict
 from protocol.completions import CHAT, COMPLETIONS
@@ -73,6 +74,10 @@ class Gateway:
         trust: Trust | None = None,
     ) -> None:
         self.trust = trust  # reputation for routing; verdicts from settlement feed it
+        checks = CheckPolicy(
+            rate=settings.spot_check_rate, probation_rate=settings.spot_check_probation_rate
+        )
+        self.spot_checker = SpotChecker(self, registry, trust, checks, rng or random.Random())
         self.registry = registry
         self.accounts = accounts
         self.reservations = Reservations(accounts.balance)
@@ -411,6 +416,7 @@ class Gateway:
             self.reservations.posted(client)  # the charge is in: now the hold may go
             if self.trust is not None:
                 self.trust.observe(settled.verdicts)
+                self.spot_checker.consider(completion)
         except Exception:  # the client already has its tokens; the operator must see this
             log.exception("could not settle request %s", completion.request_id)
             return None

@@ -15,6 +15,7 @@ from enum import StrEnum
 
 class Outcome(StrEnum):
     SERVED = "served"  # a verified receipt, counts matching the recount
+    VERIFIED = "verified"  # a spot check on another worker confirmed the output
     FAILED = "failed"  # the job failed or stalled on the worker's side
     SLOW = "slow"  # it missed the latency objective
     RECEIPT_REJECTED = "receipt_rejected"  # a receipt that does not match the job
@@ -25,9 +26,10 @@ class Outcome(StrEnum):
 # how much each outcome moves the posterior: (good weight, bad weight)
 WEIGHTS: dict[Outcome, tuple[float, float]] = {
     Outcome.SERVED: (1.0, 0.0),
+    Outcome.VERIFIED: (3.0, 0.0),
     Outcome.FAILED: (0.0, 1.0),
     Outcome.SLOW: (0.0, 0.3),
-    Outcome.RECEIPT_REJECTED: (0.0, 5.0),
+    Outcome.RECEIPT_REJECTED: (0.0, 10.0),  # an honest worker never sends one
     Outcome.OVERCLAIMED: (0.0, 10.0),
     Outcome.FRAUD: (0.0, 50.0),
 }

@@ -23,7 +23,7 @@ from coordinator.store.trust_store import FraudOutcome
 from coordinator.store.writer import LedgerWriter
 
 log = logging.getLogger("agora.coordinator.trust")
-# a collapsed score quarantines only on enough bad evidence: two rejected receipts or one
+# a collapsed score quarantines only on enough bad evidence: one rejected receipt or one
 # over-claim (see reputation.WEIGHTS), not a few failures of an unlucky new worker
 _MIN_BAD_TO_QUARANTINE = 8.0
 # only these can quarantine by score: failures and slowness lower it (routing) but are not

@@ -49,6 +49,8 @@ class Market:
             "AGORA_COORDINATOR_TOKENIZERS": json.dumps({MODEL: str(tiny_model)}),
             "AGORA_COORDINATOR_SLASH_AMOUNT": str(SLASH),
             "AGORA_COORDINATOR_HEARTBEAT_INTERVAL_S": "1",
+            "AGORA_COORDINATOR_SPOT_CHECK_RATE": "1",  # every eligible (greedy) job is checked
+            "AGORA_COORDINATOR_SPOT_CHECK_PROBATION_RATE": "1",
         }
         self.coordinator: CoordinatorHandle = start_coordinator(workdir, env=env)
         self.workers: dict[str, Process] = {}
@@ -173,6 +175,26 @@ def test_provable_fraud_is_quarantined_slashed_clawed_back_and_refunded(
         assert served.headers["x-agora-worker"] != node
 
 
+def test_made_up_text_fails_its_spot_check_and_is_punished(market: Market) -> None:
+    """garbage-text signs consistent receipts for text the model never produced: only a spot
+    check (the claimed greedy tokens re-scored on the honest worker) can tell."""
+    key = market.coordinator.create_client("warm-up", CREDIT)
+    honest = next(w["node_id"] for w in market.admin("GET", "/workers")["workers"]
+                  if not w["quarantined"])  # fmt: skip
+    for _ in range(3):  # the reference must have a better record than a newcomer
+        ask(market, key, honest)
+    node = cheater(market, "cheat-garbage", "garbage-text")
+    name = "victim-garbage"
+    key = market.coordinator.create_client(name, CREDIT)
+    ask(market, key, node)
+    until(lambda: quarantined(market, node) is not None)
+    reason = quarantined(market, node)
+    assert reason is not None
+    assert "spot check" in reason
+    until(lambda: market.balance(client_account(name)) == CREDIT)
+    assert market.balance(bond_account(node)) == BOND - SLASH
+
+
 @pytest.mark.parametrize(
     ("fault", "requests"), [("bad-signature", 2), ("inflate-tokens", 1)]
 )  # fmt: skip
@@ -215,6 +237,10 @@ def test_honest_sampled_work_is_never_accused(market: Market) -> None:
                 for _chunk in stream:
                     pass
     until(lambda: market.worker(honest)["reputation"]["good"] >= 40)
+    greedy = market.worker(honest)["reputation"]["good"]
+    for _ in range(6):  # greedy work is spot-checked on the first honest worker: it passes
+        ask(market, key, honest)
+    until(lambda: market.worker(honest)["reputation"]["good"] > greedy + 6 + 2)
     standing = market.worker(honest)["reputation"]
     assert standing["bad"] == 0
     assert quarantined(market, honest) is None

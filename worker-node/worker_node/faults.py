@@ -79,7 +79,7 @@ class Fault:
                             holder[key] = " " + self._rng.choice(_WORDS)
                 if choice.get("token_ids"):
                     choice["token_ids"] = [
-                        self._rng.randrange(50, 5000) for _ in choice["token_ids"]
+                        self._rng.randrange(50, 4000) for _ in choice["token_ids"]
                     ]
         if self.mode is FaultMode.INFLATE_TOKENS and chunk.get("usage"):
             usage = chunk["usage"]
