@@ -19,7 +19,9 @@ def position(claimed: int, claimed_lp: float, best: int, best_lp: float) -> dict
 def logprobs_for(claimed: list[int], gaps: list[float], prompt_len: int = 3) -> list[Any]:
     """Prompt positions first (None for the first, as vLLM gives), then one per output token."""
     prompt: list[Any] = [None] + [position(1, -1.0, 1, -1.0) for _ in range(prompt_len - 1)]
-    out = [position(t, -2.0 - gap, t if gap == 0 else t + 1, -2.0) for t, gap in zip(claimed, gaps)]
+    out = []
+    for token, gap in zip(claimed, gaps, strict=True):
+        out.append(position(token, -2.0 - gap, token if gap == 0 else token + 1, -2.0))
     return prompt + out
 
 
