@@ -6,6 +6,7 @@ its reputation until it is quarantined. Honest sampled work is never accused."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -29,10 +30,10 @@ from agora.stack import (
 )
 from billing.ledger import bond_account, client_account, provider_account
 from protocol.identity import Identity
-from tests.conftest import MODEL as ENGINE_MODEL
 from tests.conftest import books_problems
-from worker_node.engines.vllm import VllmEngine
+from worker_node.engines.vllm import VllmConfig, VllmEngine
 from worker_node.faults import ALLOW_ENV, ALLOW_VALUE, FAULT_ENV
+from worker_node.tiny_model import ensure_tiny_model
 
 pytestmark = pytest.mark.engine
 MODEL = "tiny-t"
@@ -55,11 +56,13 @@ class Market:
         self.coordinator: CoordinatorHandle = start_coordinator(workdir, env=env)
         self.workers: dict[str, Process] = {}
 
-    def add(self, name: str, fault: str | None = None) -> str:
+    def add(self, name: str, fault: str | None = None, engine: VllmEngine | None = None) -> str:
         env = {FAULT_ENV: fault, ALLOW_ENV: ALLOW_VALUE} if fault else {}
+        engine = engine or self.engine
         spec = WorkerSpec(
-            name, MODEL, engine_url=self.engine.base_url, engine_model=ENGINE_MODEL, env=env
-        )
+            name, MODEL, engine_url=engine.base_url, engine_model=engine.config.served_model,
+            env=env,
+        )  # fmt: skip
         self.workers[name] = start_worker(self.workdir, self.coordinator, spec)
         key = self.workdir / f"{name}.key"
         deadline = time.monotonic() + 30
@@ -105,8 +108,24 @@ def market(
     assert books_problems(workdir) == []  # refunds, clawbacks and slashes keep the books sound
 
 
-def cheater(market: Market, name: str, fault: str) -> str:
-    node = market.add(name, fault)
+@pytest.fixture(scope="module")
+def other_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmEngine]:
+    """A second real engine serving a different tiny model (another architecture, same
+    tokenizer): what a worker serving the wrong model under the advertised name runs."""
+    engine = VllmEngine(
+        VllmConfig(
+            model=str(ensure_tiny_model("small")), served_model="small", max_model_len=512,
+            dtype="float32", enforce_eager=True,
+            log_path=tmp_path_factory.mktemp("small") / "engine.log", startup_timeout_s=600,
+        )
+    )  # fmt: skip
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.stop())
+
+
+def cheater(market: Market, name: str, fault: str | None, engine: VllmEngine | None = None) -> str:
+    node = market.add(name, fault, engine)
     market.wait(2)  # the honest worker and this one (quarantined ones are not available)
     market.admin("POST", f"/nodes/{node}/bond", json={"amount": BOND})
     return node
@@ -191,6 +210,20 @@ def test_made_up_text_fails_its_spot_check_and_is_punished(market: Market) -> No
     reason = quarantined(market, node)
     assert reason is not None
     assert "spot check" in reason
+    until(lambda: market.balance(client_account(name)) == CREDIT)
+    assert market.balance(bond_account(node)) == BOND - SLASH
+
+
+def test_a_worker_serving_another_model_fails_its_spot_check(
+    market: Market, other_engine: VllmEngine
+) -> None:
+    """wrong-model: an honest-looking node whose engine runs a different model."""
+    node = cheater(market, "cheat-wrong-model", None, other_engine)
+    name = "victim-wrong-model"
+    key = market.coordinator.create_client(name, CREDIT)
+    ask(market, key, node)
+    until(lambda: quarantined(market, node) is not None)
+    assert "spot check" in (quarantined(market, node) or "")
     until(lambda: market.balance(client_account(name)) == CREDIT)
     assert market.balance(bond_account(node)) == BOND - SLASH
 
