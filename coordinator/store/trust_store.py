@@ -100,7 +100,7 @@ def _quarantine(conn: Connection, node_id: str, request_id: str, reason: str) ->
 def punish_fraud(
     conn: Connection, node_id: str, request_id: str, reason: str, slash_amount: int
 ) -> FraudOutcome:
-    already = not _quarantine(conn, node_id, request_id, reason)
+    _quarantine(conn, node_id, request_id, reason)
     unpaid = conn.execute(
         select(RECEIPTS.c.parent_id).where(
             RECEIPTS.c.worker_id == node_id, RECEIPTS.c.epoch_id.is_(None)
@@ -130,9 +130,9 @@ def punish_fraud(
         clawed = earned if _post_once(conn, clawback) else 0
     bond = ledger_store.balance_of(conn, bond_account(node_id))
     slashed = min(bond, slash_amount)
-    if slashed > 0 and not already:
+    if slashed > 0:  # once per worker, however many frauds are proven against it
         slash = Transaction(
-            f"slash:{node_id}:{request_id}", "slash",
+            f"slash:{node_id}", "slash",
             (Posting(bond_account(node_id), -slashed), Posting(NETWORK_SLASHED, slashed)),
             memo=reason[:200],
         )  # fmt: skip

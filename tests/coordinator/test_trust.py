@@ -229,7 +229,7 @@ def test_a_worker_serving_another_model_fails_its_spot_check(
 
 
 @pytest.mark.parametrize(
-    ("fault", "requests"), [("bad-signature", 2), ("inflate-tokens", 1)]
+    ("fault", "requests"), [("bad-signature", 1), ("inflate-tokens", 1)]
 )  # fmt: skip
 def test_unprovable_cheating_is_unpaid_or_billed_down_and_sinks_into_quarantine(
     market: Market, fault: str, requests: int
@@ -240,7 +240,8 @@ def test_unprovable_cheating_is_unpaid_or_billed_down_and_sinks_into_quarantine(
         ask(market, key, node)
     until(lambda: quarantined(market, node) is not None)
     reputation = market.worker(node)["reputation"]
-    assert reputation["score"] < 0.2
+    assert reputation["score"] < 0.5  # below a newcomer's (a passed spot check may follow)
+    assert reputation["bad"] >= 10
     assert market.balance(bond_account(node)) == BOND  # no proof, no slash
     if fault == "bad-signature":
         assert market.balance(provider_account(node)) == 0  # never paid
@@ -270,10 +271,14 @@ def test_honest_sampled_work_is_never_accused(market: Market) -> None:
                 for _chunk in stream:
                     pass
     until(lambda: market.worker(honest)["reputation"]["good"] >= 40)
+    first = next(w["node_id"] for w in market.admin("GET", "/workers")["workers"]
+                 if not w["quarantined"] and w["node_id"] != honest)  # fmt: skip
+    while market.worker(first)["reputation"]["probation"]:  # a reference must be established
+        ask(market, key, first)
     greedy = market.worker(honest)["reputation"]["good"]
     for _ in range(6):  # greedy work is spot-checked on the first honest worker: it passes
         ask(market, key, honest)
-    until(lambda: market.worker(honest)["reputation"]["good"] > greedy + 6 + 2)
+    until(lambda: market.worker(honest)["reputation"]["good"] >= greedy + 6 + 3 * 6 - 0.1)
     standing = market.worker(honest)["reputation"]
     assert standing["bad"] == 0
     assert quarantined(market, honest) is None

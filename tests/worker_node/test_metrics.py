@@ -20,15 +20,15 @@ async def test_reads_running_requests_from_the_engine(vllm_engine: VllmEngine) -
         body = {
             "model": "tiny",
             "prompt": "count",
-            "max_tokens": 300,
+            "max_tokens": 480,
             "ignore_eos": True,
         }
         long_job = asyncio.create_task(
             client.post(f"{vllm_engine.base_url}/completions", json=body)
         )
         seen: list[EngineLoad] = []
-        for _ in range(40):
-            await asyncio.sleep(0.05)
+        while not long_job.done():  # look for as long as the job runs, however fast it is
+            await asyncio.sleep(0.02)
             seen.append(await read_engine_load(client, vllm_engine.base_url, "tiny"))
             if seen[-1].running:
                 break
