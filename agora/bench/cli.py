@@ -7,8 +7,10 @@ import typer
 from agora.bench.gateway import gateway
 from agora.bench.resilience import resilience
 from agora.bench.serving import serving
+from agora.bench.trust import trust
 
 app = typer.Typer(help="Benchmarks; each writes its numbers to a file.", no_args_is_help=True)
 app.command("gateway")(gateway)
 app.command("resilience")(resilience)
 app.command("serving")(serving)
+app.command("trust")(trust)

@@ -46,7 +46,8 @@ from coordinator.services.reputation import Outcome
 from coordinator.services.reservations import Hold, Reservations
 from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy, route
 from coordinator.services.settlement import JobFacts, Settled, Settlement
-from coordinator.services.spot_check import CheckPolicy, SpotChecker
+from coordinator.services.spot_check import SpotChecker
+from coordinator.services.spot_judgement import CheckPolicy
 from coordinator.services.stats import StatsBook
 from coordinator.services.trust import Trust, Verdict
 from protocol.completions import CHAT, COMPLETIONS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.services.spot_check import CheckPolicy, check_body, eligible, judge
+from coordinator.services.spot_judgement import CheckPolicy, check_body, eligible, judge
 from protocol.completions import ChoiceOutput, Output
 
 POLICY = CheckPolicy()
