@@ -71,6 +71,19 @@ def post_in(conn: Connection, tx: Transaction) -> None:
     )
 
 
+def post_once_in(conn: Connection, tx: Transaction) -> bool:
+    """Post `tx` inside the caller's transaction unless its id was posted before (False then;
+    its savepoint is rolled back, the caller's transaction goes on)."""
+    savepoint = conn.begin_nested()
+    try:
+        post_in(conn, tx)
+    except DuplicateTransaction:
+        savepoint.rollback()
+        return False
+    savepoint.commit()
+    return True
+
+
 def post(session: Session, tx: Transaction) -> bool:
     """Post `tx` in its own database transaction. False if it was already posted."""
     conn = session.connection()

@@ -9,7 +9,7 @@ import logging
 
 from sqlalchemy import Connection, Engine, Table, delete, insert, select
 
-from billing.errors import DuplicateTransaction, InsufficientFunds
+from billing.errors import InsufficientFunds
 from billing.ledger import Transaction, transaction_from_json, transaction_to_json
 from coordinator.store import ledger_store
 from coordinator.store.models import PendingPosting, utcnow
@@ -26,14 +26,7 @@ def stage(conn: Connection, tx: Transaction) -> None:
 def post_staged(conn: Connection, tx: Transaction) -> bool:
     """Post a staged transaction and clear it; False if it had been posted already."""
     conn.execute(delete(PENDING).where(PENDING.c.txid == tx.txid))
-    savepoint = conn.begin_nested()
-    try:
-        ledger_store.post_in(conn, tx)
-    except DuplicateTransaction:
-        savepoint.rollback()
-        return False
-    savepoint.commit()
-    return True
+    return ledger_store.post_once_in(conn, tx)
 
 
 def pending(conn: Connection) -> list[Transaction]:

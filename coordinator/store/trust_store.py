@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Table, insert, select
 
-from billing.errors import DuplicateTransaction
 from billing.ledger import (
     NETWORK_REFUNDS,
     NETWORK_SLASHED,
@@ -57,17 +56,6 @@ def recent_events(conn: Connection, since: float) -> list[tuple[str, str, float]
 
 def _unix(moment: datetime) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-def _post_once(conn: Connection, tx: Transaction) -> bool:
-    savepoint = conn.begin_nested()
-    try:
-        ledger_store.post_in(conn, tx)
-    except DuplicateTransaction:
-        savepoint.rollback()
-        return False
-    savepoint.commit()
-    return True
 
 
 def _client_paid(conn: Connection, request_id: str) -> tuple[str, int] | None:
@@ -118,7 +106,7 @@ def punish_fraud(
             (Posting(client_account(client), amount), Posting(NETWORK_REFUNDS, -amount)),
             memo=f"fraud by {node_id}",
         )  # fmt: skip
-        if _post_once(conn, refund):
+        if ledger_store.post_once_in(conn, refund):
             refunded[client] = refunded.get(client, 0) + amount
     earned = ledger_store.balance_of(conn, provider_account(node_id))
     clawed = 0
@@ -127,7 +115,7 @@ def punish_fraud(
             f"clawback:{node_id}:{request_id}", "clawback",
             (Posting(provider_account(node_id), -earned), Posting(NETWORK_REFUNDS, earned)),
         )  # fmt: skip
-        clawed = earned if _post_once(conn, clawback) else 0
+        clawed = earned if ledger_store.post_once_in(conn, clawback) else 0
     bond = ledger_store.balance_of(conn, bond_account(node_id))
     slashed = min(bond, slash_amount)
     if slashed > 0:  # once per worker, however many frauds are proven against it
@@ -136,7 +124,7 @@ def punish_fraud(
             (Posting(bond_account(node_id), -slashed), Posting(NETWORK_SLASHED, slashed)),
             memo=reason[:200],
         )  # fmt: skip
-        slashed = slashed if _post_once(conn, slash) else 0
+        slashed = slashed if ledger_store.post_once_in(conn, slash) else 0
     else:
         slashed = 0
     return FraudOutcome(refunded, clawed, slashed)

@@ -5,7 +5,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
+from coordinator.store.db import make_engine, migrate
 from tests.conftest import books_problems
 from tests.fleet import Fleet
 from worker_node.engines.vllm import VllmEngine
@@ -42,3 +44,12 @@ def fleet(
     finally:
         fleet.stop()
     assert books_problems(fleet.workdir) == []  # the books after every gateway test
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """A migrated store, on SQLite and on PostgreSQL (per `database_url`)."""
+    engine = make_engine(database_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()

@@ -37,14 +37,6 @@ PRICE = Price(100_000, 300_000)
 
 
 @pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def settlement(engine: Engine) -> Iterator[Settlement]:
     writer = LedgerWriter(engine)
     yield Settlement(engine, writer, COORDINATOR, fee_bps=500)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -14,16 +12,8 @@ from billing.errors import InsufficientFunds
 from billing.ledger import check_invariants, client_account, deposit, request_charge
 from billing.pricing import Charge
 from coordinator.store import ledger_store
-from coordinator.store.db import make_engine, migrate
+from coordinator.store.db import migrate
 from coordinator.store.models import LedgerPosting, LedgerTransaction
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    migrate(engine)
-    yield engine
-    engine.dispose()
 
 
 def test_migrations_produce_exactly_the_models(engine: Engine) -> None:
