@@ -178,3 +178,15 @@ async def metering_mismatches(
 ) -> dict[str, Any]:
     """Workers that claimed more tokens than the coordinator's recount."""
     return {"mismatches": await asyncio.to_thread(payouts.mismatches, min(limit, 1000))}
+
+
+@router.get("/trust/events")
+async def trust_events(
+    _admin: AdminDep, gateway: GatewayDep, node_id: str | None = None,
+    outcome: str | None = None, limit: int = 100,
+) -> dict[str, Any]:  # fmt: skip
+    """Reputation evidence (spot checks, rejected receipts, over-claims …), newest first."""
+    if gateway.trust is None:
+        return {"events": [], "counts": {}}
+    trust = gateway.trust
+    return await asyncio.to_thread(trust.evidence, node_id, outcome, min(limit, 1000))

@@ -40,6 +40,7 @@ from coordinator.services.jobs import (
     error_from_job,
     prompt_token_bound,
 )
+from coordinator.services.probation import ProbationShare
 from coordinator.services.registry import ModelSlot, Registry
 from coordinator.services.relay import Completion
 from coordinator.services.reputation import Outcome
@@ -75,6 +76,8 @@ class Gateway:
         trust: Trust | None = None,
     ) -> None:
         self.trust = trust  # reputation for routing; verdicts from settlement feed it
+        share = trust.policy.probation_share if trust else 1.0
+        self.probation_share = ProbationShare(share)
         checks = CheckPolicy(
             rate=settings.spot_check_rate, probation_rate=settings.spot_check_probation_rate
         )
@@ -243,7 +246,12 @@ class Gateway:
             self.policy,
             reputation=self.trust.scores if self.trust else None,
             price_sorted=True,
+            probation=self.trust.probation if self.trust else frozenset(),
+            probation_over_budget=self.probation_share.over_budget(bound.model),
         )
+        if decision.ranked and self.trust is not None:
+            to_new = self.trust.on_probation(decision.ranked[0].node_id)
+            self.probation_share.record(bound.model, to_new)
         for scored in decision.ranked:
             self.stats.get(scored.node_id, bound.model).last_score = scored.score
         return decision
@@ -397,6 +405,10 @@ class Gateway:
         if ok:
             stats.record_latency(ttft, itl)
             stats.record_success(now)
+            if self.trust is not None and self._missed_slo(ttft, itl):
+                slow = Verdict(attempt.node_id, Outcome.SLOW, attempt.facts.request_id,
+                               f"ttft {ttft} s, itl {itl} s")  # fmt: skip
+                self.trust.observe([slow])
         else:
             stats.record_failure(now)
             if self.trust is not None:
@@ -406,6 +418,10 @@ class Gateway:
             self.metrics.ttft.labels(attempt.facts.model).observe(ttft)
             if itl is not None:
                 self.metrics.itl.labels(attempt.facts.model).observe(itl)
+
+    def _missed_slo(self, ttft: float | None, itl: float | None) -> bool:
+        settings = self.settings
+        return (ttft or 0.0) > settings.slo_ttft_s or (itl or 0.0) > settings.slo_itl_s
 
     async def settle(self, completion: Completion) -> Settled | None:
         records = [a.record() for a in completion.attempts if a.observed.choices]

@@ -11,7 +11,7 @@ something that needs an order over all of them (sort by price: the pool is kept 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -199,6 +199,25 @@ def _score(
     return Scored(c.node_id, score, terms)
 
 
+def _find_established(
+    pool: Sequence[CandidateView],
+    probation: Container[str],
+    picked: list[CandidateView],
+    consider: Callable[[int], None],
+    rng: random.Random,
+) -> None:
+    """When probation workers are over their share and the sample holds none but them, walk
+    the pool from a random point until an eligible established worker is found. Costs a scan
+    only in a market swamped by new nodes, which is the case the cap exists for."""
+    n, start = len(pool), rng.randrange(len(pool))
+    for step in range(n):
+        if any(c.node_id not in probation for c in picked):
+            return
+        index = (start + step) % n
+        if pool[index].node_id not in probation:
+            consider(index)
+
+
 def route(
     request: RouteRequest,
     pool: Sequence[CandidateView],
@@ -209,9 +228,13 @@ def route(
     policy: RoutingPolicy = RoutingPolicy(),
     reputation: Mapping[str, float] | None = None,
     price_sorted: bool = False,
+    probation: Container[str] = frozenset(),
+    probation_over_budget: bool = False,
 ) -> Decision:
     """Rank workers for one request. `pool` holds every candidate offering the model; when
-    `price_sorted` it is ordered by completion price, cheapest first."""
+    `price_sorted` it is ordered by completion price, cheapest first. When the workers on
+    `probation` have taken their share of traffic, they rank after established ones (unless
+    the client named them)."""
     excluded: dict[str, int] = {}
     picked: list[CandidateView] = []
     seen: set[int] = set()
@@ -255,6 +278,8 @@ def route(
             while len(picked) < policy.sample_size and tries < policy.sample_size * 4:
                 consider(rng.randrange(n))
                 tries += 1
+            if probation_over_budget:
+                _find_established(pool, probation, picked, consider, rng)
     reputation = reputation or {}
     everyone = first + picked
     cheapest = min((_cost(request, c) for c in everyone), default=0)
@@ -275,7 +300,13 @@ def route(
         out.sort(key=lambda s: (s.score, s.node_id))
         return out
 
-    ranked = scored(first) + scored(picked)
+    rest = scored(picked)
+    if probation_over_budget:
+        new = [s for s in rest if s.node_id in probation]
+        if len(new) < len(rest):  # someone established can serve: they go first
+            marked = [Scored(s.node_id, s.score, {**s.terms, "probation": 1.0}) for s in new]
+            rest = [s for s in rest if s.node_id not in probation] + marked
+    ranked = scored(first) + rest
     if not prefs.allow_fallbacks:
         ranked = ranked[:1]
     return Decision(

@@ -1,10 +1,10 @@
-"""Spot checks: re-score a sampled greedy job's claimed output on another worker of the same
-model, by one prefill with prompt logprobs (far cheaper than generating it again).
+"""Spot checks: re-score a sampled job's claimed output on another worker of the same model, by
+one prefill with prompt logprobs (far cheaper than generating it again).
 
-A worker whose greedy tokens are often far from the reference's choice did not run this model
-greedily: it served another model, made text up, or replayed something else (the judgement is
-in services.spot_judgement). Sampled (temperature > 0) output is not judged
-here: that needs a likelihood test calibrated on a model whose distribution is not flat.
+A worker whose greedy tokens are often not the reference's choice, or whose sampled tokens
+fall outside the reference's likely tokens far more often than sampling allows, did not run
+this model: it served another model, made text up, or replayed something else (the judgement,
+and why it does not accuse honest sampling, is in services.spot_judgement).
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from coordinator.services.jobs import Attempt, CompletionRequest
 from coordinator.services.registry import ModelSlot, Registry
 from coordinator.services.relay import Completion
 from coordinator.services.reputation import Outcome
-from coordinator.services.spot_judgement import CheckPolicy, check_body, eligible, judge, sampled
+from coordinator.services.spot_judgement import (
+    CheckPolicy,
+    check_body,
+    judge,
+    sampled,
+    sampling_temperature,
+)
 from coordinator.services.trust import Trust, Verdict
 from protocol.completions import COMPLETIONS
 from protocol.proto import session_pb2 as pb
@@ -54,12 +60,15 @@ class SpotChecker:
     def consider(self, completion: Completion) -> None:
         """Check this settled request on another worker, if it is eligible and sampled."""
         trust, first = self._trust, completion.attempts[0]
-        if trust is None or not eligible(
-            completion.request.body, first.observed, len(completion.attempts)
-        ):
+        if trust is None:
+            return
+        body, segments = completion.request.body, len(completion.attempts)
+        temperature = sampling_temperature(body, first.observed, segments)
+        if temperature is None:
             return
         if sampled(self._rng, trust.on_probation(first.node_id), self._policy):
-            task = asyncio.get_running_loop().create_task(self._check(completion, trust))
+            check = self._check(completion, trust, temperature)
+            task = asyncio.get_running_loop().create_task(check)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -74,14 +83,14 @@ class SpotChecker:
         ]  # fmt: skip
         return max(candidates, key=lambda s: trust.score(s.node_id), default=None)
 
-    async def _check(self, completion: Completion, trust: Trust) -> None:
+    async def _check(self, completion: Completion, trust: Trust, temperature: float) -> None:
         first = completion.attempts[0]
         reference = self._reference_for(trust, completion.request.model, first.node_id)
         if reference is None:
             return
         observed = first.observed
         output_ids = observed.choices[0].token_ids
-        body = check_body(observed.prompt_token_ids or [], output_ids)
+        body = check_body(observed.prompt_token_ids or [], output_ids, self._policy.top_k)
         job_id = f"{completion.request_id}~check"
         attempt = self._gateway._dispatch(
             reference, completion.request, COMPLETIONS, body, job_id, completion.principal, 0
@@ -94,7 +103,8 @@ class SpotChecker:
             log.info("spot check of %s could not run: %s", completion.request_id, event)
             return
         choice = (json.loads(event.response).get("choices") or [{}])[0]
-        verdict = judge(output_ids, choice.get("prompt_logprobs") or [], self._policy)
+        logprobs = choice.get("prompt_logprobs") or []
+        verdict = judge(output_ids, logprobs, self._policy, temperature)
         log.info("spot check of %s on %s: %s", completion.request_id, reference.node_id,
                  verdict.detail)  # fmt: skip
         outcome = Outcome.VERIFIED if verdict.genuine else Outcome.FRAUD

@@ -1,13 +1,26 @@
-"""The spot-check judgement, pure: is a claimed greedy output the model's own? (Kept apart
-from services.spot_check so benchmarks can use it without the gateway.)
+"""The spot-check judgement, pure: is a claimed output the model's own? (Kept apart from
+services.spot_check so benchmarks can use it without the gateway.)
 
-For greedy decoding every claimed token must be the reference model's most likely next token,
-up to float noise: a fresh prefill and step-by-step decoding differ in the last bits, which can
-flip a near-tie (gaps of 1e-4 nats were seen), never a clear choice.
+The reference scores prompt + claimed output in one prefill and returns, per position, its
+top-k logprobs and the claimed token's rank.
+
+Greedy jobs: every claimed token must be the reference's most likely next token, up to float
+noise (a fresh prefill and step-by-step decoding differ in the last bits, which can flip a
+near-tie — gaps of 1e-4 nats were seen — never a clear choice).
+
+Sampled jobs (0 < temperature <= 1, no penalties or biases): a token is drawn from the model's
+distribution sharpened by the temperature, and sharpening only moves mass toward the most
+likely tokens (so do top-p, top-k and min-p). Hence an honest token falls outside the
+reference's top k with probability at most q = 1 - (top-k mass of the raw distribution), plus a
+slack for float noise between machines. The number of outside tokens is then bounded by a sum
+of Bernoulli(q_i); the Chernoff bound on its upper tail is the p-value, and only a p-value
+below `alpha` (one in a million per check) is an accusation. A flat distribution makes q near 1
+and the check accuses nobody: it cannot fail honest work, it can only lack power.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,67 +28,136 @@ from typing import Any
 
 from protocol.completions import Output
 
+# penalties and biases reshape the distribution in ways the bound above does not cover
+_RESHAPING = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_tokens": 0,
+}
+_CONSTRAINING = ("tools", "response_format", "logit_bias", "guided_json", "guided_regex",
+                 "guided_choice", "guided_grammar", "structured_outputs", "bad_words",
+                 "allowed_token_ids")  # fmt: skip
+
 
 @dataclass(frozen=True)
 class CheckPolicy:
     rate: float = 0.05  # share of eligible jobs checked
     probation_rate: float = 0.5  # for workers still on probation
-    gap_nats: float = 0.05  # a claimed token this far below the reference's best is "off"
-    max_off_share: float = 0.25  # more than this share of tokens off: the output is not genuine
+    gap_nats: float = 0.05  # greedy: a claimed token this far below the reference's best is "off"
+    max_off_share: float = 0.25  # greedy: more than this share of tokens off is not genuine
     min_tokens: int = 4  # shorter outputs say too little to judge
+    top_k: int = 8  # reference logprobs asked per position
+    slack: float = 0.02  # sampled: added to each position's outside-top-k bound
+    alpha: float = 1e-6  # sampled: accuse only below this p-value
 
 
 @dataclass(frozen=True)
 class Judgement:
     genuine: bool
-    off: int  # tokens clearly not the reference's greedy choice
+    off: int  # greedy: tokens not the reference's choice; sampled: tokens outside its top k
     judged: int
     detail: str
 
 
-def eligible(body: Mapping[str, Any], delivered: Output, segments: int) -> bool:
-    """A single-segment greedy job with token ids, without tools or structured output."""
-    if segments != 1 or float(body.get("temperature", 1.0) or 0.0) != 0.0:
-        return False
-    if int(body.get("n") or 1) != 1 or body.get("tools") or body.get("response_format"):
-        return False
+def sampling_temperature(body: Mapping[str, Any], delivered: Output, segments: int) -> float | None:
+    """The temperature a checkable job ran at (0 = greedy), or None when it cannot be checked:
+    continuations, several choices, constrained or reshaped sampling, temperature above 1."""
+    if segments != 1 or int(body.get("n") or 1) != 1:
+        return None
+    if any(body.get(key) for key in _CONSTRAINING):
+        return None
+    if any(float(body.get(key) or neutral) != neutral for key, neutral in _RESHAPING.items()):
+        return None
+    raw = body.get("temperature")
+    temperature = 1.0 if raw is None else float(raw)  # the OpenAI default samples at 1
+    if not 0.0 <= temperature <= 1.0:
+        return None
     choice = delivered.choices.get(0)
-    return bool(delivered.prompt_token_ids and choice and choice.token_ids)
+    return temperature if delivered.prompt_token_ids and choice and choice.token_ids else None
+
+
+def eligible(body: Mapping[str, Any], delivered: Output, segments: int) -> bool:
+    return sampling_temperature(body, delivered, segments) is not None
 
 
 def sampled(rng: random.Random, on_probation: bool, policy: CheckPolicy) -> bool:
     return rng.random() < (policy.probation_rate if on_probation else policy.rate)
 
 
-def check_body(prompt_ids: Sequence[int], output_ids: Sequence[int]) -> dict[str, Any]:
-    """One prefill over prompt + claimed output, returning each position's logprobs."""
+def check_body(
+    prompt_ids: Sequence[int], output_ids: Sequence[int], top_k: int = CheckPolicy.top_k
+) -> dict[str, Any]:
+    """One prefill over prompt + claimed output, returning each position's top-k logprobs."""
     return {
         "prompt": [*prompt_ids, *output_ids],
         "max_tokens": 1,
         "temperature": 0,
-        "prompt_logprobs": 1,
+        "prompt_logprobs": top_k,
         "stream": False,
     }
 
 
-def judge(
-    output_ids: Sequence[int], prompt_logprobs: Sequence[Any], policy: CheckPolicy
-) -> Judgement:
-    """Compare each claimed token with the reference's best at its position. `prompt_logprobs`
-    is vLLM's list (one entry per prompt position: None or {token id: {"logprob": …}})."""
+@dataclass(frozen=True)
+class _Position:
+    claimed: float  # the claimed token's logprob
+    best: float
+    rank: int  # 1 = the reference's most likely token
+    top_mass: float  # probability of the reference's top k
+
+
+def _positions(
+    output_ids: Sequence[int], prompt_logprobs: Sequence[Any], top_k: int
+) -> list[_Position]:
     tail = list(prompt_logprobs)[-len(output_ids) :] if output_ids else []
-    off = judged = 0
+    out = []
     for token, entry in zip(output_ids, tail, strict=False):
-        if not entry:
+        if not entry or str(token) not in {str(k) for k in entry}:
             continue
         logprobs = {int(k): float(v["logprob"]) for k, v in entry.items()}
-        if token not in logprobs:
-            continue
-        judged += 1
-        if max(logprobs.values()) - logprobs[token] > policy.gap_nats:
-            off += 1
+        ranked = sorted(logprobs.values(), reverse=True)
+        claimed = logprobs[token]
+        rank_of = next((v.get("rank") for k, v in entry.items() if int(k) == token), None)
+        rank = int(rank_of) if rank_of is not None else 1 + sum(lp > claimed for lp in ranked)
+        top = [lp for k, lp in logprobs.items() if k != token or rank <= top_k]
+        top_mass = sum(math.exp(lp) for lp in sorted(top, reverse=True)[:top_k])
+        out.append(_Position(claimed, ranked[0], rank, min(1.0, top_mass)))
+    return out
+
+
+def tail_bound(mean: float, observed: int) -> float:
+    """Chernoff bound on P(X >= observed) for X a sum of Bernoullis with this mean."""
+    if observed <= mean:
+        return 1.0
+    if mean <= 0.0:
+        return 0.0
+    return math.exp(-mean + observed * (1.0 + math.log(mean) - math.log(observed)))
+
+
+def judge(
+    output_ids: Sequence[int],
+    prompt_logprobs: Sequence[Any],
+    policy: CheckPolicy,
+    temperature: float = 0.0,
+) -> Judgement:
+    """`prompt_logprobs` is vLLM's list (one entry per prompt position: None or
+    {token id: {"logprob": …, "rank": …}})."""
+    positions = _positions(output_ids, prompt_logprobs, policy.top_k)
+    judged = len(positions)
+    if temperature == 0.0:
+        off = sum(p.best - p.claimed > policy.gap_nats for p in positions)
+        if judged < policy.min_tokens:
+            return Judgement(True, off, judged, "too short to judge")
+        detail = f"spot check: {off} of {judged} greedy tokens are not the model's choice"
+        return Judgement(off <= policy.max_off_share * judged, off, judged, detail)
+    off = sum(p.rank > policy.top_k for p in positions)
     if judged < policy.min_tokens:
         return Judgement(True, off, judged, "too short to judge")
-    genuine = off <= policy.max_off_share * judged
-    detail = f"spot check: {off} of {judged} greedy tokens are not the model's choice"
-    return Judgement(genuine, off, judged, detail)
+    expected = sum(min(1.0, 1.0 - p.top_mass + policy.slack) for p in positions)
+    p_value = tail_bound(expected, off)
+    detail = (
+        f"spot check: {off} of {judged} sampled tokens (t={temperature:g}) fall outside the "
+        f"model's top {policy.top_k}, where at most {expected:.1f} were expected "
+        f"(p <= {p_value:.1e})"
+    )
+    return Judgement(p_value >= policy.alpha, off, judged, detail)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,9 +88,22 @@ class Trust:
     def on_probation(self, node_id: str) -> bool:
         return self.standing(node_id).probation
 
+    @property
+    def probation(self) -> Container[str]:
+        """`node in trust.probation`: is it still on probation (computed when asked)."""
+        return _Probation(self)
+
     def quarantined(self, node_id: str) -> str | None:
         """Why the market no longer routes to this worker, or None."""
         return self._quarantined.get(node_id)
+
+    def evidence(self, node_id: str | None, outcome: str | None, limit: int) -> dict[str, object]:
+        """Recorded evidence, newest first, and counts per outcome (reads the database)."""
+        with self._engine.connect() as conn:
+            return {
+                "events": trust_store.events(conn, node_id, outcome, limit),
+                "counts": trust_store.event_counts(conn, node_id),
+            }
 
     # ------------------------------------------------------------------ writing
     def observe(self, verdicts: Iterable[Verdict]) -> None:
@@ -153,3 +166,11 @@ class _Scores(Mapping[str, float]):
 
     def __len__(self) -> int:
         return len(self._trust._tallies)
+
+
+class _Probation(Container[str]):
+    def __init__(self, trust: Trust) -> None:
+        self._trust = trust
+
+    def __contains__(self, node_id: object) -> bool:
+        return isinstance(node_id, str) and self._trust.on_probation(node_id)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Table, insert, select
+from sqlalchemy import Connection, Table, func, insert, select
 
 from billing.ledger import (
     NETWORK_REFUNDS,
@@ -52,6 +52,30 @@ def recent_events(conn: Connection, since: float) -> list[tuple[str, str, float]
         .order_by(EVENTS.c.id)
     )
     return [(r.node_id, r.outcome, _unix(r.at)) for r in conn.execute(query)]
+
+
+def events(
+    conn: Connection, node_id: str | None, outcome: str | None, limit: int
+) -> list[dict[str, object]]:
+    """The newest evidence first, optionally for one worker and one outcome."""
+    query = select(EVENTS).order_by(EVENTS.c.id.desc()).limit(limit)
+    if node_id:
+        query = query.where(EVENTS.c.node_id == node_id)
+    if outcome:
+        query = query.where(EVENTS.c.outcome == outcome)
+    return [
+        {"node_id": r.node_id, "outcome": r.outcome, "request_id": r.request_id,
+         "detail": r.detail, "at": _unix(r.at)}
+        for r in conn.execute(query)
+    ]  # fmt: skip
+
+
+def event_counts(conn: Connection, node_id: str | None) -> dict[str, int]:
+    """How many of each outcome were recorded (for one worker, or for all)."""
+    query = select(EVENTS.c.outcome, func.count()).group_by(EVENTS.c.outcome)
+    if node_id:
+        query = query.where(EVENTS.c.node_id == node_id)
+    return {str(outcome): int(count) for outcome, count in conn.execute(query)}
 
 
 def _unix(moment: datetime) -> float:

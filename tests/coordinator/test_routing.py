@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.services.probation import ProbationShare
 from coordinator.services.routing import (
     Decision,
     Preferences,
@@ -150,3 +151,38 @@ def test_sampling_is_seeded_by_the_callers_rng() -> None:
     a = route(REQUEST, big, {}, Preferences(), random.Random(7), 0.0)
     b = route(REQUEST, big, {}, Preferences(), random.Random(7), 0.0)
     assert a == b
+
+
+def probation_share_of(pool_: list[Offer], new: frozenset[str], capped: bool) -> float:
+    """Route 3,000 requests the way the gateway does; the share that went to `new` nodes."""
+    budget = ProbationShare(share=0.1)
+    rng, to_new = random.Random(5), 0
+    for _ in range(3000):
+        over = capped and budget.over_budget("m")
+        decision = route(REQUEST, pool_, {}, Preferences(), rng, now=1000.0, price_sorted=True,
+                         probation=new, probation_over_budget=over)  # fmt: skip
+        chosen = decision.ranked[0].node_id
+        budget.record("m", chosen in new)
+        to_new += chosen in new
+    return to_new / 3000
+
+
+def test_many_fresh_keys_together_get_no_more_than_the_probation_share() -> None:
+    """A sybil runs 200 fresh nodes, each cheaper than the two established ones (so a sample of
+    the pool rarely holds an established worker)."""
+    sybils = [Offer(f"sybil-{i:03d}", 50, 100) for i in range(200)]
+    market = pool(Offer("node-old-a", 100, 200), Offer("node-old-b", 100, 200), *sybils)
+    new = frozenset(o.node_id for o in sybils)
+    assert probation_share_of(market, new, capped=False) > 0.9  # cheaper: they would win
+    assert 0.05 < probation_share_of(market, new, capped=True) <= 0.11  # capped, not shut out
+
+
+def test_probation_workers_serve_when_no_established_one_can() -> None:
+    full = Offer("node-old", 100, 200, in_flight=4)
+    decision = decide(pool(full, Offer("node-new", 100, 200)), probation=frozenset({"node-new"}),
+                      probation_over_budget=True)  # fmt: skip
+    assert [s.node_id for s in decision.ranked] == ["node-new"]
+    both = decide(pool(Offer("node-old", 500, 900), Offer("node-new", 100, 200)),
+                  probation=frozenset({"node-new"}), probation_over_budget=True)  # fmt: skip
+    assert [s.node_id for s in both.ranked] == ["node-old", "node-new"]  # kept for failover
+    assert both.ranked[1].terms["probation"] == 1.0  # and the explanation says why

@@ -1,8 +1,13 @@
-"""Cheating must not pay: real workers in clearly named fault modes, on the real engine, against
-a real coordinator. Provable fraud (a replayed receipt, billing output never delivered)
-quarantines the worker, slashes its bond, claws back its unpaid earnings and refunds its
-clients; unprovable misbehaviour (bad signatures, over-claimed tokens) goes unpaid and sinks
-its reputation until it is quarantined. Honest sampled work is never accused."""
+"""Cheating must not pay: real workers in clearly named fault modes, on real engines, against
+a real coordinator. Provable fraud (a replayed receipt, billing output never delivered, output
+that fails a spot check) quarantines the worker, slashes its bond, claws back its unpaid
+earnings and refunds its clients; unprovable misbehaviour (bad signatures, over-claimed tokens)
+goes unpaid and sinks its reputation until it is quarantined; slowness costs reputation and
+traffic, never money. Honest sampled work is never accused.
+
+The engines serve *peaked* tiny models (worker_node.tiny_model --peaked): a random model's
+next-token distribution is nearly flat, where made-up tokens are as plausible as sampled ones
+and a sampled-output check has nothing to go on."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +47,23 @@ BOND = 5_000_000
 SLASH = 1_000_000
 CREDIT = 10**9
 PROMPT = "The keeper climbed the stairs and"
+SLO_ITL_S = 0.1  # the slow fault holds each streamed token 0.2 s
 
 
 class Market:
-    def __init__(self, workdir: Path, engine: VllmEngine, tiny_model: Path) -> None:
+    def __init__(self, workdir: Path, engine: VllmEngine, model_dir: Path) -> None:
         self.workdir, self.engine = workdir, engine
         env = {
-            "AGORA_COORDINATOR_TOKENIZERS": json.dumps({MODEL: str(tiny_model)}),
+            "AGORA_COORDINATOR_TOKENIZERS": json.dumps({MODEL: str(model_dir)}),
+            "AGORA_COORDINATOR_SLO_ITL_S": str(SLO_ITL_S),
             "AGORA_COORDINATOR_SLASH_AMOUNT": str(SLASH),
             "AGORA_COORDINATOR_HEARTBEAT_INTERVAL_S": "1",
-            "AGORA_COORDINATOR_SPOT_CHECK_RATE": "1",  # every eligible (greedy) job is checked
+            "AGORA_COORDINATOR_SPOT_CHECK_RATE": "1",  # every checkable job is checked
             "AGORA_COORDINATOR_SPOT_CHECK_PROBATION_RATE": "1",
         }
         self.coordinator: CoordinatorHandle = start_coordinator(workdir, env=env)
         self.workers: dict[str, Process] = {}
+        self.node_ids: dict[str, str] = {}  # worker name -> node id
 
     def add(self, name: str, fault: str | None = None, engine: VllmEngine | None = None) -> str:
         env = {FAULT_ENV: fault, ALLOW_ENV: ALLOW_VALUE} if fault else {}
@@ -68,7 +77,8 @@ class Market:
         deadline = time.monotonic() + 30
         while not key.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        return Identity.load(key).node_id
+        self.node_ids[name] = Identity.load(key).node_id
+        return self.node_ids[name]
 
     def wait(self, count: int) -> None:
         key = self.coordinator.create_client(f"probe-{count}-{time.monotonic_ns()}", 1)
@@ -93,12 +103,29 @@ class Market:
         self.coordinator.process.stop()
 
 
+def _engine(size: str, served: str, log_dir: Path) -> VllmEngine:
+    return VllmEngine(
+        VllmConfig(
+            model=str(ensure_tiny_model(size, peaked=True)), served_model=served,
+            max_model_len=512, dtype="float32", enforce_eager=True,
+            log_path=log_dir / "engine.log", startup_timeout_s=600,
+        )
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def market(
-    vllm_engine: VllmEngine, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Market]:
+def peaked_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmEngine]:
+    """The market's model: the tiny Llama with a sharp, trained-like distribution."""
+    engine = _engine("tiny", "tiny-peaked", tmp_path_factory.mktemp("tiny-peaked"))
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.stop())
+
+
+@pytest.fixture(scope="module")
+def market(peaked_engine: VllmEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
     workdir = tmp_path_factory.mktemp("trust")
-    market = Market(workdir, vllm_engine, tiny_model)
+    market = Market(workdir, peaked_engine, ensure_tiny_model("tiny", peaked=True))
     try:
         market.add("honest")
         market.wait(1)
@@ -110,15 +137,9 @@ def market(
 
 @pytest.fixture(scope="module")
 def other_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmEngine]:
-    """A second real engine serving a different tiny model (another architecture, same
-    tokenizer): what a worker serving the wrong model under the advertised name runs."""
-    engine = VllmEngine(
-        VllmConfig(
-            model=str(ensure_tiny_model("small")), served_model="small", max_model_len=512,
-            dtype="float32", enforce_eager=True,
-            log_path=tmp_path_factory.mktemp("small") / "engine.log", startup_timeout_s=600,
-        )
-    )  # fmt: skip
+    """A second real engine serving a different model (another architecture, same tokenizer):
+    what a worker serving the wrong model under the advertised name runs."""
+    engine = _engine("small", "small", tmp_path_factory.mktemp("small"))
     asyncio.run(engine.start())
     yield engine
     asyncio.run(engine.stop())
@@ -131,11 +152,13 @@ def cheater(market: Market, name: str, fault: str | None, engine: VllmEngine | N
     return node
 
 
-def ask(market: Market, key: str, node: str, *, stream: bool = False) -> str:
+def ask(
+    market: Market, key: str, node: str, *, stream: bool = False, temperature: float = 0.0
+) -> str:
     """One request pinned to `node`; its request id."""
     body: dict[str, Any] = {
-        "model": MODEL, "prompt": PROMPT, "max_tokens": 10, "temperature": 0,
-        "ignore_eos": True, "stream": stream,
+        "model": MODEL, "prompt": PROMPT, "max_tokens": 10 if temperature == 0 else 24,
+        "temperature": temperature, "ignore_eos": True, "stream": stream,
         "provider": {"order": [node], "allow_fallbacks": False},
     }  # fmt: skip
     with httpx.Client(base_url=market.coordinator.base_url, timeout=120) as client:
@@ -194,18 +217,26 @@ def test_provable_fraud_is_quarantined_slashed_clawed_back_and_refunded(
         assert served.headers["x-agora-worker"] != node
 
 
-def test_made_up_text_fails_its_spot_check_and_is_punished(market: Market) -> None:
-    """garbage-text signs consistent receipts for text the model never produced: only a spot
-    check (the claimed greedy tokens re-scored on the honest worker) can tell."""
-    key = market.coordinator.create_client("warm-up", CREDIT)
-    honest = next(w["node_id"] for w in market.admin("GET", "/workers")["workers"]
-                  if not w["quarantined"])  # fmt: skip
-    for _ in range(3):  # the reference must have a better record than a newcomer
+def established_reference(market: Market) -> str:
+    """The honest worker, off probation: only then may it referee a newcomer's work."""
+    key = market.coordinator.create_client(f"referee-{time.monotonic_ns()}", CREDIT)
+    honest = market.node_ids["honest"]
+    while market.worker(honest)["reputation"]["probation"]:
         ask(market, key, honest)
-    node = cheater(market, "cheat-garbage", "garbage-text")
-    name = "victim-garbage"
+    return honest
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_made_up_text_fails_its_spot_check_and_is_punished(
+    market: Market, temperature: float
+) -> None:
+    """garbage-text signs consistent receipts for text the model never produced: only a spot
+    check (the claimed tokens re-scored on the honest worker) can tell, greedy or sampled."""
+    established_reference(market)
+    node = cheater(market, f"cheat-garbage-{temperature}", "garbage-text")
+    name = f"victim-garbage-{temperature}"
     key = market.coordinator.create_client(name, CREDIT)
-    ask(market, key, node)
+    ask(market, key, node, temperature=temperature)  # caught on its first checked job
     until(lambda: quarantined(market, node) is not None)
     reason = quarantined(market, node)
     assert reason is not None
@@ -214,14 +245,16 @@ def test_made_up_text_fails_its_spot_check_and_is_punished(market: Market) -> No
     assert market.balance(bond_account(node)) == BOND - SLASH
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_a_worker_serving_another_model_fails_its_spot_check(
-    market: Market, other_engine: VllmEngine
+    market: Market, other_engine: VllmEngine, temperature: float
 ) -> None:
     """wrong-model: an honest-looking node whose engine runs a different model."""
-    node = cheater(market, "cheat-wrong-model", None, other_engine)
-    name = "victim-wrong-model"
+    established_reference(market)
+    node = cheater(market, f"cheat-wrong-model-{temperature}", None, other_engine)
+    name = f"victim-wrong-model-{temperature}"
     key = market.coordinator.create_client(name, CREDIT)
-    ask(market, key, node)
+    ask(market, key, node, temperature=temperature)
     until(lambda: quarantined(market, node) is not None)
     assert "spot check" in (quarantined(market, node) or "")
     until(lambda: market.balance(client_account(name)) == CREDIT)
@@ -250,40 +283,80 @@ def test_unprovable_cheating_is_unpaid_or_billed_down_and_sinks_into_quarantine(
         assert any(m["worker_id"] == node for m in mismatches)
 
 
+CHECKED = 500  # honest sampled jobs that must pass their spot check
+HONEST = frozenset({"served", "verified", "slow"})  # slow: CI machines may miss the tight SLO
+
+
+def evidence(market: Market, node: str) -> dict[str, int]:
+    counts: dict[str, int] = market.admin("GET", "/trust/events", params={"node_id": node})[
+        "counts"
+    ]
+    return counts
+
+
 def test_honest_sampled_work_is_never_accused(market: Market) -> None:
+    """500+ honest jobs sampled at temperatures 0.7-1.0 (chat and completions, streamed or
+    not), every one spot-checked on another honest worker: no accusation, no quarantine."""
+    established_reference(market)
     honest = market.add("honest-2")
     market.wait(2)
     key = market.coordinator.create_client("sampler", CREDIT)
-    with openai.OpenAI(base_url=market.coordinator.base_url, api_key=key) as client:
-        for i in range(40):
-            provider = {"order": [honest], "allow_fallbacks": False}
-            if i % 2:
-                client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": f"Story {i}"}],
-                    max_tokens=16, temperature=0.7 + 0.3 * (i % 3) / 2, seed=i,
-                    extra_body={"provider": provider},
-                )  # fmt: skip
-            else:
-                stream = client.completions.create(
-                    model=MODEL, prompt=f"{PROMPT} {i}", max_tokens=16, temperature=1.0,
-                    stream=True, extra_body={"provider": provider},
-                )  # fmt: skip
+    provider = {"order": [honest], "allow_fallbacks": False}
+
+    def one(client: openai.OpenAI, i: int) -> None:
+        temperature, extra = (0.7, 0.8, 0.9, 1.0)[i % 4], {"provider": provider}
+        if i % 3 == 0:
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Story {i}"}],
+                max_tokens=16, temperature=temperature, seed=i, extra_body=extra,
+            )  # fmt: skip
+        else:
+            stream = client.completions.create(
+                model=MODEL, prompt=f"{PROMPT} {i}", max_tokens=16, temperature=temperature,
+                top_p=1.0 if i % 2 else 0.95, stream=i % 3 == 1, extra_body=extra,
+            )  # fmt: skip
+            if i % 3 == 1:
                 for _chunk in stream:
                     pass
-    until(lambda: market.worker(honest)["reputation"]["good"] >= 40)
-    first = next(w["node_id"] for w in market.admin("GET", "/workers")["workers"]
-                 if not w["quarantined"] and w["node_id"] != honest)  # fmt: skip
-    while market.worker(first)["reputation"]["probation"]:  # a reference must be established
-        ask(market, key, first)
-    greedy = market.worker(honest)["reputation"]["good"]
-    for _ in range(6):  # greedy work is spot-checked on the first honest worker: it passes
-        ask(market, key, honest)
-    until(lambda: market.worker(honest)["reputation"]["good"] >= greedy + 6 + 3 * 6 - 0.1)
-    standing = market.worker(honest)["reputation"]
-    assert standing["bad"] == 0
+
+    sent = 0
+    with (
+        openai.OpenAI(base_url=market.coordinator.base_url, api_key=key) as client,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        while evidence(market, honest).get("verified", 0) < CHECKED:
+            assert sent < 2 * CHECKED, f"only {evidence(market, honest)} after {sent} jobs"
+            list(pool.map(lambda i: one(client, i), range(sent, sent + 100)))
+            sent += 100
+            time.sleep(1)  # let the last checks land
+    counts = evidence(market, honest)
+    assert set(counts) <= HONEST, counts  # not one fraud, rejected receipt or over-claim
     assert quarantined(market, honest) is None
+    assert market.worker(honest)["reputation"]["score"] > 0.9
     mismatches = market.admin("GET", "/metering/mismatches")["mismatches"]
     assert all(m["worker_id"] != honest for m in mismatches)
+
+
+def test_a_slow_worker_loses_reputation_and_traffic_but_no_money(market: Market) -> None:
+    """slow: each streamed token waits 0.2 s, over the market's 0.1 s inter-token objective."""
+    established_reference(market)
+    node = cheater(market, "slow", "slow")
+    key = market.coordinator.create_client("slow-client", CREDIT)
+    for _ in range(3):
+        ask(market, key, node, stream=True)  # pinned: served, paid, recorded as missing the SLO
+    until(lambda: evidence(market, node).get("slow", 0) == 3)
+    assert market.worker(node)["reputation"]["bad"] == pytest.approx(3 * 0.3, abs=0.01)
+    with httpx.Client(base_url=market.coordinator.base_url, timeout=120) as client:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+        for _ in range(5):  # free to choose, routing goes to the faster workers
+            response = client.post(
+                "/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            )
+            assert response.status_code == 200
+            assert response.headers["x-agora-worker"] != node
+    assert quarantined(market, node) is None  # slowness is not cheating
+    assert market.balance(bond_account(node)) == BOND
+    assert market.balance(provider_account(node)) > 0  # its work was paid
 
 
 def test_a_fault_mode_is_refused_unless_explicitly_allowed(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ named in AGORA_WORKER_FAULT and refused unless AGORA_WORKER_FAULTS_ALLOWED says 
 - bad-signature: signs receipts with a key that is not the node's
 - drop-midstream-but-bill: stops relaying half-way, then bills the whole output
 - replay-receipt: sends its first receipt again for every later job
-- slow: waits 200 ms before each batch of tokens
+- slow: holds each streamed chunk of tokens 200 ms (and a whole response 200 ms)
 (wrong-model needs no code: a node attaches an engine serving another model under the
 advertised name.)
 """
@@ -65,9 +65,9 @@ class Fault:
         self._impostor = Identity.generate()  # not the node's key
 
     # ------------------------------------------------------------------ the stream
-    async def before_batch(self) -> None:
+    async def before_batch(self, chunks: int = 1) -> None:
         if self.mode is FaultMode.SLOW:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2 * chunks)
 
     def rewrite(self, chunk: dict[str, Any]) -> dict[str, Any]:
         """A chunk (or a whole response) as this node reports it."""

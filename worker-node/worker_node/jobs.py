@@ -183,7 +183,7 @@ class JobRunner:
                     relayed += 1
                 if batch:
                     if fault is not None:
-                        await fault.before_batch()
+                        await fault.before_batch(len(batch))
                     yield Chunks(batch)
 
     async def _whole(

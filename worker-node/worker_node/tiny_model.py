@@ -3,7 +3,11 @@
 It lets tests and the demo run the real vLLM engine path on any machine. The tokenizer is a
 byte-level BPE trained on this interpreter's own stdlib sources; the chat template is ChatML.
 
-    python -m worker_node.tiny_model OUT_DIR [--size tiny|small] [--seed 0]
+    python -m worker_node.tiny_model OUT_DIR [--size tiny|small] [--seed 0] [--peaked]
+
+Random weights give a nearly flat next-token distribution, where any token is as plausible as
+another. `--peaked` scales the output layer so the distribution is sharp, like a trained
+model's: what tests of sampled-output verification need (a made-up token must look unlikely).
 
 `ensure_tiny_model` builds once into a cache folder (in a subprocess, so the caller never imports
 torch) and reuses it afterwards.
@@ -43,6 +47,7 @@ SIZES: dict[str, dict[str, int]] = {
     },
 }
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+PEAKED_LOGIT_SCALE = 24.0  # output-layer scale of a peaked model: top-8 mass ~0.9 per step
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -58,7 +63,9 @@ def _local_corpus(max_files: int = 400) -> Iterator[str]:
             yield fh.read()
 
 
-def build(out: Path, size: str = "tiny", seed: int = 0, vocab_size: int = 4096) -> None:
+def build(
+    out: Path, size: str = "tiny", seed: int = 0, vocab_size: int = 4096, peaked: bool = False
+) -> None:
     """Write a loadable model folder to `out` (imports torch/transformers: call in a subprocess)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -105,7 +112,11 @@ def build(out: Path, size: str = "tiny", seed: int = 0, vocab_size: int = 4096) 
         pad_token_id=tokenizer.pad_token_id,
         **SIZES[size],
     )
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = LlamaForCausalLM(cfg)
+    if peaked:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(PEAKED_LOGIT_SCALE)
+    model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")],
@@ -129,14 +140,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "models"
 
 
-def ensure_tiny_model(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0) -> Path:
+def ensure_tiny_model(
+    size: str = "tiny", cache_dir: Path | None = None, seed: int = 0, peaked: bool = False
+) -> Path:
     """The cached model folder for `size`, built on first use."""
-    folder = (cache_dir or default_cache_dir()) / f"{size}-s{seed}-r{RECIPE_VERSION}"
+    name = f"{size}-s{seed}-r{RECIPE_VERSION}" + ("-peaked" if peaked else "")
+    folder = (cache_dir or default_cache_dir()) / name
     if (folder / ".complete").exists():
         return folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     cmd = [sys.executable, "-m", "worker_node.tiny_model", str(tmp), "--size", size]
-    subprocess.run([*cmd, "--seed", str(seed)], check=True, capture_output=True)
+    cmd += ["--seed", str(seed)] + (["--peaked"] if peaked else [])
+    subprocess.run(cmd, check=True, capture_output=True)
     (tmp / ".complete").write_text("ok\n")
     try:
         tmp.rename(folder)
@@ -151,8 +166,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peaked", action="store_true", help="a sharp, trained-like distribution")
     args = parser.parse_args()
-    build(args.out, args.size, args.seed)
+    build(args.out, args.size, args.seed, peaked=args.peaked)
 
 
 if __name__ == "__main__":
