@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo serve test lint typecheck arch unit proto lock clean
+.PHONY: setup demo serve test lint typecheck arch unit proto lock clean browser assets
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	@echo "== setting up $(VENV) (first time: a few minutes)"
@@ -40,7 +40,16 @@ arch: setup
 unit: setup
 	$(BIN)/python -m pytest -m "not engine"
 
-test: lint typecheck arch
+# the dashboard tests drive Debian's Chromium through Playwright (no browser download)
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser:
+	@[ -x $(CHROMIUM) ] || { echo "== installing Chromium for the dashboard tests (Debian packages)"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+	  chromium chromium-driver; }
+
+test: lint typecheck arch browser
 	$(BIN)/python -m pytest
 
 proto: setup
@@ -50,6 +59,14 @@ lock: setup
 	@{ sed -n '1,3p' requirements/lock.txt; echo "setuptools==78.1.1"; \
 	   $(BIN)/pip freeze --exclude-editable | grep -v -E '^(torch==|agora)'; } > requirements/lock.txt.new
 	mv requirements/lock.txt.new requirements/lock.txt
+
+# refresh the vendored charting library from the npm registry (served by the coordinator)
+UPLOT_VERSION := 1.6.32
+assets:
+	cd /tmp && npm pack uplot@$(UPLOT_VERSION) && tar xzf uplot-$(UPLOT_VERSION).tgz
+	cp /tmp/package/dist/uPlot.iife.min.js /tmp/package/dist/uPlot.min.css \
+	  coordinator/api/static/vendor/
+	cp /tmp/package/LICENSE coordinator/api/static/vendor/uPlot.LICENSE
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

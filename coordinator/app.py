@@ -9,17 +9,20 @@ import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import uvicorn
 from fastapi import FastAPI, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp
 
 from coordinator import __version__
-from coordinator.api import admin_routes, errors, openai_routes
+from coordinator.api import admin_routes, dashboard_routes, errors, openai_routes
+from coordinator.api.browser_sessions import BrowserSessions
 from coordinator.api.grpc_session import WorkerSessionService
 from coordinator.api.request_id import RequestIdMiddleware
 from coordinator.config import CoordinatorSettings
@@ -28,10 +31,12 @@ from coordinator.services.accounts import Accounts
 from coordinator.services.admission import Limits
 from coordinator.services.gateway import Gateway
 from coordinator.services.metering import Tokenizers
+from coordinator.services.overview import Overview
 from coordinator.services.payouts import Payouts
 from coordinator.services.registry import Registry
 from coordinator.services.settlement import Settlement
 from coordinator.services.stats import BreakerPolicy, StatsBook
+from coordinator.services.traffic import TrafficHistory
 from coordinator.services.trust import Trust
 from coordinator.store import outbox_store
 from coordinator.store.db import make_engine, migrate
@@ -92,6 +97,12 @@ class Coordinator:
             trust=self.trust,
         )
         self.metrics.watch(self.registry, self.gateway.stats)
+        self.traffic = TrafficHistory(settings.traffic_sample_s)
+        self.overview = Overview(
+            self.registry, self.gateway.stats, self.trust, self.gateway.decisions, self.traffic,
+            self.payouts, self.db,
+        )  # fmt: skip
+        self.sessions = BrowserSessions()
         self.registry.on_join = self.gateway.stats.reset_breaker
         self.grpc_port: int | None = None
         self.http_port: int | None = None
@@ -130,15 +141,22 @@ class Coordinator:
             for conn in self.registry.expire(self.settings.worker_timeout_s):
                 log.warning("dropped worker %s: no heartbeat", conn.node_id)
 
+    async def _sample_traffic(self) -> None:
+        while True:
+            self.traffic.sample(time.time(), self.metrics.totals())
+            await asyncio.sleep(self.traffic.interval_s)
+
     def http_app(self) -> ASGIApp:
         @contextlib.asynccontextmanager
         async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
             await self.start_grpc()
             expiry = asyncio.create_task(self._expire_workers())
+            sampler = asyncio.create_task(self._sample_traffic())
             try:
                 yield
             finally:
                 expiry.cancel()
+                sampler.cancel()
                 await self.stop_grpc()
                 await self.gateway.drain()
                 await asyncio.to_thread(self.writer.close)
@@ -150,9 +168,14 @@ class Coordinator:
         app.state.payouts = self.payouts
         app.state.admin_token = self.admin_token
         app.state.max_body_bytes = self.settings.max_body_bytes
+        app.state.sessions = self.sessions
+        app.state.overview = self.overview
         errors.install(app)
         app.include_router(openai_routes.router)
         app.include_router(admin_routes.router)
+        app.include_router(dashboard_routes.router)
+        static = StaticFiles(directory=dashboard_routes.STATIC)
+        app.mount("/dashboard/static", static, name="dashboard-static")
 
         @app.get("/health")
         async def health() -> dict[str, object]:

@@ -38,10 +38,11 @@ class CoordinatorSettings(BaseSettings):
     tls_cert: Path | None = None  # PEM cert for the worker gRPC endpoint
     tls_key: Path | None = None
     ready_file: Path | None = None  # written with the bound ports once serving
+    traffic_sample_s: float = Field(default=5.0, gt=0)  # the dashboard's traffic resolution
     # latency objectives: a job slower than either is SLO-miss evidence against its worker
     slo_ttft_s: float = Field(default=10.0, gt=0)
     slo_itl_s: float = Field(default=0.5, gt=0)  # mean inter-token latency of the job
-    spot_check_rate: float = Field(default=0.05, ge=0, le=1)  # checkable jobs re-scored elsewhere
+    spot_check_rate: float = Field(default=0.1, ge=0, le=1)  # checkable jobs re-scored elsewhere
     spot_check_probation_rate: float = Field(default=0.5, ge=0, le=1)  # for new workers
     slash_amount: int = Field(default=1_000_000, ge=0)  # bond taken per proven fraud (micro-units)
     # model name -> local tokenizer directory the operator pins for recounting tokens

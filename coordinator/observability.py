@@ -14,6 +14,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from coordinator.services.registry import Registry
 from coordinator.services.stats import StatsBook
+from coordinator.services.traffic import Totals
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -52,6 +53,27 @@ class Metrics:
         self.rate_limited = Counter(
             "agora_rate_limited", "Requests refused by per-key limits", registry=r
         )
+
+    def totals(self) -> Totals:
+        """The cumulative counters the dashboard's traffic history is made of."""
+        requests = errors = prompt = completion = 0.0
+        bounds: dict[float, float] = {}
+        for family in self.registry.collect():
+            for s in family.samples:
+                if s.name == "agora_requests_total":
+                    requests += s.value
+                    errors += s.value if s.labels.get("status") != "ok" else 0.0
+                elif s.name == "agora_tokens_total":
+                    if s.labels.get("kind") == "prompt":
+                        prompt += s.value
+                    else:
+                        completion += s.value
+                elif s.name == "agora_ttft_seconds_bucket":
+                    bound = float(s.labels["le"])
+                    bounds[bound] = bounds.get(bound, 0.0) + s.value
+        ordered = sorted(bounds) or [*_LATENCY_BUCKETS, float("inf")]
+        counts = tuple(bounds.get(b, 0.0) for b in ordered)
+        return Totals(requests, errors, prompt, completion, tuple(ordered), counts)
 
     def watch(self, registry: Registry, stats: StatsBook) -> None:
         """Per-worker gauges, read from the live registry at scrape time."""

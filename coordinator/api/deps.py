@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
-from coordinator.errors import InvalidRequest, PayloadTooLarge, PermissionDenied
+from coordinator.api.browser_sessions import COOKIE, BrowserSession, BrowserSessions
+from coordinator.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    PayloadTooLarge,
+    PermissionDenied,
+)
 from coordinator.services.accounts import Accounts, Principal
 from coordinator.services.gateway import Gateway
 from coordinator.services.payouts import Payouts
@@ -49,13 +56,38 @@ async def current_principal(
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
 
 
+def browser_session(request: Request) -> BrowserSession | None:
+    sessions: BrowserSessions = request.app.state.sessions
+    return sessions.get(request.cookies.get(COOKIE))
+
+
 async def require_admin(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> None:
+    """The admin token as a bearer token; or, for reading only, the operator's dashboard
+    session (a cookie never authorizes a change, so a forged cross-site form can do nothing)."""
     token: str = request.app.state.admin_token
     scheme, _, secret = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or secret.strip() != token:
-        raise PermissionDenied("This endpoint needs the operator's admin token.")
+    if scheme.lower() == "bearer" and secrets.compare_digest(secret.strip(), token):
+        return
+    session = browser_session(request)
+    if request.method == "GET" and session is not None and session.role == "operator":
+        return
+    raise PermissionDenied("This endpoint needs the operator's admin token.")
+
+
+async def current_provider(request: Request) -> str:
+    """The node id of the provider signed in to this browser session."""
+    session = browser_session(request)
+    if session is None or session.role != "provider" or session.node_id is None:
+        raise AuthenticationFailed(
+            "Sign in as a provider first: run `agora worker login` on your node and open the "
+            "link it prints."
+        )
+    return session.node_id
+
+
+ProviderDep = Annotated[str, Depends(current_provider)]
 
 
 AdminDep = Annotated[None, Depends(require_admin)]

@@ -254,6 +254,8 @@ class Gateway:
             self.probation_share.record(bound.model, to_new)
         for scored in decision.ranked:
             self.stats.get(scored.node_id, bound.model).last_score = scored.score
+        for node_id in decision.at_capacity:
+            self.stats.get(node_id, bound.model).missed_for_capacity += 1
         return decision
 
     def _count(self, model: str, decision: Decision, outcome: str) -> None:

@@ -89,8 +89,13 @@ class Attempt:
             return None, None
         ttft = self.first_token_at - self.dispatched_at
         tokens = self.observed.tokens_delivered() or self.observed.completion_tokens or 0
-        if tokens > 1 and self.last_token_at is not None:
+        if (
+            tokens > 1
+            and self.last_token_at is not None
+            and self.last_token_at > self.first_token_at
+        ):
             return ttft, (self.last_token_at - self.first_token_at) / (tokens - 1)
+        # a whole (non-streamed) response arrives at once: it says nothing about token pacing
         return ttft, None
 
     def record(self) -> SegmentRecord:

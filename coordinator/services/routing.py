@@ -98,6 +98,7 @@ class Decision:
     sampled: int  # candidates actually scored
     excluded: dict[str, int] = field(default_factory=dict)  # reason -> count
     sort: str = "default"
+    at_capacity: tuple[str, ...] = ()  # sampled workers that had no free slot (missed jobs)
 
     def explain(self) -> str:
         """Compact form for the X-Agora-Route header."""
@@ -238,6 +239,7 @@ def route(
     excluded: dict[str, int] = {}
     picked: list[CandidateView] = []
     seen: set[int] = set()
+    full: list[str] = []
 
     def consider(index: int) -> None:
         if index in seen:
@@ -247,6 +249,8 @@ def route(
         why = _exclusion(c, prefs, stats.get(c.node_id), now)
         if why:
             excluded[why] = excluded.get(why, 0) + 1
+            if why == "at_capacity":
+                full.append(c.node_id)
         else:
             picked.append(c)
 
@@ -315,4 +319,5 @@ def route(
         sampled=len(seen),
         excluded=excluded,
         sort=prefs.sort or "default",
+        at_capacity=tuple(full),
     )

@@ -42,7 +42,7 @@ _CONSTRAINING = ("tools", "response_format", "logit_bias", "guided_json", "guide
 
 @dataclass(frozen=True)
 class CheckPolicy:
-    rate: float = 0.05  # share of eligible jobs checked
+    rate: float = 0.1  # share of eligible jobs checked (10%: see BENCHMARKS.md, trust)
     probation_rate: float = 0.5  # for workers still on probation
     gap_nats: float = 0.05  # greedy: a claimed token this far below the reference's best is "off"
     max_off_share: float = 0.25  # greedy: more than this share of tokens off is not genuine

@@ -34,6 +34,7 @@ class WorkerStats:
     cooldown_until: float = 0.0
     updated_at: float = 0.0
     last_score: float | None = None  # its routing score the last time it was ranked
+    missed_for_capacity: int = 0  # requests it was considered for while it had no free slot
 
     def _decay(self, now: float) -> None:
         if self.updated_at:

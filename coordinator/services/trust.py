@@ -97,13 +97,24 @@ class Trust:
         """Why the market no longer routes to this worker, or None."""
         return self._quarantined.get(node_id)
 
-    def evidence(self, node_id: str | None, outcome: str | None, limit: int) -> dict[str, object]:
+    def evidence(self, node_id: str | None, outcome: str | None, limit: int) -> dict[str, Any]:
         """Recorded evidence, newest first, and counts per outcome (reads the database)."""
         with self._engine.connect() as conn:
             return {
                 "events": trust_store.events(conn, node_id, outcome, limit),
                 "counts": trust_store.event_counts(conn, node_id),
             }
+
+    def history(self, node_id: str, events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The score after each piece of `events` (newest first, as `evidence` gives them),
+        replayed oldest first: a provider's reputation over time."""
+        tally, points = None, []
+        for event in sorted(events, key=lambda e: float(e["at"])):
+            at = float(event["at"])
+            tally = (tally or Tally(at=at)).add(Outcome(event["outcome"]), at, self.policy)
+            score = tally.standing(at, self.policy).score
+            points.append({"at": at, "score": round(score, 4), "outcome": event["outcome"]})
+        return points
 
     # ------------------------------------------------------------------ writing
     def observe(self, verdicts: Iterable[Verdict]) -> None:

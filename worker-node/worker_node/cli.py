@@ -3,22 +3,28 @@
 agora worker init --coordinator HOST:PORT --model PATH_OR_ID   # writes worker.toml + key
 agora worker start                                              # runs from worker.toml
 agora worker status                                             # what it advertises
+agora worker login --coordinator-url URL                        # a provider dashboard link
 agora worker --coordinator HOST:PORT --model PATH               # one-off, flags only
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import typer
 import uvloop
 from rich.console import Console
 from rich.table import Table
 
+from protocol.errors import ProtocolError
+from protocol.identity import Identity
+from protocol.login import login_message
 from worker_node import config as config_file
 from worker_node.config import WorkerConfig
 from worker_node.errors import WorkerError
@@ -263,3 +269,27 @@ def status(
     )
     out.print(f"hardware  {live['hardware']}")
     out.print(_show_models(live["advert"]["models"], live["engines"]))
+
+
+@app.command()
+def login(
+    coordinator_url: str = typer.Option(
+        ..., help="The coordinator's HTTP address, e.g. http://coordinator.example:8080."
+    ),
+    key: Path = typer.Option(default_key_path, help="This node's key file."),
+) -> None:
+    """Sign in to the provider dashboard: signs the coordinator's one-time challenge with the
+    node key and prints a sign-in link (it works once, for a few minutes)."""
+    try:
+        identity = Identity.load(key)
+        base = coordinator_url.rstrip("/")
+        with httpx.Client(base_url=base, timeout=30) as client:
+            challenge = client.get("/provider/v1/challenge").raise_for_status().json()["challenge"]
+            signature = base64.b64encode(identity.sign(login_message(challenge))).decode()
+            body = {"node_id": identity.node_id, "challenge": challenge, "signature": signature}
+            response = client.post("/provider/v1/login", json=body)
+            if response.status_code != 200:
+                raise WorkerError(f"the coordinator refused the sign-in: {response.text}")
+    except (WorkerError, ProtocolError, httpx.HTTPError) as exc:
+        raise _fail(exc) from exc
+    print(base + response.json()["url"])

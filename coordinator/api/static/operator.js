@@ -1,0 +1,82 @@
+// The operator dashboard: GET /admin/v1/overview every 2 s (the same JSON `agora status` prints).
+"use strict";
+const { el, credits, ms, short, table, bar, fill, chart } = Agora;
+
+function kpis(o) {
+  const m = o.money;
+  const cards = [
+    ["Workers", o.workers.length, "kpi-workers"],
+    ["Free slots", o.capacity.by_model.reduce((a, r) => a + r.free, 0), "kpi-free"],
+    ["Requests settled", o.settled_requests, "kpi-requests"],
+    ["Revenue", credits(m.revenue), "kpi-revenue"],
+    ["Network fees", credits(m.fees), "kpi-fees"],
+    ["Provider earnings", credits(m.provider_earnings), "kpi-earnings"],
+    ["Owed to providers", credits(m.owed_to_providers), "kpi-owed"],
+    ["Paid out", credits(m.paid_out), "kpi-paid"],
+  ];
+  fill("kpis", el("div", { class: "kpis", style: "display:contents" }, ...cards.map(([label, value, id]) =>
+    el("div", { class: "kpi" }, el("div", { class: "label" }, label), el("div", { class: "value", "data-testid": id }, value)))));
+}
+
+function capacity(rows, key, id) {
+  fill(id, table(
+    [[key === "model" ? "Model" : "GPU type"], ["Workers", "num"], ["Total", "num"], ["In use", "num"], ["Free", "num"], ["Use"]],
+    rows.map((r) => [[r[key], "", `cap-${key}-${r[key]}-name`], [r.workers, "num"], [r.total, "num", `cap-${key}-${r[key]}-total`],
+      [r.in_use, "num", `cap-${key}-${r[key]}-in_use`], [r.free, "num", `cap-${key}-${r[key]}-free`], [bar(r.in_use, r.total)]]),
+    "no workers connected"));
+}
+
+function workers(list) {
+  const rows = [];
+  for (const w of list) {
+    for (const [model, s] of Object.entries(w.models)) {
+      const status = el("span", { class: "pill " + w.status }, w.status);
+      const rep = w.reputation;
+      const trust = el("span", {}, rep ? rep.score.toFixed(2) + " " : "—");
+      if (rep && rep.probation) trust.append(el("span", { class: "pill probation" }, "probation"));
+      rows.push([[el("span", { class: "mono", title: w.node_id }, short(w.node_id)), "", `worker-${w.node_id}`], [status],
+        [model], [w.gpu], [credits(s.price_completion_per_mtok), "num"], [`${s.in_flight}/${s.max_concurrency}`, "num"],
+        [ms(s.ttft_s), "num"], [ms(s.itl_s), "num"], [trust], [s.missed_for_capacity, "num"], [w.last_seen_s + " s", "num"]]);
+    }
+  }
+  fill("workers", table([["Node"], ["Status"], ["Model"], ["GPU"], ["Price /1M out", "num"], ["Load", "num"], ["TTFT", "num"],
+    ["ITL", "num"], ["Reputation"], ["Missed (full)", "num"], ["Last seen", "num"]], rows, "no workers connected"));
+}
+
+function traffic(points) {
+  const xs = points.map((p) => p.t);
+  chart("chart-rate", "Requests/s and tokens/s", [["requests/s", "#2e6bd9"], ["tokens/s", "#1f9d55"]], xs,
+    [points.map((p) => p.requests_per_s), points.map((p) => p.tokens_per_s)]);
+  chart("chart-ttft", "TTFT (s)", [["p50", "#2e6bd9"], ["p99", "#c98a04"]], xs,
+    [points.map((p) => p.ttft_p50_s), points.map((p) => p.ttft_p99_s)]);
+  chart("chart-errors", "Error rate", [["errors / requests", "#d14343"]], xs, [points.map((p) => p.error_rate)], [0, 1]);
+}
+
+function money(o) {
+  fill("epochs", table([["Epoch"], ["Opened"], ["State"], ["Paid", "num"]], o.epochs.slice().reverse().map((e) => [
+    [e.epoch], [e.opened_at.slice(0, 19).replace("T", " ")], [e.closed_at ? "closed" : "open"], [credits(e.paid), "num"]])));
+  fill("clients", table([["Client"], ["Spent", "num"], ["Balance", "num"]], o.top_clients.map((c) => [
+    [c.client, "", `client-${c.client}`], [credits(c.spent), "num", `client-${c.client}-spent`],
+    [credits(c.balance), "num", `client-${c.client}-balance`]]), "no spend yet"));
+  fill("failures", table([["When"], ["Node"], ["What"]], o.verification_failures.map((f) => [
+    [new Date(f.at * 1000).toLocaleTimeString()], [el("span", { class: "mono" }, short(f.node_id))],
+    [f.outcome + (f.detail ? ": " + f.detail : ""), "wrap"]]), "none — every check passed"));
+}
+
+function routing(records) {
+  fill("routing", table([["When"], ["Request"], ["Model"], ["Chosen"], ["Why (score terms; lower score wins)"]],
+    records.map((r) => {
+      const best = r.decision.ranked[0];
+      const why = best ? `score ${best.score.toFixed(3)}: ` + Object.entries(best.terms).map(([k, v]) => `${k}=${Number(v).toPrecision(3)}`).join(", ")
+        + ` · considered ${r.decision.considered}, sampled ${r.decision.sampled}` : "no worker";
+      return [[new Date(r.at * 1000).toLocaleTimeString()], [r.request_id, "mono"], [r.model],
+        [el("span", { class: "mono" }, best ? short(best.node_id) : "—")], [why, "wrap"]];
+    }), "no requests yet"));
+}
+
+Agora.every(2000, async () => {
+  const o = await Agora.getJson("/admin/v1/overview");
+  kpis(o); capacity(o.capacity.by_model, "model", "capacity-model"); capacity(o.capacity.by_gpu, "gpu", "capacity-gpu");
+  workers(o.workers); traffic(o.traffic); money(o); routing(o.routing);
+  document.getElementById("updated").textContent = "updated " + new Date(o.at * 1000).toLocaleTimeString();
+});

@@ -1,0 +1,171 @@
+"""The market at a glance, as plain values: what the operator dashboard, the provider view and
+`agora status` show. Live parts (capacity, workers, traffic, routing) are read on the event
+loop from memory; the books are read from the database in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Engine
+
+from coordinator.services.decisions import DecisionLog
+from coordinator.services.payouts import Payouts
+from coordinator.services.registry import Registry, WorkerConnection
+from coordinator.services.stats import StatsBook
+from coordinator.services.traffic import TrafficHistory
+from coordinator.services.trust import Trust
+from coordinator.store import market_store
+
+CPU_ONLY = "no GPU (CPU)"
+# evidence that says a worker cheated or tried to (what "verification failures" lists)
+FAILURES = ("fraud", "receipt_rejected", "overclaimed")
+
+
+def gpu_type(conn: WorkerConnection) -> str:
+    hardware = conn.advert.hardware
+    return str(hardware.get("gpu_model") or CPU_ONLY)
+
+
+def worker_status(conn: WorkerConnection) -> str:
+    if conn.quarantined:
+        return "quarantined"
+    if conn.draining:
+        return "draining"
+    if not any(s.available for s in conn.slots.values()):
+        return "unavailable"
+    return "serving" if any(s.in_flight for s in conn.slots.values()) else "idle"
+
+
+def _capacity_row(key: str, name: str, slots: Iterable[Any], workers: int) -> dict[str, Any]:
+    up = [s for s in slots if s.available]
+    total = sum(s.max_concurrency for s in up)
+    in_use = sum(min(s.in_flight, s.max_concurrency) for s in up)
+    return {key: name, "workers": workers, "total": total, "in_use": in_use,
+            "free": total - in_use}  # fmt: skip
+
+
+def capacity(registry: Registry) -> dict[str, list[dict[str, Any]]]:
+    """Concurrent-request slots (total, in use, free) of routable workers, by model and by
+    GPU type."""
+    by_model = [
+        _capacity_row("model", model, pool, len({s.node_id for s in pool if s.available}))
+        for model, pool in sorted(registry.models().items())
+    ]
+    groups: dict[str, list[WorkerConnection]] = {}
+    for conn in registry.all():
+        groups.setdefault(gpu_type(conn), []).append(conn)
+    by_gpu = []
+    for name, conns in sorted(groups.items()):
+        slots = [s for c in conns for s in c.slots.values()]
+        row = _capacity_row("gpu", name, slots, len(conns))
+        row["gpus"] = sum(int(c.advert.hardware.get("gpu_count") or 0) for c in conns)
+        by_gpu.append(row)
+    return {"by_model": by_model, "by_gpu": by_gpu}
+
+
+def worker_row(
+    conn: WorkerConnection, stats: StatsBook, trust: Trust | None, now: float
+) -> dict[str, Any]:
+    models = {}
+    for name, slot in conn.slots.items():
+        measured = stats.get(conn.node_id, name)
+        models[name] = {
+            "price_prompt_per_mtok": slot.offer.price_prompt_per_mtok,
+            "price_completion_per_mtok": slot.offer.price_completion_per_mtok,
+            "in_flight": slot.in_flight, "max_concurrency": slot.max_concurrency,
+            "ttft_s": measured.ttft_s, "itl_s": measured.itl_s,
+            "missed_for_capacity": measured.missed_for_capacity,
+        }  # fmt: skip
+    standing = trust.standing(conn.node_id).as_dict() if trust else None
+    return {
+        "node_id": conn.node_id,
+        "status": worker_status(conn),
+        "gpu": gpu_type(conn),
+        "models": models,
+        "reputation": standing,
+        "quarantined": conn.quarantined,
+        "last_seen_s": round(now - conn.last_seen, 1),
+    }
+
+
+class Overview:
+    def __init__(
+        self, registry: Registry, stats: StatsBook, trust: Trust | None, decisions: DecisionLog,
+        traffic: TrafficHistory, payouts: Payouts, db: Engine,
+    ) -> None:  # fmt: skip
+        self._registry = registry
+        self._stats = stats
+        self._trust = trust
+        self._decisions = decisions
+        self._traffic = traffic
+        self._payouts = payouts
+        self._db = db
+
+    def _books(self) -> dict[str, Any]:
+        with self._db.connect() as conn:
+            books: dict[str, Any] = {
+                "money": market_store.money(conn),
+                "top_clients": market_store.top_clients(conn, 10),
+                "settled_requests": market_store.settled_requests(conn),
+            }
+        books["epochs"] = self._payouts.epochs()
+        failures: list[dict[str, Any]] = []
+        if self._trust is not None:
+            for outcome in FAILURES:
+                failures += self._trust.evidence(None, outcome, 20)["events"]
+        books["verification_failures"] = sorted(failures, key=lambda e: -e["at"])[:20]
+        return books
+
+    async def operator(self) -> dict[str, Any]:
+        now = time.monotonic()
+        live = {
+            "at": time.time(),
+            "capacity": capacity(self._registry),
+            "workers": [worker_row(c, self._stats, self._trust, now) for c in self._registry.all()],
+            "traffic": self._traffic.series(),
+            "routing": [r.as_dict() for r in self._decisions.recent(15)],
+        }
+        return {**live, **await asyncio.to_thread(self._books)}
+
+    def _provider_books(self, node_id: str) -> dict[str, Any]:
+        with self._db.connect() as conn:
+            jobs = market_store.provider_jobs(conn, node_id)
+            epochs = market_store.provider_statements(conn, node_id)
+        history: list[dict[str, Any]] = []
+        if self._trust is not None:
+            events = self._trust.evidence(node_id, None, 1000)["events"]
+            history = self._trust.history(node_id, events)
+        return {**jobs, "epochs": epochs, "reputation_history": history}
+
+    async def provider(self, node_id: str) -> dict[str, Any]:
+        """What one provider may see: its own node only."""
+        conn = self._registry.get(node_id)
+        live: dict[str, Any] = {
+            "node_id": node_id,
+            "at": time.time(),
+            "connected": conn is not None,
+        }
+        if conn is not None:
+            live["worker"] = worker_row(conn, self._stats, self._trust, time.monotonic())
+            live["advert"] = {
+                "models": [
+                    {"name": m.name, "price_prompt_per_mtok": m.price_prompt_per_mtok,
+                     "price_completion_per_mtok": m.price_completion_per_mtok,
+                     "max_concurrency": m.max_concurrency, "context_length": m.context_length}
+                    for m in conn.advert.models
+                ],
+                "hardware": dict(conn.advert.hardware),
+                "software": dict(conn.advert.software),
+            }  # fmt: skip
+        if self._trust is not None:
+            live["reputation"] = self._trust.standing(node_id).as_dict()
+        missed = {}
+        for model in self._registry.models():
+            measured = self._stats.for_model(model).get(node_id)
+            if measured is not None and measured.missed_for_capacity:
+                missed[model] = measured.missed_for_capacity
+        live["jobs_missed_for_capacity"] = missed
+        return {**live, **await asyncio.to_thread(self._provider_books, node_id)}
