@@ -22,7 +22,10 @@ WPID=$!
 python3 - <<'PY' 2>&1 | tee $OUT/summary.txt
 import json, os, subprocess, sys, time, pathlib, httpx, openai
 W = pathlib.Path("/tmp/agora")
-while not (W / "ready.json").exists(): time.sleep(0.2)
+t_ready = time.time()
+while not (W / "ready.json").exists():
+    if time.time() - t_ready > 120: sys.exit("coordinator never came up: see coord.log")
+    time.sleep(0.2)
 info = json.loads((W / "ready.json").read_text())
 token = pathlib.Path(info["admin_token_file"]).read_text().strip()
 admin = httpx.Client(base_url="http://127.0.0.1:8080/admin/v1", headers={"Authorization": f"Bearer {token}"}, timeout=30)
