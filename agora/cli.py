@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from agora import demo, keys, receipts
+from agora import demo, keys, receipts, simulate
 from agora.bench.cli import app as bench_app
 from coordinator.cli import app as coordinator_app
 from coordinator.ledger_cli import app as ledger_app
@@ -24,6 +24,7 @@ app.add_typer(ledger_app, name="ledger")
 app.add_typer(payouts_app, name="payouts")
 app.command("demo")(demo.demo)
 app.command("status")(status)
+app.command("simulate")(simulate.simulate)
 
 
 def main() -> None:

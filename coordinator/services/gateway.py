@@ -236,6 +236,7 @@ class Gateway:
     def _route(self, bound: RouteRequest, prefs: Preferences, excluded: set[str]) -> Decision:
         if excluded:
             prefs = dataclasses.replace(prefs, ignore=prefs.ignore | frozenset(excluded))
+        capped = self.probation_share.over_budget(bound.model)
         decision = route(
             bound,
             self.registry.pool(bound.model),
@@ -247,11 +248,11 @@ class Gateway:
             reputation=self.trust.scores if self.trust else None,
             price_sorted=True,
             probation=self.trust.probation if self.trust else frozenset(),
-            probation_over_budget=self.probation_share.over_budget(bound.model),
+            probation_over_budget=capped,
         )
         if decision.ranked and self.trust is not None:
             to_new = self.trust.on_probation(decision.ranked[0].node_id)
-            self.probation_share.record(bound.model, to_new)
+            self.probation_share.record(bound.model, to_new, capped)
         for scored in decision.ranked:
             self.stats.get(scored.node_id, bound.model).last_score = scored.score
         for node_id in decision.at_capacity:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 Sort = Literal["price", "latency", "throughput"]
+_MAX_WALK = 1024  # candidates looked at, at most, to find an established worker
 
 
 class CandidateView(Protocol):
@@ -208,15 +209,18 @@ def _find_established(
     rng: random.Random,
 ) -> None:
     """When probation workers are over their share and the sample holds none but them, walk
-    the pool from a random point until an eligible established worker is found. Costs a scan
-    only in a market swamped by new nodes, which is the case the cap exists for."""
+    the pool from a random point until an eligible established worker is found (at most
+    _MAX_WALK steps: the caller stops asking for a while when a walk finds nobody)."""
+    if any(c.node_id not in probation for c in picked):
+        return
     n, start = len(pool), rng.randrange(len(pool))
-    for step in range(n):
-        if any(c.node_id not in probation for c in picked):
-            return
+    for step in range(min(n, _MAX_WALK)):
         index = (start + step) % n
         if pool[index].node_id not in probation:
+            before = len(picked)
             consider(index)
+            if len(picked) > before:  # eligible: it was added
+                return
 
 
 def route(

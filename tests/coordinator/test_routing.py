@@ -162,7 +162,7 @@ def probation_share_of(pool_: list[Offer], new: frozenset[str], capped: bool) ->
         decision = route(REQUEST, pool_, {}, Preferences(), rng, now=1000.0, price_sorted=True,
                          probation=new, probation_over_budget=over)  # fmt: skip
         chosen = decision.ranked[0].node_id
-        budget.record("m", chosen in new)
+        budget.record("m", chosen in new, over)
         to_new += chosen in new
     return to_new / 3000
 
@@ -186,3 +186,17 @@ def test_probation_workers_serve_when_no_established_one_can() -> None:
                   probation=frozenset({"node-new"}), probation_over_budget=True)  # fmt: skip
     assert [s.node_id for s in both.ranked] == ["node-old", "node-new"]  # kept for failover
     assert both.ranked[1].terms["probation"] == 1.0  # and the explanation says why
+
+
+def test_a_market_of_new_nodes_stops_searching_for_established_ones() -> None:
+    """Everyone on probation: a capped request finds nobody established, so the next requests
+    are routed without the cap (no futile walk of the pool on every request)."""
+    budget = ProbationShare(share=0.1, rest_after_miss=50)
+    for _ in range(500):
+        budget.record("m", True)
+    assert budget.over_budget("m")
+    budget.record("m", True, capped=True)  # the capped search found no established worker
+    assert not budget.over_budget("m")
+    for _ in range(50):
+        budget.record("m", True)
+    assert budget.over_budget("m")  # looks again after the rest

@@ -1,0 +1,100 @@
+"""`agora simulate`: the market at 1k to 100k simulated workers, routing policies compared on the
+same seeded workload (SimPy, driving the coordinator's real routing code for `agora`)."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from simulations.fleet import make_fleet
+from simulations.market import simulate as run_market
+from simulations.policies import POLICIES
+from simulations.report import metrics, oracle, plot
+from simulations.workload import mean_job_tokens, requests
+
+console = Console()
+
+
+def arrival_rate(fleet_slots: int, utilization: float, prefill_s: float, decode_s: float) -> float:
+    """Requests per second that keep `utilization` of the fleet's slots busy."""
+    return utilization * fleet_slots / (prefill_s + decode_s)
+
+
+def simulate(
+    workers: str = typer.Option("1000,10000", help="Fleet sizes, comma-separated."),
+    policies: str = typer.Option(",".join(POLICIES), help="Policies, comma-separated."),
+    duration: str = typer.Option(
+        "60", help="Simulated seconds of arrivals per run: one value, or one per fleet size."
+    ),
+    utilization: float = typer.Option(0.6, help="Offered load as a share of fleet slots."),
+    seed: int = typer.Option(1, help="Seed of the fleet and the workload."),
+    out: Path = typer.Option(Path("bench/results/simulation"), help="Results folder."),
+) -> None:
+    """Compare routing policies on the same seeded market; table, JSON and PNG plots."""
+    sizes = [int(s) for s in workers.split(",") if s.strip()]
+    spans = [float(d) for d in duration.split(",") if d.strip()]
+    if len(spans) not in (1, len(sizes)):
+        raise typer.BadParameter("give one duration, or one per fleet size")
+    durations = dict(zip(sizes, spans * len(sizes) if len(spans) == 1 else spans, strict=False))
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    unknown = set(names) - set(POLICIES)
+    if unknown:
+        raise typer.BadParameter(f"unknown policies {sorted(unknown)}; known: {list(POLICIES)}")
+    rows: list[dict[str, Any]] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console) as progress:  # fmt: skip
+        for size in sizes:
+            span = durations[size]
+            probe = make_fleet(size, random.Random(seed))
+            prompt, output = mean_job_tokens()
+            prefill = statistics.fmean(prompt / w.gpu.prefill_tok_s for w in probe)
+            decode = statistics.fmean(output * w.gpu.itl_s * 1.3 for w in probe)
+            slots = sum(w.gpu.slots for w in probe)
+            rate = arrival_rate(slots, utilization, prefill, decode)
+            arrivals = list(requests(rate, span, random.Random(seed + 1)))
+            rows.append({**oracle(probe, arrivals, span), "duration_s": span})
+            for name in names:
+                fleet = make_fleet(size, random.Random(seed))  # the same fleet, fresh state
+                policy = POLICIES[name](fleet, random.Random(seed + 2))
+                task = progress.add_task(f"{size:>7,} workers · {name:<15}", total=span)
+                started = time.perf_counter()
+
+                def advance(now: float, task: TaskID = task) -> None:
+                    progress.update(task, completed=now)
+
+                run = run_market(fleet, policy, arrivals, span, seed + 3, on_progress=advance)
+                progress.update(task, completed=span)
+                row = metrics(run)
+                row["rate_per_s"] = rate
+                row["duration_s"] = span
+                row["wall_s"] = time.perf_counter() - started
+                rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(
+        {"seed": seed, "utilization": utilization, "rows": rows},
+        indent=2) + "\n")  # fmt: skip
+    charts = plot(rows, out)
+    table = Table("workers", "policy", "requests", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99",
+                  "USD/1M tok", "failed", "made-up", "util", "Gini")  # fmt: skip
+
+    def f(value: Any, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    for r in rows:
+        table.add_row(f"{r['workers']:,}", r["policy"], f"{r['requests']:,}",
+                      f(r["ttft_p50_s"], ".3f"), f(r["ttft_p99_s"], ".3f"),
+                      f(r["e2e_p50_s"], ".2f"), f(r["e2e_p99_s"], ".2f"),
+                      f(r["usd_per_mtok"], ".4f"), f(r["failure_rate"], ".2%"),
+                      f(r["bad_output_rate"], ".2%"), f(r["utilization"], ".0%"),
+                      f(r["earnings_gini"], ".2f"))  # fmt: skip
+    console.print(table)
+    console.print(f"written: {out / 'results.json'}, {', '.join(map(str, charts))}")
