@@ -28,7 +28,8 @@ from agora.bench.gateway_host import MODEL
 REPO = Path(__file__).resolve().parents[2]
 PEERS = REPO / "bench" / "peers"
 NOTE = (
-    "Synthetic upstream (bench/peers/upstream.py, 16 tokens per reply, no model): a CPU engine "
+    "Synthetic upstream (bench/peers/upstream.py, no model; tokens per reply as in the command): "
+    "a CPU engine "
     "would be the bottleneck and hide the gateway's cost. 2-core machine: at c >= 32 the "
     "load generator, upstream and gateway share two cores, so CPU ms per request is the "
     "machine-independent figure."
@@ -57,6 +58,7 @@ def gateway(
     duration: float = typer.Option(20.0, help="Seconds measured per point."),
     warmup: float = typer.Option(5.0, help="Seconds of warm-up per point (discarded)."),
     conc: str = typer.Option("1,32,128", help="Concurrencies."),
+    tokens: int = typer.Option(16, help="Tokens per streamed reply (1024: relay capacity)."),
     out: Path = typer.Option(Path("bench/results/gateway.jsonl"), help="Results (JSON lines)."),
 ) -> None:
     """Gateway overhead vs direct upstream at several concurrencies (TTFT, total, RPS, CPU/req,
@@ -89,6 +91,7 @@ def gateway(
             "--conc", conc, "--duration", str(duration), "--warmup", str(warmup),
             "--external", f"agora={info['port']}:{host.pid}", "--key", f"agora={info['key']}",
             "--ready-path", f"agora=/v1/models/{MODEL}", "--out", str(out),
+            "--tokens", str(tokens),
         ]  # fmt: skip
         subprocess.run(command, check=True)
     finally:
@@ -105,7 +108,7 @@ def gateway(
     markdown.write_text(
         f"# Gateway overhead ({time.strftime('%Y-%m-%d')})\n\n{NOTE}\n\nMachine: {_machine()}\n\n"
         f"Command: `agora bench gateway --peers '{peers}' --duration {duration:g} "
-        f"--warmup {warmup:g} --conc {conc}`\n\n{report.stdout}"
+        f"--warmup {warmup:g} --conc {conc} --tokens {tokens}`\n\n{report.stdout}"
     )
     typer.echo(report.stdout)
     typer.echo(f"{NOTE}\nwrote {out} and {markdown}")
