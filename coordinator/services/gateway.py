@@ -27,6 +27,7 @@ from coordinator.errors import (
 from coordinator.observability import Metrics, request_id_var
 from coordinator.services.accounts import Accounts, Principal
 from coordinator.services.admission import RateLimiter
+from coordinator.services.catalogue import model_cards
 from coordinator.services.continuation import (
     continuation_body,
     delivered_so_far,
@@ -40,17 +41,17 @@ from coordinator.services.jobs import (
     error_from_job,
     prompt_token_bound,
 )
-from coordinator.services.probation import ProbationShare
+from coordinator.services.outcomes import AttemptOutcomes
 from coordinator.services.registry import ModelSlot, Registry
 from coordinator.services.relay import Completion
-from coordinator.services.reputation import Outcome
 from coordinator.services.reservations import Hold, Reservations
-from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy, route
+from coordinator.services.router import Router
+from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy
 from coordinator.services.settlement import JobFacts, Settled, Settlement
 from coordinator.services.spot_check import SpotChecker
 from coordinator.services.spot_judgement import CheckPolicy
 from coordinator.services.stats import StatsBook
-from coordinator.services.trust import Trust, Verdict
+from coordinator.services.trust import Trust
 from protocol.completions import CHAT, COMPLETIONS
 from protocol.proto import session_pb2 as pb
 from protocol.receipt import prompt_digest
@@ -76,8 +77,6 @@ class Gateway:
         trust: Trust | None = None,
     ) -> None:
         self.trust = trust  # reputation for routing; verdicts from settlement feed it
-        share = trust.policy.probation_share if trust else 1.0
-        self.probation_share = ProbationShare(share)
         checks = CheckPolicy(
             rate=settings.spot_check_rate, probation_rate=settings.spot_check_probation_rate
         )
@@ -93,6 +92,10 @@ class Gateway:
         self.metrics = metrics
         self.policy = policy or RoutingPolicy()
         self._rng = rng or random.Random()
+        self.router = Router(registry, self.stats, trust, self.policy, self._rng)
+        self.outcomes = AttemptOutcomes(
+            self.stats, trust, metrics, settings.slo_ttft_s, settings.slo_itl_s
+        )
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
@@ -101,31 +104,7 @@ class Gateway:
 
     # ---------------------------------------------------------------- catalogue
     def list_models(self) -> list[dict[str, Any]]:
-        out = []
-        for name, pool in sorted(self.registry.models().items()):
-            up = [s for s in pool if s.available]
-            cheapest = min(
-                up or pool, key=lambda s: (s.price_completion_per_mtok, s.price_prompt_per_mtok)
-            )
-            out.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "agora",
-                    "context_length": max(s.offer.context_length for s in pool),
-                    "pricing": {
-                        "prompt_per_mtok": cheapest.price_prompt_per_mtok,
-                        "completion_per_mtok": cheapest.price_completion_per_mtok,
-                        "unit": "micro-USD per 1M tokens",
-                    },
-                    "workers": len(up),
-                    "available": bool(up),
-                    "available_slots": sum(s.free_slots for s in up),
-                    "tokenizer_sha256": self.settlement.tokenizer_fingerprint(name),
-                }
-            )
-        return out
+        return model_cards(self.registry, self.settlement.tokenizer_fingerprint)
 
     # ---------------------------------------------------------------- admission + routing
     async def start(self, principal: Principal, request: CompletionRequest) -> Completion:
@@ -234,30 +213,7 @@ class Gateway:
                     raise last_error
 
     def _route(self, bound: RouteRequest, prefs: Preferences, excluded: set[str]) -> Decision:
-        if excluded:
-            prefs = dataclasses.replace(prefs, ignore=prefs.ignore | frozenset(excluded))
-        capped = self.probation_share.over_budget(bound.model)
-        decision = route(
-            bound,
-            self.registry.pool(bound.model),
-            self.stats.for_model(bound.model),
-            prefs,
-            self._rng,
-            time.monotonic(),
-            self.policy,
-            reputation=self.trust.scores if self.trust else None,
-            price_sorted=True,
-            probation=self.trust.probation if self.trust else frozenset(),
-            probation_over_budget=capped,
-        )
-        if decision.ranked and self.trust is not None:
-            to_new = self.trust.on_probation(decision.ranked[0].node_id)
-            self.probation_share.record(bound.model, to_new, capped)
-        for scored in decision.ranked:
-            self.stats.get(scored.node_id, bound.model).last_score = scored.score
-        for node_id in decision.at_capacity:
-            self.stats.get(node_id, bound.model).missed_for_capacity += 1
-        return decision
+        return self.router.decide(bound, prefs, excluded)
 
     def _count(self, model: str, decision: Decision, outcome: str) -> None:
         if self.metrics:
@@ -402,29 +358,7 @@ class Gateway:
         return None
 
     def attempt_finished(self, attempt: Attempt, *, ok: bool) -> None:
-        stats = self.stats.get(attempt.node_id, attempt.facts.model)
-        now = time.monotonic()
-        ttft, itl = attempt.latencies()
-        if ok:
-            stats.record_latency(ttft, itl)
-            stats.record_success(now)
-            if self.trust is not None and self._missed_slo(ttft, itl):
-                slow = Verdict(attempt.node_id, Outcome.SLOW, attempt.facts.request_id,
-                               f"ttft {ttft} s, itl {itl} s")  # fmt: skip
-                self.trust.observe([slow])
-        else:
-            stats.record_failure(now)
-            if self.trust is not None:
-                failed = Verdict(attempt.node_id, Outcome.FAILED, attempt.facts.request_id)
-                self.trust.observe([failed])
-        if self.metrics and ok and ttft is not None:
-            self.metrics.ttft.labels(attempt.facts.model).observe(ttft)
-            if itl is not None:
-                self.metrics.itl.labels(attempt.facts.model).observe(itl)
-
-    def _missed_slo(self, ttft: float | None, itl: float | None) -> bool:
-        settings = self.settings
-        return (ttft or 0.0) > settings.slo_ttft_s or (itl or 0.0) > settings.slo_itl_s
+        self.outcomes.finished(attempt, ok=ok)
 
     async def settle(self, completion: Completion) -> Settled | None:
         records = [a.record() for a in completion.attempts if a.observed.choices]

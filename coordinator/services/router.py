@@ -1,0 +1,48 @@
+"""Routing with its bookkeeping around the pure `routing.route`: live pool, measured stats,
+reputation and the probation share go in; the scores and the jobs each full worker missed are
+written back for the dashboard and the metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+from coordinator.services.probation import ProbationShare
+from coordinator.services.registry import Registry
+from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy, route
+from coordinator.services.stats import StatsBook
+from coordinator.services.trust import Trust
+
+
+class Router:
+    def __init__(
+        self, registry: Registry, stats: StatsBook, trust: Trust | None, policy: RoutingPolicy,
+        rng: random.Random,
+    ) -> None:  # fmt: skip
+        self._registry = registry
+        self._stats = stats
+        self._trust = trust
+        self._policy = policy
+        self._rng = rng
+        self.probation_share = ProbationShare(trust.policy.probation_share if trust else 1.0)
+
+    def decide(self, bound: RouteRequest, prefs: Preferences, excluded: set[str]) -> Decision:
+        if excluded:
+            prefs = dataclasses.replace(prefs, ignore=prefs.ignore | frozenset(excluded))
+        trust, model = self._trust, bound.model
+        capped = self.probation_share.over_budget(model)
+        decision = route(
+            bound, self._registry.pool(model), self._stats.for_model(model), prefs, self._rng,
+            time.monotonic(), self._policy,
+            reputation=trust.scores if trust else None, price_sorted=True,
+            probation=trust.probation if trust else frozenset(), probation_over_budget=capped,
+        )  # fmt: skip
+        if decision.ranked and trust is not None:
+            to_new = trust.on_probation(decision.ranked[0].node_id)
+            self.probation_share.record(model, to_new, capped)
+        for scored in decision.ranked:
+            self._stats.get(scored.node_id, model).last_score = scored.score
+        for node_id in decision.at_capacity:
+            self._stats.get(node_id, model).missed_for_capacity += 1
+        return decision
