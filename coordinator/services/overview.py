@@ -112,11 +112,8 @@ class Overview:
                 "settled_requests": market_store.settled_requests(conn),
             }
         books["epochs"] = self._payouts.epochs()
-        failures: list[dict[str, Any]] = []
-        if self._trust is not None:
-            for outcome in FAILURES:
-                failures += self._trust.evidence(None, outcome, 20)["events"]
-        books["verification_failures"] = sorted(failures, key=lambda e: -e["at"])[:20]
+        trust = self._trust
+        books["verification_failures"] = trust.recent(None, FAILURES, 20) if trust else []
         return books
 
     async def operator(self) -> dict[str, Any]:
@@ -136,7 +133,7 @@ class Overview:
             epochs = market_store.provider_statements(conn, node_id)
         history: list[dict[str, Any]] = []
         if self._trust is not None:
-            events = self._trust.evidence(node_id, None, 1000)["events"]
+            events = self._trust.recent(node_id, (), 1000)
             history = self._trust.history(node_id, events)
         return {**jobs, "epochs": epochs, "reputation_history": history}
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Container, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import (
+    Callable,
+    Container,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,9 +109,16 @@ class Trust:
         """Recorded evidence, newest first, and counts per outcome (reads the database)."""
         with self._engine.connect() as conn:
             return {
-                "events": trust_store.events(conn, node_id, outcome, limit),
+                "events": trust_store.events(conn, node_id, [outcome] if outcome else [], limit),
                 "counts": trust_store.event_counts(conn, node_id),
             }
+
+    def recent(
+        self, node_id: str | None, outcomes: Sequence[str], limit: int
+    ) -> list[dict[str, Any]]:
+        """Recorded evidence only, newest first (one query; no counts over the whole table)."""
+        with self._engine.connect() as conn:
+            return trust_store.events(conn, node_id, outcomes, limit)
 
     def history(self, node_id: str, events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """The score after each piece of `events` (newest first, as `evidence` gives them),

@@ -5,8 +5,10 @@ refunded what it paid. Transaction ids make each step happen at most once."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Connection, Table, func, insert, select
 
@@ -55,14 +57,14 @@ def recent_events(conn: Connection, since: float) -> list[tuple[str, str, float]
 
 
 def events(
-    conn: Connection, node_id: str | None, outcome: str | None, limit: int
-) -> list[dict[str, object]]:
-    """The newest evidence first, optionally for one worker and one outcome."""
+    conn: Connection, node_id: str | None, outcomes: Sequence[str], limit: int
+) -> list[dict[str, Any]]:
+    """The newest evidence first, optionally for one worker and some outcomes (none: all)."""
     query = select(EVENTS).order_by(EVENTS.c.id.desc()).limit(limit)
     if node_id:
         query = query.where(EVENTS.c.node_id == node_id)
-    if outcome:
-        query = query.where(EVENTS.c.outcome == outcome)
+    if outcomes:
+        query = query.where(EVENTS.c.outcome.in_(list(outcomes)))
     return [
         {"node_id": r.node_id, "outcome": r.outcome, "request_id": r.request_id,
          "detail": r.detail, "at": _unix(r.at)}
