@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import uvicorn
@@ -35,6 +36,7 @@ from coordinator.services.overview import Overview
 from coordinator.services.payouts import Payouts
 from coordinator.services.registry import Registry
 from coordinator.services.settlement import Settlement
+from coordinator.services.shared_holds import SharedReservations
 from coordinator.services.stats import BreakerPolicy, StatsBook
 from coordinator.services.traffic import TrafficHistory
 from coordinator.services.trust import Trust
@@ -43,6 +45,9 @@ from coordinator.store.db import make_engine, migrate
 from coordinator.store.writer import LedgerWriter
 from protocol.identity import Identity
 from protocol.proto import session_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # the p2p market needs libp2p, imported only when it is switched on
+    from coordinator.services.network import MarketNetwork
 
 log = logging.getLogger("agora.coordinator")
 
@@ -86,6 +91,11 @@ class Coordinator:
         self.trust.load()
         self.registry.quarantine_of = self.trust.quarantined
         self.metrics = Metrics()
+        self.shared_holds = (
+            SharedReservations(self.writer, settings.hold_ttl_s)
+            if settings.holds_in_database
+            else None
+        )
         breaker = BreakerPolicy(cooldown_s=settings.breaker_cooldown_s)
         self.gateway = Gateway(
             self.registry,
@@ -95,6 +105,7 @@ class Coordinator:
             stats=StatsBook(breaker),
             metrics=self.metrics,
             trust=self.trust,
+            holds=self.shared_holds,
         )
         self.metrics.watch(self.registry, self.gateway.stats)
         self.traffic = TrafficHistory(settings.traffic_sample_s)
@@ -107,6 +118,7 @@ class Coordinator:
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self._grpc_server: grpc.aio.Server | None = None
+        self.network: MarketNetwork | None = None
 
     async def start_grpc(self) -> None:
         server = grpc.aio.server(
@@ -157,8 +169,12 @@ class Coordinator:
             finally:
                 expiry.cancel()
                 sampler.cancel()
+                if self.network is not None:
+                    await self.network.stop()
                 await self.stop_grpc()
                 await self.gateway.drain()
+                if self.shared_holds is not None:
+                    await self.shared_holds.drain()
                 await asyncio.to_thread(self.writer.close)
 
         app = FastAPI(title="Agora coordinator", version=__version__, lifespan=lifespan)
@@ -170,6 +186,7 @@ class Coordinator:
         app.state.max_body_bytes = self.settings.max_body_bytes
         app.state.sessions = self.sessions
         app.state.overview = self.overview
+        app.state.network_view = self.network_view
         errors.install(app)
         app.include_router(openai_routes.router)
         app.include_router(admin_routes.router)
@@ -187,11 +204,46 @@ class Coordinator:
 
         return RequestIdMiddleware(app)
 
+    def endpoints(self) -> tuple[str, str]:
+        """(what workers dial, what clients call), as announced to the p2p market."""
+        host = self.settings.host
+        return (
+            self.settings.public_grpc_target or f"{host}:{self.grpc_port}",
+            self.settings.public_url or f"http://{host}:{self.http_port}/v1",
+        )
+
+    async def start_network(self) -> None:
+        from coordinator.services.network import MarketNetwork, NetworkSettings  # needs libp2p
+        from p2p.node import P2PConfig
+
+        s = self.settings
+        assert s.p2p_listen is not None
+        config = P2PConfig(
+            listen=s.p2p_listen, bootstrap=tuple(s.p2p_bootstrap), dht_server=True,
+            topics=("agora/market/v1",), same_host_peers=s.p2p_same_host,
+            maintain_s=min(5.0, s.p2p_announce_s),
+        )  # fmt: skip
+        settings = NetworkSettings(config, s.p2p_announce_s, s.p2p_record_ttl_s)
+        self.network = MarketNetwork(
+            self.identity, settings, self.registry, self.trust, self.endpoints
+        )
+        await self.network.start()
+        self.gateway.elsewhere = self.network.elsewhere
+
+    def p2p_addrs(self) -> list[str]:
+        return self.network.node.addrs if self.network else []
+
+    async def network_view(self) -> dict[str, Any]:
+        if self.network is None:
+            return {"enabled": False}
+        return await self.network.describe()
+
     def describe(self) -> dict[str, object]:
         host = self.settings.host
         return {
             "base_url": f"http://{host}:{self.http_port}/v1",
             "http_port": self.http_port,
+            "p2p_addrs": self.p2p_addrs(),
             "grpc_target": f"{host}:{self.grpc_port}",
             "grpc_port": self.grpc_port,
             "coordinator_id": self.identity.node_id,
@@ -218,6 +270,8 @@ class Coordinator:
                 return
             await asyncio.sleep(0.02)
         self.http_port = server.servers[0].sockets[0].getsockname()[1]
+        if self.settings.p2p_listen is not None:
+            await self.start_network()
         info = self.describe()
         if self.settings.ready_file:
             tmp = self.settings.ready_file.with_suffix(".tmp")
@@ -227,7 +281,8 @@ class Coordinator:
             f"Agora coordinator {self.identity.node_id}\n"
             f"  OpenAI API   {info['base_url']}\n"
             f"  workers dial {info['grpc_target']}\n"
-            f"  admin token  {self.admin_token_file}",
+            f"  admin token  {self.admin_token_file}"
+            + "".join(f"\n  p2p          {addr}" for addr in self.p2p_addrs()),
             flush=True,
         )
         await task

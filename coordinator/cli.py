@@ -34,6 +34,16 @@ def coordinator(
     database_url: str | None = typer.Option(None, help="SQLAlchemy URL (default: SQLite)."),
     fee_bps: int | None = typer.Option(None, help="Network fee in basis points."),
     ready_file: Path | None = typer.Option(None, help="Write bound ports here once serving."),
+    p2p_listen: str | None = typer.Option(
+        None, help="Join the p2p market: libp2p listen multiaddr, e.g. /ip4/0.0.0.0/tcp/4001."
+    ),
+    bootstrap: list[str] = typer.Option(
+        [], help="A p2p bootstrap peer (multiaddr ending in /p2p/<id>); repeatable."
+    ),
+    public_grpc: str | None = typer.Option(
+        None, help="host:port discovered workers dial (default: the bound gRPC address)."
+    ),
+    public_url: str | None = typer.Option(None, help="The OpenAI base URL peers advertise."),
     log_level: str = typer.Option("INFO", help="Logging level."),
     log_format: str = typer.Option("json", help="json (one object per line) or text."),
 ) -> None:
@@ -45,6 +55,10 @@ def coordinator(
         "database_url": database_url,
         "fee_bps": fee_bps,
         "ready_file": ready_file,
+        "p2p_listen": p2p_listen,
+        "p2p_bootstrap": bootstrap or None,
+        "public_grpc_target": public_grpc,
+        "public_url": public_url,
     }
     settings = CoordinatorSettings(**{k: v for k, v in overrides.items() if v is not None})
     ctx.obj = settings

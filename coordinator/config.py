@@ -35,6 +35,18 @@ class CoordinatorSettings(BaseSettings):
     queue_timeout_s: float = 10.0  # a request finding every worker busy waits this long for a slot
     default_rpm: int | None = None  # per-key requests/min when the key sets none (None = no limit)
     default_tpm: int | None = None  # per-key tokens/min when the key sets none
+    # credit holds in the database, so replicas sharing it never over-admit a client; default:
+    # on for PostgreSQL, off for SQLite (one coordinator per file: holds stay in memory)
+    shared_holds: bool | None = None
+    hold_ttl_s: float = Field(default=3600.0, gt=0)  # a dead replica's holds stop counting then
+    # the p2p market (libp2p: discovery + gossip). None = this coordinator stands alone
+    p2p_listen: str | None = None  # multiaddr, e.g. /ip4/0.0.0.0/tcp/4001
+    p2p_bootstrap: list[str] = Field(default_factory=list)  # multiaddrs ending in /p2p/<id>
+    p2p_announce_s: float = Field(default=10.0, gt=0)  # DHT record + gossip round interval
+    p2p_record_ttl_s: float = Field(default=30.0, gt=0)  # silent this long = dropped by peers
+    p2p_same_host: bool = False  # lift py-libp2p's per-IP limits (all peers on one machine)
+    public_grpc_target: str | None = None  # what discovered workers dial (default host:port)
+    public_url: str | None = None  # the OpenAI base URL other coordinators point clients to
     tls_cert: Path | None = None  # PEM cert for the worker gRPC endpoint
     tls_key: Path | None = None
     ready_file: Path | None = None  # written with the bound ports once serving
@@ -50,6 +62,12 @@ class CoordinatorSettings(BaseSettings):
     # FAULT INJECTION for the crash-safety test only: exit right after a settlement's receipts
     # are committed and before its ledger posting (never set this in production)
     fault_exit_before_posting: bool = False
+
+    @property
+    def holds_in_database(self) -> bool:
+        if self.shared_holds is not None:
+            return self.shared_holds
+        return not self.resolved_database_url.startswith("sqlite")
 
     @property
     def resolved_database_url(self) -> str:

@@ -98,6 +98,14 @@ class Identity:
     def sign(self, message: bytes) -> bytes:
         return self.private_key.sign(message)
 
+    def seed(self) -> bytes:
+        """The raw 32-byte private key (the same key becomes the node's libp2p host key)."""
+        return self.private_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
     def save(self, path: Path) -> None:
         """Write the key as PKCS#8 PEM, readable by the owner only; never overwrites."""
         pem = self.private_key.private_bytes(

@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from coordinator.api.deps import AccountsDep, AdminDep, GatewayDep, PayoutsDep
@@ -79,6 +79,14 @@ async def revoke_key(key_id: int, _admin: AdminDep, accounts: AccountsDep) -> di
 @router.get("/routing")
 async def recent_routing(_admin: AdminDep, gateway: GatewayDep, limit: int = 50) -> dict[str, Any]:
     return {"decisions": [r.as_dict() for r in gateway.decisions.recent(min(limit, 1000))]}
+
+
+@router.get("/network")
+async def network(_admin: AdminDep, request: Request) -> dict[str, Any]:
+    """The p2p market as this coordinator sees it: peers, other coordinators and their
+    workers, gossip accepted and refused (`{"enabled": false}` when it stands alone)."""
+    view: dict[str, Any] = await request.app.state.network_view()
+    return view
 
 
 @router.get("/balances")

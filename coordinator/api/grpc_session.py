@@ -14,6 +14,7 @@ from coordinator.services.registry import Registry, WorkerConnection
 from protocol.advert import PROTOCOL_VERSION, Advert, verify_registration
 from protocol.errors import ProtocolError
 from protocol.identity import Identity, node_id_from_public_key
+from protocol.market import RelayedRegistration
 from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
 
@@ -40,10 +41,11 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         yield pb.CoordinatorMessage(
             challenge=pb.Challenge(nonce=nonce, coordinator_id=self._identity.node_id)
         )
-        advert = await self._check_registration(
-            public_key, nonce, await anext(requests, None), context
-        )
-        conn = WorkerConnection(node_id=advert.node_id, advert=advert)
+        register = await anext(requests, None)
+        advert = await self._check_registration(public_key, nonce, register, context)
+        assert register is not None
+        proof = RelayedRegistration(register.register.advert, nonce, register.register.signature)
+        conn = WorkerConnection(node_id=advert.node_id, advert=advert, registration=proof)
         self._registry.add(conn)
         log.info("worker %s registered: %s", conn.node_id, [m.name for m in advert.models])
         reader = asyncio.create_task(self._read_loop(conn, requests))

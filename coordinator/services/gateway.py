@@ -12,6 +12,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from billing.pricing import Price, charge_for
@@ -44,7 +45,7 @@ from coordinator.services.jobs import (
 from coordinator.services.outcomes import AttemptOutcomes
 from coordinator.services.registry import ModelSlot, Registry
 from coordinator.services.relay import Completion
-from coordinator.services.reservations import Hold, Reservations
+from coordinator.services.reservations import Hold, HoldBook, Reservations
 from coordinator.services.router import Router
 from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy
 from coordinator.services.settlement import JobFacts, Settled, Settlement
@@ -75,6 +76,7 @@ class Gateway:
         policy: RoutingPolicy | None = None,
         rng: random.Random | None = None,
         trust: Trust | None = None,
+        holds: HoldBook | None = None,
     ) -> None:
         self.trust = trust  # reputation for routing; verdicts from settlement feed it
         checks = CheckPolicy(
@@ -83,7 +85,7 @@ class Gateway:
         self.spot_checker = SpotChecker(self, registry, trust, checks, rng or random.Random())
         self.registry = registry
         self.accounts = accounts
-        self.reservations = Reservations(accounts.balance)
+        self.reservations = holds or Reservations(accounts.balance)
         self.settlement = settlement
         self.settings = settings
         self.stats = stats or StatsBook()
@@ -97,6 +99,8 @@ class Gateway:
             self.stats, trust, metrics, settings.slo_ttft_s, settings.slo_itl_s
         )
         self._background: set[asyncio.Task[Any]] = set()
+        # other coordinators' API URLs for a model (the p2p market's view), for 404 hints
+        self.elsewhere: Callable[[str], list[str]] | None = None
 
     @property
     def idle_timeout_s(self) -> float:
@@ -110,10 +114,13 @@ class Gateway:
     async def start(self, principal: Principal, request: CompletionRequest) -> Completion:
         pool = self.registry.pool(request.model)
         if not pool:
+            others = self.elsewhere(request.model) if self.elsewhere else []
             raise ModelNotFound(
-                f"The model `{request.model}` does not exist or no worker serves it right now.",
+                f"The model `{request.model}` does not exist or no worker serves it right now."
+                + (f" Other coordinators of this market serve it: {', '.join(others)}."
+                   if others else ""),
                 param="model",
-            )
+            )  # fmt: skip
         context = max(s.offer.context_length for s in pool)
         max_tokens = request.max_tokens or context or None
         body = {k: v for k, v in request.body.items() if k != "provider"}

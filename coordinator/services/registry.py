@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from billing.pricing import Price
 from protocol.advert import Advert, ModelOffer
+from protocol.market import RelayedRegistration
 from protocol.proto import session_pb2 as pb
 
 
@@ -72,6 +73,8 @@ class WorkerConnection:
     closed: bool = False
     quarantined: str | None = None  # why the market no longer routes to it (services.trust)
     on_slot_freed: Callable[[], None] | None = None  # called whenever a job ends
+    # the worker's signed registration as received, relayed on gossip (verifiable by anyone)
+    registration: RelayedRegistration | None = None
 
     def open_job(self, job: pb.Job) -> asyncio.Queue[pb.JobEvent]:
         events: asyncio.Queue[pb.JobEvent] = asyncio.Queue()

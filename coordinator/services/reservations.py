@@ -7,13 +7,15 @@ over-states what is free: a balance read that raced a commit either already show
 or still counts the hold that covers it. A read that overlapped a commit whose hold was
 already released is detected by the per-client generation and repeated.
 
-Holds live in this process: one coordinator per database (several replicas sharing one
-PostgreSQL need the holds in the database).
+These holds live in this process: right for one coordinator per database (the SQLite
+default). Replicas sharing one PostgreSQL use `shared_holds.SharedReservations`, which keeps
+them in the database; both are a `HoldBook`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from coordinator.errors import InsufficientCredit
@@ -22,19 +24,42 @@ from coordinator.errors import InsufficientCredit
 class Hold:
     """One request's reservation (idempotent release)."""
 
-    def __init__(self, book: Reservations, client: str, amount: int) -> None:
+    def __init__(self, book: HoldBook, client: str, amount: int, hold_id: str = "") -> None:
         self._book = book
         self.client = client
         self.amount = amount
+        self.hold_id = hold_id  # its row, where the book keeps holds in the database
         self.released = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._book._take(self.client, -self.amount)
+            self._book.released(self)
 
 
-class Reservations:
+def refusal(amount: int, balance: int, held: int) -> InsufficientCredit:
+    return InsufficientCredit(
+        f"This request may cost up to {amount} micro-units; the balance is {balance}"
+        + (f", of which {held} is held by requests in flight" if held > 0 else "")
+        + ". Lower max_tokens or add credit."
+    )
+
+
+class HoldBook(ABC):
+    @abstractmethod
+    async def hold(self, client: str, amount: int, current: Hold | None = None) -> Hold:
+        """Hold `amount` (or raise `current` to it), or raise InsufficientCredit (402)."""
+
+    @abstractmethod
+    def posted(self, client: str) -> None:
+        """A charge to `client` was committed: call before releasing the hold behind it."""
+
+    @abstractmethod
+    def released(self, hold: Hold) -> None:
+        """Give the hold's credit back (called once, by Hold.release)."""
+
+
+class Reservations(HoldBook):
     def __init__(self, read_balance: Callable[[str], int]) -> None:
         self._read_balance = read_balance
         self._held: dict[str, int] = {}
@@ -59,22 +84,18 @@ class Reservations:
                 return balance, balance - self.held(client)
 
     def posted(self, client: str) -> None:
-        """A charge to `client` was committed: call before releasing the hold behind it."""
         self._generation[client] = self._generation.get(client, 0) + 1
 
+    def released(self, hold: Hold) -> None:
+        self._take(hold.client, -hold.amount)
+
     async def hold(self, client: str, amount: int, current: Hold | None = None) -> Hold:
-        """Hold `amount` (or raise `current` to it), or raise InsufficientCredit (402)."""
         extra = amount - (current.amount if current else 0)
         if current is not None and extra <= 0:
             return current
         balance, free = await self.available(client)
         if free < extra:  # no await between this check and the hold: atomic on the loop
-            raise InsufficientCredit(
-                f"This request may cost up to {amount} micro-units; the balance is {balance}"
-                + (f", of which {balance - free} is held by requests in flight" if free < balance
-                   else "")
-                + ". Lower max_tokens or add credit."
-            )  # fmt: skip
+            raise refusal(amount, balance, balance - free)
         self._take(client, extra)
         if current is not None:
             current.amount = amount

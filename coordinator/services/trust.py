@@ -70,6 +70,8 @@ class Trust:
         self._tallies: dict[str, Tally] = {}
         self._quarantined: dict[str, str] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # other coordinators' weighted evidence about a worker (set when the p2p market is on)
+        self.peer_evidence: Callable[[str], tuple[float, float]] | None = None
 
     def load(self) -> None:
         """Read the quarantine list and the recent evidence back (at start-up)."""
@@ -82,8 +84,26 @@ class Trust:
 
     # ------------------------------------------------------------------ reading
     def standing(self, node_id: str) -> Standing:
+        """Our own evidence, plus other coordinators' (weighted by their standing) when this
+        coordinator is part of a p2p market."""
+        now = self._clock()
+        tally = self._tallies.get(node_id, Tally(at=now))
+        if self.peer_evidence is None:
+            return tally.standing(now, self.policy)
+        good, bad = self.peer_evidence(node_id)
+        own = tally.decayed(now, self.policy)
+        return Tally(own.good + good, own.bad + bad, own.at).standing(now, self.policy)
+
+    def local_standing(self, node_id: str) -> Standing:
         now = self._clock()
         return self._tallies.get(node_id, Tally(at=now)).standing(now, self.policy)
+
+    def local_evidence(self) -> dict[str, tuple[float, float]]:
+        """Decayed (good, bad) of every worker from this coordinator's own evidence only (what
+        it attests to others)."""
+        now = self._clock()
+        decayed = {n: t.decayed(now, self.policy) for n, t in self._tallies.items()}
+        return {n: (d.good, d.bad) for n, d in decayed.items()}
 
     def score(self, node_id: str) -> float:
         return self.standing(node_id).score
@@ -149,7 +169,7 @@ class Trust:
             if v.outcome is Outcome.FRAUD:
                 self._spawn(self.punish(v.node_id, v.request_id, v.detail))
             elif v.outcome in _CHEATING and v.node_id not in self._quarantined:
-                record = self.standing(v.node_id)
+                record = self.local_standing(v.node_id)  # quarantine: our own evidence only
                 if record.score < self._quarantine_below and record.bad >= _MIN_BAD_TO_QUARANTINE:
                     reason = f"reputation {record.score:.2f} after {v.outcome.value}"
                     self._spawn(self.punish(v.node_id, v.request_id, reason, proven=False))

@@ -138,3 +138,15 @@ class Quarantine(SQLModel, table=True):
     reason: str = Field(max_length=500)
     request_id: str = Field(default="", max_length=80)
     at: datetime = Field(default_factory=utcnow)
+
+
+class CreditHold(SQLModel, table=True):
+    """Credit a request in flight holds (coordinator replicas sharing one database see each
+    other's holds). Deleted after the request's charge is committed; a replica that died
+    mid-request leaves rows that stop counting at `expires_at`."""
+
+    id: str = Field(primary_key=True, max_length=64)
+    client: str = Field(index=True, max_length=200)
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    expires_at: datetime = Field(index=True)
+    created_at: datetime = Field(default_factory=utcnow)

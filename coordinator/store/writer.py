@@ -11,15 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 log = logging.getLogger("agora.coordinator.ledger")
 T = TypeVar("T")
+# PostgreSQL's deadlock_detected and serialization_failure: replicas sharing a database lock
+# the same hot rows (network fees, a busy client) in different orders; the loser retries
+_RETRYABLE = {"40P01", "40001"}
+RETRIES = 8
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _RETRYABLE
 
 
 @dataclass
@@ -95,15 +106,7 @@ class LedgerWriter:
         try:
             with self._engine.begin() as conn:
                 for work in batch:
-                    savepoint = conn.begin_nested()
-                    try:
-                        result = work.fn(conn)
-                    except Exception as exc:
-                        savepoint.rollback()
-                        outcomes.append((work, None, exc))
-                    else:
-                        savepoint.commit()
-                        outcomes.append((work, result, None))
+                    outcomes.append(self._apply(conn, work))
         except Exception as exc:  # the commit itself failed: nothing of the batch was written
             log.exception("ledger commit of %d unit(s) failed", len(batch))
             for work in batch:
@@ -111,3 +114,21 @@ class LedgerWriter:
             return
         for work, result, error in outcomes:
             _resolve(work, result, error)
+
+    @staticmethod
+    def _apply(conn: Connection, work: _Work) -> tuple[_Work, Any, BaseException | None]:
+        """Run one unit in its savepoint; rolled back alone if it fails, retried (after the
+        rollback frees its locks for the other side) if it lost a deadlock."""
+        for attempt in range(RETRIES):
+            savepoint = conn.begin_nested()
+            try:
+                result = work.fn(conn)
+            except Exception as exc:
+                savepoint.rollback()
+                if _retryable(exc) and attempt < RETRIES - 1:
+                    time.sleep(random.uniform(0.001, 0.01 * (attempt + 1)))
+                    continue
+                return work, None, exc
+            savepoint.commit()
+            return work, result, None
+        raise AssertionError("unreachable")

@@ -61,7 +61,8 @@ def run(config: WorkerConfig, log_level: str) -> None:
         def registered(node_id: str) -> None:
             status.stop()
             names = ", ".join(m.name for m in config.models)
-            console.print(f"[green]serving[/] {names} as {node_id} via {config.node.coordinator}")
+            via = config.node.coordinator or "coordinators found in the p2p market"
+            console.print(f"[green]serving[/] {names} as {node_id} via {via}")
 
         try:
             await Node(config, on_progress=progress, on_registered=registered).run(stop)
@@ -97,12 +98,18 @@ def worker(
     key: Path = typer.Option(default_key_path, help="Node key file (created if missing)."),
     state_dir: Path | None = typer.Option(None, help="Engine logs and status file."),
     drain_timeout: float = typer.Option(60.0, help="On SIGTERM, seconds running jobs may take."),
+    discover: bool = typer.Option(
+        False, help="Find coordinators in the p2p market (DHT) instead of --coordinator."
+    ),
+    bootstrap: list[str] = typer.Option([], help="p2p bootstrap peer multiaddr; repeatable."),
+    max_coordinators: int = typer.Option(3, min=1, help="With --discover: sessions at once."),
+    p2p_same_host: bool = typer.Option(False, hidden=True),  # every peer on one machine (tests)
     log_level: str = typer.Option("INFO", help="Logging level."),
 ) -> None:
     """Without a subcommand: run a node from flags alone (no config file)."""
     if ctx.invoked_subcommand is not None:
         return
-    if not coordinator:
+    if not coordinator and not discover:
         console.print(ctx.get_help())
         raise typer.Exit(2)
     name = served_model_name or (Path(model).name if model else None)
@@ -125,13 +132,18 @@ def worker(
         "coordinator": coordinator,
         "key": key,
         "drain_timeout_s": drain_timeout,
+        "discover": discover,
+        "bootstrap": bootstrap,
+        "max_coordinators": max_coordinators,
+        "p2p_same_host": p2p_same_host,
     }
     if state_dir:
         node["state_dir"] = state_dir
     try:
         config = config_file.parse(
-            {"node": node, "models": [{k: v for k, v in entry.items() if v is not None}]}, "flags"
-        )
+            {"node": {k: v for k, v in node.items() if v is not None},
+             "models": [{k: v for k, v in entry.items() if v is not None}]}, "flags",
+        )  # fmt: skip
     except WorkerError as exc:
         raise _fail(exc) from exc
     run(config, log_level)
@@ -210,11 +222,17 @@ def init(
 @app.command()
 def start(
     config: Path = typer.Option(config_file.default_config_path, help="Config file."),
+    discover: bool = typer.Option(
+        False, help="Find coordinators in the p2p market (DHT) instead of the configured one."
+    ),
+    bootstrap: list[str] = typer.Option([], help="p2p bootstrap peer multiaddr; repeatable."),
     log_level: str = typer.Option("INFO", help="Logging level."),
 ) -> None:
     """Run the node described by the config file until SIGINT/SIGTERM."""
     try:
         loaded = config_file.load(config)
+        if discover or bootstrap:
+            loaded = config_file.discovering(loaded, bootstrap)
     except WorkerError as exc:
         raise _fail(exc) from exc
     run(loaded, log_level)

@@ -76,11 +76,28 @@ class ModelConfig(_Strict):
 
 
 class NodeSection(_Strict):
-    coordinator: str = Field(pattern=r"^[^\s:]+:\d{1,5}$")  # host:port
+    coordinator: str | None = Field(default=None, pattern=r"^[^\s:]+:\d{1,5}$")  # host:port
     key: Path = Field(default_factory=default_key_path)
     state_dir: Path = Field(default_factory=state_dir)  # engine logs, status file
     drain_timeout_s: float = Field(default=60.0, gt=0)  # SIGTERM: let running jobs finish
     tls_ca: Path | None = None  # PEM of the coordinator's CA; set to use TLS
+    # find coordinators through the p2p market's DHT instead of (or besides) `coordinator`
+    discover: bool = False
+    bootstrap: list[str] = Field(default_factory=list)  # libp2p multiaddrs ending in /p2p/<id>
+    max_coordinators: int = Field(default=3, ge=1, le=16)  # sessions held at once
+    p2p_listen: str = "/ip4/0.0.0.0/tcp/0"  # outbound DHT lookups only: any free port
+    p2p_same_host: bool = False  # lift py-libp2p's per-IP limits (all peers on one machine)
+    ban_s: float = Field(default=60.0, gt=0)  # a coordinator that dropped us is not retried
+
+    @model_validator(mode="after")
+    def _where_to_connect(self) -> NodeSection:
+        if not self.coordinator and not self.discover:
+            raise ValueError("give `coordinator` (host:port) or set `discover = true`")
+        if self.discover and not self.bootstrap:
+            raise ValueError("`discover` needs at least one `bootstrap` peer")
+        if self.discover and self.coordinator:
+            raise ValueError("give either `coordinator` or `discover`, not both")
+        return self
 
 
 class HardwareSection(_Strict):
@@ -123,6 +140,14 @@ def load(path: Path) -> WorkerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     return parse(data, str(path))
+
+
+def discovering(config: WorkerConfig, bootstrap: list[str]) -> WorkerConfig:
+    """The same node, finding coordinators through the p2p market instead of its configured
+    one (`agora worker start --discover [--bootstrap …]`)."""
+    node = config.node.model_dump()
+    node.update(coordinator=None, discover=True, bootstrap=bootstrap or config.node.bootstrap)
+    return parse({**config.model_dump(), "node": node}, "--discover")
 
 
 def dump(config: WorkerConfig, path: Path) -> None:

@@ -20,9 +20,11 @@ import httpx
 
 from protocol.advert import PROTOCOL_VERSION, Advert, ModelOffer
 from protocol.identity import Identity
+from protocol.market import record_version
 from protocol.proto import session_pb2 as pb
 from worker_node import __version__
 from worker_node.config import ModelConfig, WorkerConfig
+from worker_node.discovery import CoordinatorFinder
 from worker_node.engines.attach import AttachedEngine
 from worker_node.engines.base import Engine
 from worker_node.engines.supervisor import EngineStatus, Supervisor
@@ -32,9 +34,11 @@ from worker_node.hardware import Hardware, detect, gpu_loads
 from worker_node.jobs import JobRunner
 from worker_node.metrics import EngineLoad, read_engine_load
 from worker_node.session import SessionConfig, WorkerSession
+from worker_node.session_pool import SessionPool
 
 log = logging.getLogger("agora.worker")
 STATUS_FILE = "status.json"
+GIVE_UP_AFTER = 2  # failed reconnects before a discovered coordinator is dropped for another
 
 
 def _safe(name: str) -> str:
@@ -110,7 +114,7 @@ class Node:
         }
         self.offers: dict[str, ModelOffer] = {}
         self._on_registered = on_registered
-        self._session: WorkerSession | None = None
+        self._session: WorkerSession | SessionPool | None = None
         self._loads: dict[str, EngineLoad] = {}
 
     # ---------------------------------------------------------------- advert
@@ -172,7 +176,8 @@ class Node:
             "pid": os.getpid(),
             "updated_at": time.time(),
             "node_id": self.identity.node_id,
-            "coordinator": self.config.node.coordinator,
+            "coordinator": self.config.node.coordinator
+            or ", ".join(session.coordinators if isinstance(session, SessionPool) else []),
             "session": session.state if session else "starting",
             "running_jobs": session.running_jobs if session else 0,
             "hardware": self.hardware.summary(),
@@ -231,32 +236,60 @@ class Node:
                     is_available=lambda name: self.supervisors[name].available,
                     fault=self.fault,
                 )
-                root_certs = (
-                    self.config.node.tls_ca.read_bytes() if self.config.node.tls_ca else None
-                )
-                self._session = WorkerSession(
-                    self.identity,
-                    self.advert,
-                    runner,
-                    SessionConfig(
-                        self.config.node.coordinator,
-                        drain_timeout_s=self.config.node.drain_timeout_s,
-                        root_certificates=root_certs,
-                    ),
-                    heartbeat=lambda: self.heartbeat(http),
-                    on_registered=self._registered,
-                )
+                cfg = self.config.node
+                root_certs = cfg.tls_ca.read_bytes() if cfg.tls_ca else None
+
+                def session(target: str, give_up_after: int | None = None) -> WorkerSession:
+                    return WorkerSession(
+                        self.identity,
+                        self.advert,
+                        runner,
+                        SessionConfig(target, drain_timeout_s=cfg.drain_timeout_s,
+                                      root_certificates=root_certs, give_up_after=give_up_after),
+                        heartbeat=lambda: self.heartbeat(http),
+                        on_registered=self._registered,
+                    )  # fmt: skip
+
                 watchers = [
                     asyncio.create_task(s.watch(engines_stop)) for s in self.supervisors.values()
                 ]
                 try:
-                    await self._session.run(stop)
+                    if cfg.discover:
+                        await self._run_discovered(stop, session)
+                    else:
+                        assert cfg.coordinator is not None
+                        self._session = session(cfg.coordinator)
+                        await self._session.run(stop)
                 finally:
                     engines_stop.set()
                     await asyncio.gather(*watchers, return_exceptions=True)
         finally:
             await asyncio.gather(*(s.stop() for s in self.supervisors.values()))
             self.write_status()
+
+    async def _run_discovered(
+        self, stop: asyncio.Event, session: Callable[[str, int | None], WorkerSession]
+    ) -> None:
+        """Find coordinators in the p2p market's DHT and hold sessions with several."""
+        from p2p.node import P2PConfig, P2PNode  # libp2p: imported only when discovering
+
+        cfg = self.config.node
+        p2p = P2PNode(
+            self.identity.seed(),
+            P2PConfig(listen=cfg.p2p_listen, bootstrap=tuple(cfg.bootstrap), dht_server=False,
+                      same_host_peers=cfg.p2p_same_host, maintain_s=2.0, op_timeout_s=12.0),
+            record_version=record_version,
+        )  # fmt: skip
+        await p2p.start()
+        try:
+            finder = CoordinatorFinder(p2p, [m.name for m in self.config.models])
+            self._session = SessionPool(
+                finder, lambda target: session(target, GIVE_UP_AFTER), cfg.max_coordinators,
+                ban_s=cfg.ban_s, rediscover_s=2.0,
+            )  # fmt: skip
+            await self._session.run(stop)
+        finally:
+            await p2p.stop()
 
     def _registered(self, node_id: str) -> None:
         self.write_status()

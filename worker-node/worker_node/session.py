@@ -52,6 +52,9 @@ class SessionConfig:
     reconnect_max_s: float = 4.0  # backoff ceiling: a restarted coordinator is found quickly
     drain_timeout_s: float = 60.0  # on shutdown, how long running jobs may finish
     root_certificates: bytes | None = None  # PEM; set to use TLS
+    # stop retrying after this many failed connects in a row (None = retry forever); a node
+    # that discovered this coordinator then finds another instead
+    give_up_after: int | None = None
 
 
 def backoff_delays(initial: float, ceiling: float) -> AsyncIterator[float]:
@@ -139,7 +142,7 @@ class WorkerSession:
         self._on_registered = on_registered
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._beat_now = asyncio.Event()
-        self.state = "starting"  # connecting | connected | reconnecting | draining | stopped
+        self.state = "starting"  # connecting | connected | reconnecting | draining | stopped | lost
         self.connected_since: float | None = None
 
     @property
@@ -153,6 +156,7 @@ class WorkerSession:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set (then drain); reconnect whenever the session is lost."""
         delays = backoff_delays(self._config.reconnect_initial_s, self._config.reconnect_max_s)
+        failures = 0
         while not stop.is_set():
             self.state = "connecting"
             try:
@@ -166,6 +170,12 @@ class WorkerSession:
                 log.warning("coordinator %s: %s", self._config.coordinator, exc)
             if stop.is_set():
                 break
+            failures = 0 if self.connected_since else failures + 1
+            limit = self._config.give_up_after
+            if limit is not None and failures >= limit:
+                log.warning("giving up on coordinator %s", self._config.coordinator)
+                self.state = "lost"
+                return
             if self.connected_since and time.monotonic() - self.connected_since > 60:
                 delays = backoff_delays(
                     self._config.reconnect_initial_s, self._config.reconnect_max_s
