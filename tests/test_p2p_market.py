@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -187,15 +189,14 @@ def test_reputation_evidence_reaches_the_other_coordinators(p2p_market: P2PMarke
 
 
 def test_forged_gossip_is_refused(p2p_market: P2PMarket) -> None:
-    import asyncio
-
-    from tests.p2p.rogue import publish_forgeries
-
     market = p2p_market
     victim = market.coordinators["c1"].info["coordinator_id"]
     worker_id = market.network("c2")["workers"][0]["node_id"]
     before = market.network("c2")["rejected"]
-    outcome = asyncio.run(publish_forgeries(market.bootstrap, victim, worker_id))
+    rogue_cmd = [sys.executable, "-W", "ignore", "-m", "tests.p2p.rogue"]
+    rogue_run = subprocess.run([*rogue_cmd, market.bootstrap, victim, worker_id],
+                               capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    outcome = json.loads(rogue_run.stdout.strip().splitlines()[-1])
     # the rogue put a forged record under c1's key; a validating reader still gets c1's own
     assert outcome["dht_read_api_url"] == market.coordinators["c1"].base_url
 

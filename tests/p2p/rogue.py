@@ -1,10 +1,14 @@
 """A rogue peer for the p2p market tests: it speaks Noise and joins the gossip topic like
-anyone may, then publishes forgeries and tries to overwrite a coordinator's DHT record."""
+anyone may, then publishes forgeries and tries to overwrite a coordinator's DHT record.
+Run as a separate process (`python -m tests.p2p.rogue BOOTSTRAP VICTIM WORKER`, prints the
+outcome as JSON): py-libp2p leaves sockets for the garbage collector, and in the test process
+they would surface as ResourceWarnings at some unrelated later moment."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 from coordinator.services.network import TOPIC
@@ -106,3 +110,8 @@ async def read_record(bootstrap: str, coordinator_id: str) -> str:
         return CoordinatorRecord.open(data, _now_ms()).api_url if data else "none"
     finally:
         await reader.stop()
+
+
+if __name__ == "__main__":
+    bootstrap_addr, victim_id, worker = sys.argv[1:4]
+    print(json.dumps(asyncio.run(publish_forgeries(bootstrap_addr, victim_id, worker))), flush=True)
