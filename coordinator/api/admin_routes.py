@@ -110,6 +110,7 @@ async def workers(_admin: AdminDep, gateway: GatewayDep) -> dict[str, Any]:
                     name: {
                         "available": slot.available,
                         "in_flight": slot.in_flight,
+                        "jobs_elsewhere": slot.jobs_elsewhere,  # for the node's other coordinators
                         "max_concurrency": slot.max_concurrency,
                         "engine_running": slot.engine_running if slot.load_reported else None,
                         "engine_waiting": slot.engine_waiting if slot.load_reported else None,

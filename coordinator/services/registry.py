@@ -24,7 +24,10 @@ class ModelSlot:
     conn: WorkerConnection
     offer: ModelOffer
     client_price: Price  # what a client pays per 1M tokens, fee included
-    in_flight: int = 0
+    own_jobs: int = 0  # jobs this coordinator has running on the slot
+    # jobs the node runs for the model for its other coordinators (a node may hold sessions
+    # with several), as of its last heartbeat: they use the same engine slots
+    jobs_elsewhere: int = 0
     engine_running: int = 0
     engine_waiting: int = 0
     kv_cache_usage: float = 0.0
@@ -46,6 +49,10 @@ class ModelSlot:
     @property
     def max_concurrency(self) -> int:
         return self.offer.max_concurrency
+
+    @property
+    def in_flight(self) -> int:
+        return self.own_jobs + self.jobs_elsewhere
 
     @property
     def available(self) -> bool:
@@ -79,7 +86,7 @@ class WorkerConnection:
     def open_job(self, job: pb.Job) -> asyncio.Queue[pb.JobEvent]:
         events: asyncio.Queue[pb.JobEvent] = asyncio.Queue()
         self.jobs[job.request_id] = events
-        self.slots[job.model].in_flight += 1
+        self.slots[job.model].own_jobs += 1
         self.outbox.put_nowait(pb.CoordinatorMessage(job=job))
         return events
 
@@ -87,7 +94,7 @@ class WorkerConnection:
         if self.jobs.pop(request_id, None) is None:
             return
         slot = self.slots[model]
-        slot.in_flight = max(0, slot.in_flight - 1)
+        slot.own_jobs = max(0, slot.own_jobs - 1)
         if cancel and not self.closed:
             self.outbox.put_nowait(
                 pb.CoordinatorMessage(cancel=pb.CancelJob(request_id=request_id))
@@ -109,6 +116,7 @@ class WorkerConnection:
                 slot.engine_running = load.running
                 slot.engine_waiting = load.waiting
                 slot.kv_cache_usage = load.kv_cache_usage
+                slot.jobs_elsewhere = max(0, load.jobs_elsewhere)
                 slot.load_reported = True
         self.gpus = list(beat.gpus)
         if self.on_slot_freed is not None:  # an engine may be back: queued requests look again

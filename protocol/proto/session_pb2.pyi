@@ -264,6 +264,7 @@ class ModelLoad(_message.Message):
     KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
     JOBS_FIELD_NUMBER: _builtins.int
+    JOBS_ELSEWHERE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     running: _builtins.int
     """requests the engine is running (its own metrics)"""
@@ -274,7 +275,9 @@ class ModelLoad(_message.Message):
     available: _builtins.bool
     """false while the engine is down or restarting"""
     jobs: _builtins.int
-    """jobs this node has in flight for the model"""
+    """jobs for the model this session's coordinator has on the node"""
+    jobs_elsewhere: _builtins.int
+    """jobs for the model the node runs for its other coordinators"""
     def __init__(
         self,
         *,
@@ -284,10 +287,11 @@ class ModelLoad(_message.Message):
         kv_cache_usage: _builtins.float = ...,
         available: _builtins.bool = ...,
         jobs: _builtins.int = ...,
+        jobs_elsewhere: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "jobs", b"jobs", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "jobs", b"jobs", "jobs_elsewhere", b"jobs_elsewhere", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,7 @@ def backoff_delays(initial: float, ceiling: float) -> AsyncIterator[float]:
 
 
 MAX_BATCH = 256  # job events per gRPC message
+MIN_BEAT_GAP_S = 0.5  # early heartbeats (job counts, engine state) come at most this often
 
 
 async def outgoing(outbox: Outbox) -> AsyncIterator[pb.WorkerMessage]:
@@ -141,6 +142,11 @@ class WorkerSession:
         self._heartbeat = heartbeat
         self._on_registered = on_registered
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._job_models: dict[str, str] = {}  # request id -> model
+        # set by a SessionPool: the node's jobs per model through its other sessions, and a
+        # hook to tell those sessions when this one's jobs change
+        self.jobs_elsewhere: Callable[[str], int] = lambda _model: 0
+        self.on_jobs_changed: Callable[[], None] = lambda: None
         self._beat_now = asyncio.Event()
         self.state = "starting"  # connecting | connected | reconnecting | draining | stopped | lost
         self.connected_since: float | None = None
@@ -148,6 +154,9 @@ class WorkerSession:
     @property
     def running_jobs(self) -> int:
         return len(self._jobs)
+
+    def jobs_for(self, model: str) -> int:
+        return sum(1 for m in self._job_models.values() if m == model)
 
     def notify(self) -> None:
         """Send a heartbeat now (e.g. an engine went down or came back)."""
@@ -262,10 +271,15 @@ class WorkerSession:
         while True:
             self._beat_now.clear()
             beat = await self._heartbeat() if self._heartbeat is not None else pb.Heartbeat()
+            for load in beat.loads:  # the engine's slots are shared by all coordinators
+                load.jobs = self.jobs_for(load.model)
+                load.jobs_elsewhere = self.jobs_elsewhere(load.model)
             beat.sent_at_ms = time.time_ns() // 1_000_000
             await outbox.put(pb.WorkerMessage(heartbeat=beat))
+            sent = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat_now.wait(), timeout=interval)
+            await asyncio.sleep(max(0.0, sent + MIN_BEAT_GAP_S - time.monotonic()))
 
     async def _drain_when(self, stop: asyncio.Event, outbox: Outbox) -> None:
         await stop.wait()
@@ -311,7 +325,14 @@ class WorkerSession:
         )
         task = asyncio.create_task(self._run_job(spec, outbox))
         self._jobs[spec.request_id] = task
-        task.add_done_callback(lambda _t: self._jobs.pop(spec.request_id, None))
+        self._job_models[spec.request_id] = spec.model
+        task.add_done_callback(lambda _t: self._job_ended(spec.request_id))
+        self.on_jobs_changed()
+
+    def _job_ended(self, request_id: str) -> None:
+        self._jobs.pop(request_id, None)
+        self._job_models.pop(request_id, None)
+        self.on_jobs_changed()
 
     async def _run_job(self, spec: JobSpec, outbox: Outbox) -> None:
         rid = spec.request_id

@@ -4,7 +4,9 @@ A provider's node holds a session with up to `max_coordinators` coordinators of 
 once (like a seller listing on several marketplaces): each coordinator routes to it directly, so
 a request at any of them is served with no extra hop and no billing between coordinators, and
 when one coordinator disappears the others keep routing while the node finds a replacement. The
-engine's real load goes to every coordinator in heartbeats, so they see each other's jobs.
+engine's real load goes to every coordinator in heartbeats, and each session's heartbeat says
+how many jobs per model the node runs for its other coordinators (sent early when they change),
+so no coordinator counts the node's slots as all its own.
 
 A session that breaks and cannot reconnect (give_up_after) is dropped and its coordinator
 banned for `ban_s`; the pool then looks up the DHT for another.
@@ -19,12 +21,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from protocol.market import CoordinatorRecord
-from worker_node.discovery import CoordinatorFinder
 from worker_node.session import WorkerSession
 
 log = logging.getLogger("agora.worker.pool")
+
+
+class Finder(Protocol):
+    """Where coordinators come from (worker_node.discovery.CoordinatorFinder on the DHT)."""
+
+    async def find(self, exclude: set[str]) -> list[CoordinatorRecord]: ...
+
+    async def forget(self, coordinator_id: str) -> None: ...
 
 
 @dataclass
@@ -37,7 +47,7 @@ class _Member:
 class SessionPool:
     def __init__(
         self,
-        finder: CoordinatorFinder,
+        finder: Finder,
         make_session: Callable[[str], WorkerSession],
         max_coordinators: int,
         ban_s: float = 60.0,
@@ -66,6 +76,16 @@ class SessionPool:
         for member in self._members.values():
             member.session.notify()
 
+    def jobs_elsewhere(self, session: WorkerSession, model: str) -> int:
+        """The node's jobs for `model` that came through sessions other than `session`."""
+        members = self._members.values()
+        return sum(m.session.jobs_for(model) for m in members if m.session is not session)
+
+    def _jobs_changed(self, session: WorkerSession) -> None:
+        for member in self._members.values():
+            if member.session is not session:
+                member.session.notify()
+
     async def run(self, stop: asyncio.Event) -> None:
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -93,6 +113,8 @@ class SessionPool:
         found = await self._finder.find(exclude=set(self._members) | set(self._banned))
         for record in found[: self._max - len(self._members)]:
             session = self._make_session(record.grpc_target)
+            session.jobs_elsewhere = functools.partial(self.jobs_elsewhere, session)
+            session.on_jobs_changed = functools.partial(self._jobs_changed, session)
             task = asyncio.create_task(session.run(stop))
             self._members[record.coordinator_id] = _Member(record, session, task)
             task.add_done_callback(functools.partial(self._lost, record.coordinator_id, stop))
