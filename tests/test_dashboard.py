@@ -1,7 +1,9 @@
 """The dashboards in a real browser (headless Chromium through Playwright) against a live
 coordinator with two real workers on the real engine and real traffic: the pages show what the
 JSON API says, update without a reload, the provider view shows one node only, and nobody gets
-in without credentials. Screenshots land in test-artifacts/ (AGORA_TEST_ARTIFACTS)."""
+in without credentials; the coordinator is in a p2p market with one peer coordinator, whose
+dashboard shows it and its workers as heard on gossip. Screenshots land in test-artifacts/
+(AGORA_TEST_ARTIFACTS)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 ARTIFACTS = Path(os.environ.get("AGORA_TEST_ARTIFACTS", "test-artifacts"))
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+P2P_ENV = {"AGORA_COORDINATOR_P2P_SAME_HOST": "true", "AGORA_COORDINATOR_P2P_ANNOUNCE_S": "1"}
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Dash:
     nodes: dict[str, str]  # worker name -> node id
     keys: dict[str, Path]  # worker name -> key file
     clients: dict[str, str]  # client name -> api key
+    peer: CoordinatorHandle  # another coordinator of the same p2p market, with no workers
 
     @property
     def root(self) -> str:
@@ -74,10 +79,14 @@ def dash(
 ) -> Iterator[Dash]:
     workdir = tmp_path_factory.mktemp("dashboard")
     env = {"AGORA_COORDINATOR_TRAFFIC_SAMPLE_S": "1",
-           "AGORA_COORDINATOR_TOKENIZERS": f'{{"{MODEL}": "{tiny_model}"}}'}  # fmt: skip
-    coordinator = start_coordinator(workdir, env=env)
+           "AGORA_COORDINATOR_TOKENIZERS": f'{{"{MODEL}": "{tiny_model}"}}', **P2P_ENV}  # fmt: skip
+    coordinator = start_coordinator(workdir, extra_args=["--p2p-listen", LOOPBACK], env=env)
+    bootstrap = str(coordinator.info["p2p_addrs"][0])
     workers: dict[str, Process] = {}
+    peer: CoordinatorHandle | None = None
     try:
+        joining = ["--p2p-listen", LOOPBACK, "--bootstrap", bootstrap]
+        peer = start_coordinator(workdir / "peer", extra_args=joining, env=P2P_ENV)
         for name in ("alpha", "beta"):
             spec = WorkerSpec(name, MODEL, engine_url=vllm_engine.base_url)
             workers[name] = start_worker(workdir, coordinator, spec)
@@ -86,7 +95,7 @@ def dash(
         keys = {name: workdir / f"{name}.key" for name in workers}
         nodes = {name: Identity.load(path).node_id for name, path in keys.items()}
         clients = {c: coordinator.create_client(c, 50_000_000) for c in ("acme", "globex")}
-        market = Dash(coordinator, workers, nodes, keys, clients)
+        market = Dash(coordinator, workers, nodes, keys, clients, peer)
         for client, node in [("acme", "alpha")] * 4 + [("globex", "beta")] * 2:
             market.ask(client, node)
         with coordinator.admin() as admin:  # one closed epoch, then more work in the open one
@@ -97,6 +106,8 @@ def dash(
     finally:
         for process in workers.values():
             process.stop()
+        if peer is not None:
+            peer.process.stop()
         coordinator.process.stop()
     assert books_problems(workdir) == []
 
@@ -121,9 +132,10 @@ def shot(page: Page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def sign_in_operator(page: Page, dash: Dash) -> None:
-    page.goto(dash.root + "/dashboard")
-    page.fill("#token", dash.coordinator.admin_token)
+def sign_in_operator(page: Page, dash: Dash, coordinator: CoordinatorHandle | None = None) -> None:
+    coordinator = coordinator or dash.coordinator
+    page.goto(coordinator.base_url.removesuffix("/v1") + "/dashboard")
+    page.fill("#token", coordinator.admin_token)
     page.click("button[type=submit]")
     page.wait_for_selector("body[data-loaded='1']")
 
@@ -232,3 +244,32 @@ def test_agora_status_prints_the_same_numbers(dash: Dash) -> None:
     assert format_micro(api["money"]["revenue"]) in result.stdout
     for node in dash.nodes.values():
         assert node[-12:] in result.stdout
+
+
+def network(coordinator: CoordinatorHandle) -> dict[str, Any]:
+    with coordinator.admin() as admin:
+        response = admin.get("/network")
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+
+def test_operator_dashboard_shows_the_p2p_market(dash: Dash, page: Page) -> None:
+    """The peer's operator sees the first coordinator, its client API and, from the signed
+    registrations relayed on gossip, its two workers; and the other way round."""
+    first_id = dash.coordinator.info["coordinator_id"]
+    peer_id = dash.peer.info["coordinator_id"]
+    sign_in_operator(page, dash, dash.peer)
+    expect(page.get_by_test_id(f"coord-{first_id}-api")).to_have_text(dash.coordinator.base_url,
+                                                                       timeout=30_000)  # fmt: skip
+    expect(page.get_by_test_id(f"coord-{first_id}-workers")).to_have_text("2", timeout=30_000)
+    heard = next(c for c in network(dash.peer)["coordinators"] if c["coordinator_id"] == first_id)
+    assert sorted(heard["workers"]) == sorted(dash.nodes.values())
+    assert int(text(page, "network-peers")) >= 1
+    assert int(text(page, "network-accepted")) > 0
+    shot(page, "dashboard-network")
+
+    sign_in_operator(page, dash)
+    expect(page.get_by_test_id(f"coord-{peer_id}-api")).to_have_text(dash.peer.base_url,
+                                                                      timeout=30_000)  # fmt: skip
+    assert text(page, f"coord-{peer_id}-workers") == "0"

@@ -43,6 +43,27 @@ function workers(list) {
     ["ITL", "num"], ["Reputation"], ["Missed (full)", "num"], ["Last seen", "num"]], rows, "no workers connected"));
 }
 
+function network(n) {  // GET /admin/v1/network: the other coordinators this one hears on gossip
+  if (!n.enabled) {
+    fill("network", el("p", { class: "empty", "data-testid": "network-off" },
+      "This coordinator stands alone (p2p off): start it with --p2p-listen and --bootstrap to join a market."));
+    return;
+  }
+  const refused = Object.entries(n.rejected).map(([why, count]) => `${why} ${count}`).join(", ") || "none";
+  const summary = el("p", { class: "muted" }, "peer ", el("span", { class: "mono", title: n.peer_id }, short(n.peer_id)),
+    " · connected peers ", el("span", { "data-testid": "network-peers" }, n.connected_peers.length),
+    " · gossip accepted ", el("span", { "data-testid": "network-accepted" }, n.accepted),
+    " · refused ", el("span", { "data-testid": "network-refused" }, refused));
+  const rows = n.coordinators.map((c) => [
+    [el("span", { class: "mono", title: c.coordinator_id }, short(c.coordinator_id)), "", `coord-${c.coordinator_id}`],
+    [c.api_url, "mono", `coord-${c.coordinator_id}-api`], [c.models.join(", ") || "—"],
+    [c.workers.length, "num", `coord-${c.coordinator_id}-workers`], [c.standing.toFixed(2), "num"],
+    [(c.seen_ms_ago / 1000).toFixed(1) + " s", "num"]]);
+  const others = table([["Coordinator"], ["Client API"], ["Models"], ["Workers", "num"], ["Standing", "num"], ["Last heard", "num"]],
+    rows, "no other coordinator heard yet");
+  fill("network", el("div", {}, summary, others));
+}
+
 function traffic(points) {
   const xs = points.map((p) => p.t);
   chart("chart-rate", "Requests/s and tokens/s", [["requests/s", "#2e6bd9"], ["tokens/s", "#1f9d55"]], xs,
@@ -75,8 +96,8 @@ function routing(records) {
 }
 
 Agora.every(2000, async () => {
-  const o = await Agora.getJson("/admin/v1/overview");
+  const [o, n] = await Promise.all([Agora.getJson("/admin/v1/overview"), Agora.getJson("/admin/v1/network")]);
   kpis(o); capacity(o.capacity.by_model, "model", "capacity-model"); capacity(o.capacity.by_gpu, "gpu", "capacity-gpu");
-  workers(o.workers); traffic(o.traffic); money(o); routing(o.routing);
+  workers(o.workers); network(n); traffic(o.traffic); money(o); routing(o.routing);
   document.getElementById("updated").textContent = "updated " + new Date(o.at * 1000).toLocaleTimeString();
 });
