@@ -40,6 +40,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service.context import background_trio_service
 
 from p2p.errors import P2PError, P2PTimeout, P2PUnavailable
+from p2p.sockets import SocketTracker
 
 log = logging.getLogger("agora.p2p")
 T = TypeVar("T")
@@ -137,6 +138,7 @@ class P2PNode:
         self._pubsub: Pubsub | None = None
         self.addrs: list[str] = []
         self.peer_id = ""
+        self._sockets = SocketTracker()
 
     # ------------------------------------------------------------------ lifecycle (asyncio)
     async def start(self, timeout_s: float = 30.0) -> list[str]:
@@ -278,11 +280,14 @@ class P2PNode:
             self._release_sockets()
 
     def _release_sockets(self) -> None:
-        """py-libp2p drops some sockets without closing them (a failed security upgrade, a
-        connection cancelled at shutdown); collect them here, where it is known and quiet,
-        rather than as ResourceWarnings at some later garbage collection."""
+        """Close the sockets py-libp2p left open (see p2p.sockets) now that the run is over,
+        then collect what it left behind."""
         self._host = self._dht = self._pubsub = None
         self._nursery = None
+        ports = {int(a.split("/tcp/")[1].split("/")[0]) for a in self.addrs if "/tcp/" in a}
+        left_open = self._sockets.close_all(ports)
+        if left_open:
+            log.debug("closed %d socket(s) py-libp2p left open", left_open)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()
@@ -293,6 +298,7 @@ class P2PNode:
 
     async def _main(self, ready: asyncio.Future[list[str]]) -> None:
         cfg = self.config
+        trio.socket.set_custom_socket_factory(self._sockets)  # this run's sockets only
         _set_query_timeout(cfg.query_timeout_s)
         host = self._host = self._new_host()
         self.peer_id = str(host.get_id())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from agora.bench.gateway import gateway
+from agora.bench.holds import holds
 from agora.bench.resilience import resilience
 from agora.bench.routing import routing
 from agora.bench.serving import serving
@@ -12,6 +13,7 @@ from agora.bench.trust import trust
 
 app = typer.Typer(help="Benchmarks; each writes its numbers to a file.", no_args_is_help=True)
 app.command("gateway")(gateway)
+app.command("holds")(holds)
 app.command("resilience")(resilience)
 app.command("routing")(routing)
 app.command("serving")(serving)

@@ -4,6 +4,9 @@ peer, store and find DHT records and providers, and gossip; a plaintext-only hos
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -126,3 +129,40 @@ async def test_a_stopped_node_says_so() -> None:
     await node.stop()
     with pytest.raises(P2PUnavailable):
         await node.publish(TOPIC, b"late")
+
+
+def open_sockets_on(ports: set[int]) -> list[socket.socket]:
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, socket.socket) and obj.fileno() != -1:
+            ends = set()
+            for name in (obj.getsockname, obj.getpeername):
+                with contextlib.suppress(OSError):
+                    end = name()
+                    if isinstance(end, tuple):  # an IP socket
+                        ends.add(end[1])
+            if ports & ends:
+                found.append(obj)
+    return found
+
+
+async def test_stopped_nodes_leave_no_socket_open(
+    network: tuple[list[P2PNode], list[Identity], list[Inbox]],
+) -> None:
+    """py-libp2p leaves sockets to the garbage collector; a stopped node closes them itself."""
+    nodes, _, _ = network
+
+    async def meshed() -> bool:
+        return len(await nodes[0].connected_peers()) == 2
+
+    await wait_until(meshed)
+    refused = await asyncio.create_subprocess_exec(  # a failed upgrade on node 0's side too
+        sys.executable, "-W", "ignore", "-m", "tests.p2p.plaintext_peer", nodes[0].addrs[0],
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.wait_for(refused.communicate(), 60)
+    ports = {int(a.split("/tcp/")[1].split("/")[0]) for n in nodes for a in n.addrs}
+    assert open_sockets_on(ports)  # listeners and connections while running
+    for node in nodes:
+        await node.stop()
+    assert open_sockets_on(ports) == []
