@@ -285,9 +285,13 @@ class P2PNode:
         self._host = self._dht = self._pubsub = None
         self._nursery = None
         ports = {int(a.split("/tcp/")[1].split("/")[0]) for a in self.addrs if "/tcp/" in a}
-        left_open = self._sockets.close_all(ports)
-        if left_open:
-            log.debug("closed %d socket(s) py-libp2p left open", left_open)
+        try:
+            left_open = self._sockets.close_all(ports)
+        except Exception:  # never let the tidy-up take the node's thread down
+            log.exception("could not close the sockets py-libp2p left open")
+        else:
+            if left_open:
+                log.debug("closed %d socket(s) py-libp2p left open", left_open)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()

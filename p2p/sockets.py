@@ -45,7 +45,9 @@ class SocketTracker(trio.abc.SocketFactory):
 
 
 def _open_sockets() -> list[socket.socket]:
-    return [o for o in gc.get_objects() if isinstance(o, socket.socket) and o.fileno() != -1]
+    # type(), not isinstance(): isinstance reads `__class__`, which some objects in a big
+    # process (torch's deprecated aliases) answer with a warning
+    return [o for o in gc.get_objects() if type(o) is socket.socket and o.fileno() != -1]
 
 
 def _local_port(sock: socket.socket) -> int | None:
