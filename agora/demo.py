@@ -33,7 +33,7 @@ from agora.stack import (
 )
 from billing.pricing import format_micro
 from protocol.errors import ProtocolError
-from protocol.receipt import SignedReceipt, verify_receipt
+from protocol.receipt_document import verify_document
 from worker_node.tiny_model import ensure_tiny_model
 
 console = Console(stderr=True)
@@ -127,7 +127,7 @@ def _stream_and_settle(client: OpenAI, coordinator: CoordinatorHandle, api_key: 
         timeout=30,
     ).json()
     try:
-        receipt = verify_receipt(SignedReceipt.from_json(fetched))
+        receipt = verify_document(fetched).receipts[0]  # every signature and shown field
         verified = True
     except ProtocolError as exc:
         print(f"receipt: NOT VERIFIED ({exc})")

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -16,30 +17,40 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import uvicorn
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp
 
 from coordinator import __version__
-from coordinator.api import admin_routes, dashboard_routes, errors, openai_routes
+from coordinator.api import admin_routes, dashboard_routes, errors, openai_routes, openapi
 from coordinator.api.browser_sessions import BrowserSessions
 from coordinator.api.grpc_session import WorkerSessionService
 from coordinator.api.request_id import RequestIdMiddleware
 from coordinator.config import CoordinatorSettings
+from coordinator.errors import AuthenticationFailed
 from coordinator.observability import Metrics
 from coordinator.services.accounts import Accounts
-from coordinator.services.admission import Limits
-from coordinator.services.gateway import Gateway
+from coordinator.services.admission import Limits, RateLimiter
+from coordinator.services.decisions import DecisionLog
 from coordinator.services.metering import Tokenizers
 from coordinator.services.overview import Overview
 from coordinator.services.payouts import Payouts
 from coordinator.services.registry import Registry
+from coordinator.services.request_path.dispatch import Dispatcher
+from coordinator.services.request_path.outcomes import AttemptOutcomes
+from coordinator.services.request_path.path import RequestPath
+from coordinator.services.reservations import Reservations
+from coordinator.services.router import Router
+from coordinator.services.routing import RoutingPolicy
 from coordinator.services.settlement import Settlement
 from coordinator.services.shared_holds import SharedReservations
+from coordinator.services.spot_check import SpotChecker
+from coordinator.services.spot_judgement import CheckPolicy
 from coordinator.services.stats import BreakerPolicy, StatsBook
 from coordinator.services.traffic import TrafficHistory
 from coordinator.services.trust import Trust
+from coordinator.services.worker_gauges import WorkerGauges
 from coordinator.store import outbox_store
 from coordinator.store.db import make_engine, migrate
 from coordinator.store.writer import LedgerWriter
@@ -76,45 +87,60 @@ class Coordinator:
         if reconciled:
             log.warning("reconciled %d settlement(s) left unposted by the last run", reconciled)
         self.writer = LedgerWriter(self.db)
-        self.registry = Registry(settings.fee_bps)
         self.accounts = Accounts(self.db, Limits(settings.default_rpm, settings.default_tpm))
         self.payouts = Payouts(self.db, self.identity)
         self.tokenizers = Tokenizers(settings.tokenizers)
         self.settlement = Settlement(
             self.db, self.writer, self.identity, settings.fee_bps, self.tokenizers,
             exit_before_posting=settings.fault_exit_before_posting,
+            max_unwritten=settings.max_unwritten_settlements,
         )  # fmt: skip
         self.trust = Trust(
             self.db, self.writer, slash_amount=settings.slash_amount,
-            on_quarantine=self.registry.quarantine,
+            peer_evidence=self._peer_evidence,
         )  # fmt: skip
         self.trust.load()
-        self.registry.quarantine_of = self.trust.quarantined
+        self.stats = StatsBook(BreakerPolicy(cooldown_s=settings.breaker_cooldown_s))
+        self.registry = Registry(
+            settings.fee_bps, quarantine_of=self.trust.quarantined,
+            on_join=self.stats.reset_breaker,  # a restarted node starts with a closed breaker
+        )  # fmt: skip
         self.metrics = Metrics()
+        self.metrics.watch(WorkerGauges(self.registry, self.stats))
         self.shared_holds = (
             SharedReservations(self.writer, settings.hold_ttl_s)
             if settings.holds_in_database
             else None
         )
-        breaker = BreakerPolicy(cooldown_s=settings.breaker_cooldown_s)
-        self.gateway = Gateway(
-            self.registry,
-            self.accounts,
-            self.settlement,
-            settings,
-            stats=StatsBook(breaker),
-            metrics=self.metrics,
-            trust=self.trust,
-            holds=self.shared_holds,
+        rng = random.Random()
+        dispatcher = Dispatcher(settings.first_token_timeout_s)
+        checks = CheckPolicy(
+            rate=settings.spot_check_rate, probation_rate=settings.spot_check_probation_rate
         )
-        self.metrics.watch(self.registry, self.gateway.stats)
+        self.decisions = DecisionLog()
+        self.request_path = RequestPath(
+            settings=settings,
+            registry=self.registry,
+            router=Router(self.registry, self.stats, self.trust, RoutingPolicy(), rng),
+            reservations=self.shared_holds or Reservations(self.accounts.balance),
+            limiter=RateLimiter(),
+            settlement=self.settlement,
+            dispatcher=dispatcher,
+            outcomes=AttemptOutcomes(
+                self.stats, self.trust, self.metrics, settings.slo_ttft_s, settings.slo_itl_s
+            ),
+            decisions=self.decisions,
+            spot_checker=SpotChecker(dispatcher, self.registry, self.trust, checks, rng),
+            trust=self.trust,
+            metrics=self.metrics,
+            elsewhere=self._elsewhere,
+        )
         self.traffic = TrafficHistory(settings.traffic_sample_s)
         self.overview = Overview(
-            self.registry, self.gateway.stats, self.trust, self.gateway.decisions, self.traffic,
+            self.registry, self.stats, self.trust, self.decisions, self.traffic,
             self.payouts, self.db,
         )  # fmt: skip
         self.sessions = BrowserSessions()
-        self.registry.on_join = self.gateway.stats.reset_breaker
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self._grpc_server: grpc.aio.Server | None = None
@@ -172,13 +198,13 @@ class Coordinator:
                 if self.network is not None:
                     await self.network.stop()
                 await self.stop_grpc()
-                await self.gateway.drain()
+                await self.request_path.drain()
                 if self.shared_holds is not None:
                     await self.shared_holds.drain()
                 await asyncio.to_thread(self.writer.close)
 
         app = FastAPI(title="Agora coordinator", version=__version__, lifespan=lifespan)
-        app.state.gateway = self.gateway
+        app.state.request_path = self.request_path
         app.state.accounts = self.accounts
         app.state.settlement = self.settlement
         app.state.payouts = self.payouts
@@ -188,6 +214,7 @@ class Coordinator:
         app.state.overview = self.overview
         app.state.network_view = self.network_view
         errors.install(app)
+        openapi.install(app)
         app.include_router(openai_routes.router)
         app.include_router(admin_routes.router)
         app.include_router(dashboard_routes.router)
@@ -199,10 +226,21 @@ class Coordinator:
             return {"status": "ok", "workers": len(self.registry.all())}
 
         @app.get("/metrics")
-        async def metrics() -> Response:
+        async def metrics(request: Request) -> Response:
+            """Prometheus metrics; behind a bearer token when `metrics_token` is set."""
+            token = self.settings.metrics_token
+            if token is not None:
+                scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+                given_bytes, token_bytes = given.strip().encode(), token.encode()
+                if scheme.lower() != "bearer" or not secrets.compare_digest(
+                    given_bytes, token_bytes
+                ):
+                    raise AuthenticationFailed(
+                        "/metrics needs the metrics token as a bearer token."
+                    )
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-        return RequestIdMiddleware(app)
+        return RequestIdMiddleware(app, self.settings.max_header_bytes)
 
     def endpoints(self) -> tuple[str, str]:
         """(what workers dial, what clients call), as announced to the p2p market."""
@@ -228,7 +266,13 @@ class Coordinator:
             self.identity, settings, self.registry, self.trust, self.endpoints
         )
         await self.network.start()
-        self.gateway.elsewhere = self.network.elsewhere
+
+    def _elsewhere(self, model: str) -> list[str]:
+        """Other coordinators of the p2p market that serve `model` (none without a market)."""
+        return self.network.elsewhere(model) if self.network is not None else []
+
+    def _peer_evidence(self, node_id: str) -> tuple[float, float] | None:
+        return self.network.view.peer_evidence(node_id) if self.network is not None else None
 
     def p2p_addrs(self) -> list[str]:
         return self.network.node.addrs if self.network else []

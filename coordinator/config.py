@@ -27,12 +27,20 @@ class CoordinatorSettings(BaseSettings):
     heartbeat_interval_s: float = 5.0  # how often workers must report
     worker_timeout_s: float = 20.0  # drop a worker not heard from for this long
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
+    max_header_bytes: int = 32 * 1024  # larger request headers (all together) get 431
+    # /metrics is open by default (Prometheus scrapes from inside the operator's network); set
+    # a token to require `Authorization: Bearer <token>` there
+    metrics_token: str | None = None
     first_token_timeout_s: float = 120.0  # per attempt: give up if no first token by then
     idle_token_timeout_s: float = 60.0  # give up if a running stream is silent this long
     default_max_tokens: int = 4096  # cost bound when neither request nor advert gives one
     breaker_cooldown_s: float = 5.0  # a failed worker sits out this long (doubling per failure)
     retry_after_s: int = 2  # Retry-After sent with 503 when no worker has capacity
     queue_timeout_s: float = 10.0  # a request finding every worker busy waits this long for a slot
+    # answered requests whose receipts and charge the ledger writer has not committed yet; at
+    # this many, answers wait for it (back-pressure: memory, and what a crash could leave
+    # unbilled, stay bounded when requests end faster than the database takes them)
+    max_unwritten_settlements: int = Field(default=256, ge=1)
     default_rpm: int | None = None  # per-key requests/min when the key sets none (None = no limit)
     default_tpm: int | None = None  # per-key tokens/min when the key sets none
     # credit holds in the database, so replicas sharing it never over-admit a client; default:

@@ -79,6 +79,12 @@ class PayloadTooLarge(CoordinatorError):
     code = "request_too_large"
 
 
+class HeadersTooLarge(CoordinatorError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
 class RateLimited(CoordinatorError):
     status = 429
     type = "rate_limit_error"
@@ -99,3 +105,9 @@ class NoCapacity(CoordinatorError):
 class UpstreamTimeout(CoordinatorError):
     status = 504
     type = "timeout"
+
+
+def error_body(exc: CoordinatorError) -> dict[str, dict[str, str | None]]:
+    """OpenAI's error envelope for `exc`: the one builder, for HTTP bodies and SSE alike."""
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
+                      "code": exc.code}}  # fmt: skip

@@ -9,7 +9,7 @@ from protocol.canonical import canonical_json, parse_canonical
 from protocol.errors import MalformedMessage
 from protocol.identity import Identity, public_key_from_node_id, verify_signature
 
-PROTOCOL_VERSION = "agora.v1"
+PROTOCOL_VERSION = "agora.v2"  # v2: typed token frames replace JSON chunks
 _REGISTER_DOMAIN = b"agora-register-v1\0"
 
 

@@ -1,10 +1,19 @@
 """What an OpenAI completion produced, read the same way by the worker that signs a receipt and
-the coordinator that checks it: generated text, tool-call text and token ids per choice."""
+the coordinator that checks it: generated text, tool-call text and token ids per choice.
+
+Streams arrive as typed token frames (protocol/proto/session.proto `Frames`); whole
+(non-streamed) responses as the engine's JSON. Text is kept as a list of parts and joined once
+when read, so a long stream costs no quadratic copying.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
+
+from protocol.proto import session_pb2 as pb
 
 CHAT = "chat"
 COMPLETIONS = "completions"
@@ -12,9 +21,29 @@ COMPLETIONS = "completions"
 
 @dataclass
 class ChoiceOutput:
-    text: str = ""  # content, then each tool call's name and arguments, in arrival order
+    """One choice: content, then each tool call's name and arguments, in arrival order."""
+
+    parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # when the engine returned them
     finish_reason: str | None = None
+
+    @classmethod
+    def of(cls, text: str, token_ids: list[int] | None = None) -> ChoiceOutput:
+        return cls([text] if text else [], list(token_ids or ()))
+
+    @property
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
+
+    def append(self, text: str) -> None:
+        if text:
+            self.parts.append(text)
+
+    @property
+    def produced(self) -> bool:
+        return bool(self.parts or self.token_ids)
 
 
 def _tool_call_text(calls: Any) -> str:
@@ -35,6 +64,17 @@ def choice_delta(endpoint: str, choice: dict[str, Any], *, streamed: bool) -> st
     return (content if isinstance(content, str) else "") + _tool_call_text(part.get("tool_calls"))
 
 
+_json = msgspec.json.Decoder()
+
+
+def frame_text(frame: pb.TokenFrame) -> str:
+    """The text a frame adds to its choice's output: its text, then any tool-call text."""
+    if not frame.delta_json:
+        return frame.text
+    delta = _json.decode(frame.delta_json)
+    return frame.text + _tool_call_text(delta.get("tool_calls") if isinstance(delta, dict) else 0)
+
+
 @dataclass
 class Output:
     """Accumulated output of every choice of one job."""
@@ -44,13 +84,19 @@ class Output:
     completion_tokens: int | None = None
     prompt_token_ids: list[int] | None = None
 
+    def _choice(self, index: int) -> ChoiceOutput:
+        out = self.choices.get(index)
+        if out is None:
+            out = self.choices[index] = ChoiceOutput()
+        return out
+
     def add(self, endpoint: str, chunk: dict[str, Any], *, streamed: bool) -> None:
-        """Fold one stream chunk (or a whole non-streamed response) in."""
+        """Fold one stream chunk (or a whole non-streamed response) in, as the engine's JSON."""
         if chunk.get("prompt_token_ids"):  # chat streams put it at the top level
             self.prompt_token_ids = list(chunk["prompt_token_ids"])
         for choice in chunk.get("choices") or ():
-            out = self.choices.setdefault(int(choice.get("index", 0)), ChoiceOutput())
-            out.text += choice_delta(endpoint, choice, streamed=streamed)
+            out = self._choice(int(choice.get("index", 0)))
+            out.append(choice_delta(endpoint, choice, streamed=streamed))
             if choice.get("token_ids"):
                 out.token_ids.extend(int(t) for t in choice["token_ids"])
             if choice.get("prompt_token_ids"):
@@ -62,6 +108,24 @@ class Output:
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
 
+    def add_frames(self, frames: pb.Frames) -> None:
+        """Fold one batch of typed token frames in."""
+        if frames.prompt_token_ids:
+            self.prompt_token_ids = list(frames.prompt_token_ids)
+        for frame in frames.choices:
+            out = self._choice(frame.index)
+            out.append(frame_text(frame))
+            out.token_ids.extend(frame.token_ids)
+            if frame.finish_reason:
+                out.finish_reason = frame.finish_reason
+        if frames.HasField("usage"):
+            self.prompt_tokens = frames.usage.prompt_tokens
+            self.completion_tokens = frames.usage.completion_tokens
+
+    @property
+    def produced(self) -> bool:
+        return any(c.produced for c in self.choices.values())
+
     def texts(self) -> list[str]:
         return [self.choices[i].text for i in sorted(self.choices)]
 
@@ -69,11 +133,21 @@ class Output:
         """Completion tokens seen as token ids (exact when the engine returned them)."""
         return sum(len(c.token_ids) for c in self.choices.values())
 
+    def token_counts(self) -> tuple[int, int]:
+        """(prompt, completion) tokens of this job as seen on its stream: the engine's ids
+        where it returned them, else its usage. The one rule for a segment's counts."""
+        if self.prompt_token_ids is not None:
+            prompt = len(self.prompt_token_ids)
+        else:
+            prompt = self.prompt_tokens or 0
+        completion = self.tokens_delivered() or self.completion_tokens or 0
+        return prompt, completion
+
     def finish_reason(self) -> str:
         first = self.choices.get(0)
         return (first.finish_reason if first else None) or "stop"
 
 
 def prompt_of(endpoint: str, body: dict[str, Any]) -> Any:
-    """The part of a request that the prompt hash covers."""
+    """The part of a request that the prompt hash covers (the one definition of it)."""
     return body.get("messages") if endpoint == CHAT else body.get("prompt")

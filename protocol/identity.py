@@ -8,7 +8,9 @@ receipt offline knowing only the worker id written in it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -70,6 +72,26 @@ def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> Non
         raise InvalidSignature("signature does not verify") from exc
 
 
+def _write_exclusive(path: Path, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from exc
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class Identity:
     """A node's private key and what derives from it."""
@@ -114,12 +136,27 @@ class Identity:
             serialization.NoEncryption(),
         )
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            raise KeyFileError(f"{path} already exists; refusing to overwrite a key")
+        # written whole under a fresh private name, then linked into place: a reader (another
+        # process starting, a supervisor reading the node id) never sees half a key, and a
+        # link never replaces a key that appeared meanwhile
+        fd, partial_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        partial = Path(partial_name)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError as exc:
-            raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from exc
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
+            with os.fdopen(fd, "wb") as fh:  # mkstemp: O_EXCL, mode 0600
+                fh.write(pem)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(partial, path)
+            except FileExistsError as exc:
+                raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from exc
+            except OSError:  # a filesystem without hard links: exclusive create instead
+                _write_exclusive(path, pem)
+            _fsync_directory(path.parent)
+        finally:
+            partial.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path) -> Identity:

@@ -59,6 +59,9 @@ def gateway(
     warmup: float = typer.Option(5.0, help="Seconds of warm-up per point (discarded)."),
     conc: str = typer.Option("1,32,128", help="Concurrencies."),
     tokens: int = typer.Option(16, help="Tokens per streamed reply (1024: relay capacity)."),
+    itl_ms: float = typer.Option(
+        0.0, help="Upstream's delay between tokens (7: one GPU stream's pace; 0: all at once)."
+    ),
     out: Path = typer.Option(Path("bench/results/gateway.jsonl"), help="Results (JSON lines)."),
 ) -> None:
     """Gateway overhead vs direct upstream at several concurrencies (TTFT, total, RPS, CPU/req,
@@ -91,7 +94,7 @@ def gateway(
             "--conc", conc, "--duration", str(duration), "--warmup", str(warmup),
             "--external", f"agora={info['port']}:{host.pid}", "--key", f"agora={info['key']}",
             "--ready-path", f"agora=/v1/models/{MODEL}", "--out", str(out),
-            "--tokens", str(tokens),
+            "--tokens", str(tokens), "--itl-ms", str(itl_ms),
         ]  # fmt: skip
         subprocess.run(command, check=True)
     finally:
@@ -108,7 +111,8 @@ def gateway(
     markdown.write_text(
         f"# Gateway overhead ({time.strftime('%Y-%m-%d')})\n\n{NOTE}\n\nMachine: {_machine()}\n\n"
         f"Command: `agora bench gateway --peers '{peers}' --duration {duration:g} "
-        f"--warmup {warmup:g} --conc {conc} --tokens {tokens}`\n\n{report.stdout}"
+        f"--warmup {warmup:g} --conc {conc} --tokens {tokens} --itl-ms {itl_ms:g}`\n\n"
+        f"{report.stdout}"
     )
     typer.echo(report.stdout)
     typer.echo(f"{NOTE}\nwrote {out} and {markdown}")

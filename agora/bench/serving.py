@@ -12,6 +12,7 @@ import json
 import random
 import statistics
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,10 @@ class Result:
     completion_tokens: int
 
 
+class Refused(Exception):
+    pass
+
+
 async def one(
     client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int
 ) -> Result:
@@ -74,7 +79,8 @@ async def one(
     ttft: float | None = None
     tokens = 0
     async with client.stream("POST", f"{url}/completions", json=body) as response:
-        response.raise_for_status()
+        if response.status_code != 200:  # counted as an error, with what the server said
+            raise Refused(f"{response.status_code}: {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -97,9 +103,16 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def run_load(
-    url: str, key: str, model: str, conc: int, n: int, max_tokens: int, prompt_words: int
+    url: str,
+    key: str,
+    model: str,
+    conc: int,
+    n: int,
+    max_tokens: int,
+    prompt_words: int,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    rng = random.Random(0)
+    rng = random.Random(seed)
     prompts = [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) for _ in range(n)]
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
@@ -107,16 +120,20 @@ async def run_load(
         await one(client, url, model, prompts[0], 8)  # warm-up, not timed
         queue = list(prompts)
         results: list[Result] = []
+        errors: list[str] = []
 
         async def user() -> None:
             while queue:
                 prompt = queue.pop()
-                results.append(await one(client, url, model, prompt, max_tokens))
+                try:
+                    results.append(await one(client, url, model, prompt, max_tokens))
+                except (Refused, httpx.HTTPError, ValueError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
 
         started = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(conc)))
         wall = time.perf_counter() - started
-    ttfts = [r.ttft_s * 1000 for r in results]
+    ttfts = [r.ttft_s * 1000 for r in results] or [0.0]
     tokens = sum(r.completion_tokens for r in results)
     return {
         "url": url,
@@ -128,7 +145,9 @@ async def run_load(
         "requests_per_s": round(n / wall, 2),
         "ttft_ms_p50": round(statistics.median(ttfts), 1),
         "ttft_ms_p99": round(_pct(ttfts, 0.99), 1),
-        "total_s_p50": round(statistics.median(r.total_s for r in results), 3),
+        "total_s_p50": round(statistics.median([r.total_s for r in results] or [0.0]), 3),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
     }
 
 
@@ -143,8 +162,11 @@ def serving(
     label: str = typer.Option("", help="Name of this target in the output."),
     out: Path | None = typer.Option(None, help="Append the JSON line to this file."),
 ) -> None:
-    """One JSON line: output tokens/s, requests/s, TTFT p50/p99."""
-    result = asyncio.run(run_load(url, key, model, conc, n, max_tokens, prompt_words))
+    """One JSON line: output tokens/s, requests/s, TTFT p50/p99. The prompts are drawn from a
+    seed of the label (and the concurrency), so two targets measured one after the other on the
+    same engine do not share a warm prefix cache."""
+    seed = zlib.crc32(f"{label or url}:{conc}".encode())
+    result = asyncio.run(run_load(url, key, model, conc, n, max_tokens, prompt_words, seed))
     result["label"] = label or url
     line = json.dumps(result)
     print(line, flush=True)

@@ -1,19 +1,22 @@
 #!/bin/bash
-# Device side (the lent H100), after ../shared/gpu staging put vLLM 0.24.0 in /tmp/site and the
+# Device side (the lent H100/H200), after ../shared/gpu staging put vLLM 0.24.0 in /tmp/site and the
 # random 8B-shaped model in /tmp/model. Runs a real Agora market on the GPU machine:
 #   agora worker init (NVML hardware detection) -> agora coordinator -> agora worker start
 #   (spawns vLLM on the GPU) -> a request through the official openai SDK -> admin view with
-#   GPU load from heartbeats -> streaming load direct vs through Agora (c=1, c=64) -> SIGTERM.
-# Output goes to $OUT (logs, worker.toml, workers.json, serving.jsonl, summary.txt).
+#   GPU load from heartbeats -> streaming load direct vs through Agora (c=1, c=64, c=256) -> SIGTERM.
+# Output goes to $OUT (logs, worker.toml, workers.json, serving.jsonl, summary.txt), and with py-spy
+# on PATH, profiles of the coordinator and the worker during the loaded Agora runs.
 set -u
+# the served name (the model in /tmp/model: make_random_model.py --size 8b or 1b)
+export MODEL_NAME=${MODEL_NAME:-llama-8b-random}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ROOT=$(pwd)
 export PYTHONPATH=/tmp/site:$ROOT:$ROOT/worker-node PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0
 W=/tmp/agora; rm -rf $W; mkdir -p $W
 for i in $(seq 1 150); do grep -q '^DONE' /tmp/make.log 2>/dev/null && break; sleep 2; done
 T0=$(date +%s)
-python3 -m agora worker init --coordinator 127.0.0.1:50051 --model /tmp/model --name llama-8b-random \
-  --max-model-len 2048 --config $W/worker.toml --key $W/node.key --state-dir $W/state --force 2>&1 | tee $OUT/init.txt
+python3 -m agora worker init --coordinator 127.0.0.1:50051 --model /tmp/model --name $MODEL_NAME \
+  --max-model-len 2048 --max-concurrency 256 --config $W/worker.toml --key $W/node.key --state-dir $W/state --force 2>&1 | tee $OUT/init.txt
 cp $W/worker.toml $OUT/
 python3 -m agora coordinator --http-port 8080 --grpc-port 50051 --data-dir $W/coord \
   --ready-file $W/ready.json > $W/coord.log 2>&1 &
@@ -39,7 +42,7 @@ while True:
     time.sleep(1)
 print(f"worker registered {time.time()-t0:.0f} s after coordinator start (vLLM start included)")
 with openai.OpenAI(base_url="http://127.0.0.1:8080/v1", api_key=key) as client:
-    r = client.chat.completions.create(model="llama-8b-random", messages=[{"role": "user", "content": "hello"}], max_tokens=16)
+    r = client.chat.completions.create(model=os.environ["MODEL_NAME"], messages=[{"role": "user", "content": "hello"}], max_tokens=16)
     print("chat via openai SDK:", repr(r.choices[0].message.content[:80]), r.usage)
     receipt = httpx.get(f"http://127.0.0.1:8080/v1/receipts/{r.id}", headers={"Authorization": f"Bearer {key}"}).json()
     print("receipt tokens:", receipt["receipt"]["prompt_tokens"], receipt["receipt"]["completion_tokens"])
@@ -49,15 +52,29 @@ json.dump(workers, open(os.environ.get("OUT", "/tmp/out") + "/workers.json", "w"
 w = workers["workers"][0]
 print("hardware:", w["hardware"]); print("software:", w["software"]); print("gpus:", w["gpus"])
 status = json.loads((W / "state" / "status.json").read_text())
-print("engine:", {k: v for k, v in status["engines"]["llama-8b-random"].items() if k != "load"})
+print("engine:", {k: v for k, v in status["engines"][os.environ["MODEL_NAME"]].items() if k != "load"})
 PY
-ENGINE_URL=$(python3 -c "import json;print(json.load(open('/tmp/agora/state/status.json'))['engines']['llama-8b-random']['base_url'])")
+ENGINE_URL=$(python3 -c "import json;print(json.load(open('/tmp/agora/state/status.json'))['engines']['$MODEL_NAME']['base_url'])")
 KEY=$(cat $W/key)
-for c in "1 8" "64 256"; do set -- $c
-  timeout 200 python3 -m agora bench serving --url $ENGINE_URL --model llama-8b-random --conc $1 --n $2 --label direct --out $OUT/serving.jsonl
-  timeout 200 python3 -m agora bench serving --url http://127.0.0.1:8080/v1 --key $KEY --model llama-8b-random --conc $1 --n $2 --label agora --out $OUT/serving.jsonl
+CPID=$(python3 -c "import json;print(json.load(open('/tmp/agora/ready.json'))['pid'])")
+SPY=$(command -v py-spy || true)  # optional: profile both processes during the loaded runs
+mkdir -p $OUT/profiles
+for c in "1 8" "64 256" "256 1024"; do set -- $c
+  timeout 200 python3 -m agora bench serving --url $ENGINE_URL --model $MODEL_NAME --conc $1 --n $2 --label direct --out $OUT/serving.jsonl
+  SPIES=""
+  if [ -n "$SPY" ] && [ "$1" -gt 1 ]; then
+    for who in coordinator:$CPID worker:$WPID; do
+      timeout 60 $SPY record --nonblocking --gil -r 100 -d 8 -f raw -o $OUT/profiles/${who%%:*}-c$1.txt -p ${who#*:} >/dev/null 2>&1 &
+      SPIES="$SPIES $!"
+    done
+    # CPU seconds of each process over the run (utime+stime from /proc)
+    for p in $CPID $WPID; do awk '{print $14+$15}' /proc/$p/stat; done > $OUT/profiles/cpu-before-c$1.txt
+  fi
+  timeout 200 python3 -m agora bench serving --url http://127.0.0.1:8080/v1 --key $KEY --model $MODEL_NAME --conc $1 --n $2 --label agora --out $OUT/serving.jsonl
+  [ -n "$SPY" ] && [ "$1" -gt 1 ] && for p in $CPID $WPID; do awk '{print $14+$15}' /proc/$p/stat; done > $OUT/profiles/cpu-after-c$1.txt
+  [ -n "$SPIES" ] && wait $SPIES
 done
-EPID=$(python3 -c "import json;print(json.load(open('/tmp/agora/state/status.json'))['engines']['llama-8b-random']['pid'])")
+EPID=$(python3 -c "import json;print(json.load(open('/tmp/agora/state/status.json'))['engines']['$MODEL_NAME']['pid'])")
 kill -TERM $WPID; for i in $(seq 1 60); do kill -0 $WPID 2>/dev/null || break; sleep 1; done
 echo "worker exit: $(kill -0 $WPID 2>/dev/null && echo STILL RUNNING || echo gone); engine pid $EPID: $(kill -0 $EPID 2>/dev/null && echo STILL RUNNING || echo gone)" | tee -a $OUT/summary.txt
 echo "leftover vllm processes: $(pgrep -fc vllm_entry || true)" | tee -a $OUT/summary.txt

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from coordinator.api.deps import AccountsDep, AdminDep, GatewayDep, PayoutsDep
+from coordinator.api.deps import (
+    AccountsDep,
+    AdminDep,
+    OverviewDep,
+    PayoutsDep,
+    SettlementDep,
+    admin_body,
+)
+from coordinator.api.errors import documented
+from coordinator.api.openapi import body_doc
 
-router = APIRouter(prefix="/admin/v1")
+router = APIRouter(prefix="/admin/v1", responses=documented(400, 401, 403, 404, 413, 431))
 
 
 class NewClient(BaseModel):
@@ -33,8 +41,10 @@ class Credit(BaseModel):
     idempotency_key: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=100)
 
 
-@router.post("/clients", status_code=201)
-async def create_client(body: NewClient, _admin: AdminDep, accounts: AccountsDep) -> dict[str, Any]:
+@router.post("/clients", status_code=201, openapi_extra=body_doc(NewClient))
+async def create_client(
+    body: Annotated[NewClient, admin_body(NewClient)], accounts: AccountsDep
+) -> dict[str, Any]:
     secret = await asyncio.to_thread(
         accounts.create_client, body.name, body.credit, body.rpm_limit, body.tpm_limit
     )
@@ -42,9 +52,9 @@ async def create_client(body: NewClient, _admin: AdminDep, accounts: AccountsDep
     return {"name": body.name, "api_key": secret, "balance": balance}
 
 
-@router.post("/clients/{name}/credit")
+@router.post("/clients/{name}/credit", openapi_extra=body_doc(Credit))
 async def add_credit(
-    name: str, body: Credit, _admin: AdminDep, accounts: AccountsDep
+    name: str, body: Annotated[Credit, admin_body(Credit)], accounts: AccountsDep
 ) -> dict[str, Any]:
     txid = f"deposit:{body.idempotency_key}"
     posted = await asyncio.to_thread(accounts.add_credit, name, body.amount, txid)
@@ -52,9 +62,9 @@ async def add_credit(
     return {"name": name, "posted": posted, "balance": balance}
 
 
-@router.post("/clients/{name}/keys", status_code=201)
+@router.post("/clients/{name}/keys", status_code=201, openapi_extra=body_doc(NewKey))
 async def create_key(
-    name: str, body: NewKey, _admin: AdminDep, accounts: AccountsDep
+    name: str, body: Annotated[NewKey, admin_body(NewKey)], accounts: AccountsDep
 ) -> dict[str, Any]:
     """Another key for an existing client (shown once)."""
     secret = await asyncio.to_thread(
@@ -77,8 +87,10 @@ async def revoke_key(key_id: int, _admin: AdminDep, accounts: AccountsDep) -> di
 
 
 @router.get("/routing")
-async def recent_routing(_admin: AdminDep, gateway: GatewayDep, limit: int = 50) -> dict[str, Any]:
-    return {"decisions": [r.as_dict() for r in gateway.decisions.recent(min(limit, 1000))]}
+async def recent_routing(
+    _admin: AdminDep, overview: OverviewDep, limit: int = 50
+) -> dict[str, Any]:
+    return {"decisions": overview.routing(min(limit, 1000))}
 
 
 @router.get("/network")
@@ -90,65 +102,21 @@ async def network(_admin: AdminDep, request: Request) -> dict[str, Any]:
 
 
 @router.get("/balances")
-async def balances(_admin: AdminDep, accounts: AccountsDep) -> dict[str, Any]:
+async def balances(
+    _admin: AdminDep, accounts: AccountsDep, settlement: SettlementDep
+) -> dict[str, Any]:
+    await settlement.quiesce()  # postings of responses already sent are in
     return {"accounts": await asyncio.to_thread(accounts.balances)}
 
 
 @router.get("/workers")
-async def workers(_admin: AdminDep, gateway: GatewayDep) -> dict[str, Any]:
-    now = time.monotonic()
-    return {
-        "workers": [
-            {
-                "node_id": w.node_id,
-                "draining": w.draining,
-                "quarantined": w.quarantined,
-                "reputation": gateway.trust.standing(w.node_id).as_dict()
-                if gateway.trust
-                else None,
-                "models": {
-                    name: {
-                        "available": slot.available,
-                        "in_flight": slot.in_flight,
-                        "jobs_elsewhere": slot.jobs_elsewhere,  # for the node's other coordinators
-                        "max_concurrency": slot.max_concurrency,
-                        "engine_running": slot.engine_running if slot.load_reported else None,
-                        "engine_waiting": slot.engine_waiting if slot.load_reported else None,
-                        "kv_cache_usage": slot.kv_cache_usage if slot.load_reported else None,
-                        "price_prompt_per_mtok": slot.offer.price_prompt_per_mtok,
-                        "price_completion_per_mtok": slot.offer.price_completion_per_mtok,
-                        "context_length": slot.offer.context_length,
-                        "ttft_ewma_s": gateway.stats.get(w.node_id, name).ttft_s,
-                        "itl_ewma_s": gateway.stats.get(w.node_id, name).itl_s,
-                        "failure_rate": gateway.stats.get(w.node_id, name).failure_rate(),
-                        "cooldown_left_s": max(
-                            0.0, round(gateway.stats.get(w.node_id, name).cooldown_until - now, 3)
-                        ),
-                    }
-                    for name, slot in w.slots.items()
-                },
-                "hardware": dict(w.advert.hardware),
-                "software": dict(w.advert.software),
-                "gpus": [
-                    {
-                        "index": g.index,
-                        "utilization_pct": g.utilization_pct,
-                        "memory_used_mib": g.memory_used_mib,
-                        "memory_total_mib": g.memory_total_mib,
-                    }
-                    for g in w.gpus
-                ],
-                "seconds_since_seen": round(now - w.last_seen, 3),
-                "connected_for_s": round(now - w.connected_at, 3),
-            }
-            for w in gateway.registry.all()
-        ]
-    }
+async def workers(_admin: AdminDep, overview: OverviewDep) -> dict[str, Any]:
+    return {"workers": overview.workers()}
 
 
-@router.post("/nodes/{node_id}/bond")
+@router.post("/nodes/{node_id}/bond", openapi_extra=body_doc(Credit))
 async def add_bond(
-    node_id: str, body: Credit, _admin: AdminDep, accounts: AccountsDep
+    node_id: str, body: Annotated[Credit, admin_body(Credit)], accounts: AccountsDep
 ) -> dict[str, Any]:
     """A provider's stake (slashed for proven fraud)."""
     posted = await asyncio.to_thread(
@@ -191,11 +159,8 @@ async def metering_mismatches(
 
 @router.get("/trust/events")
 async def trust_events(
-    _admin: AdminDep, gateway: GatewayDep, node_id: str | None = None,
+    _admin: AdminDep, overview: OverviewDep, node_id: str | None = None,
     outcome: str | None = None, limit: int = 100,
 ) -> dict[str, Any]:  # fmt: skip
     """Reputation evidence (spot checks, rejected receipts, over-claims …), newest first."""
-    if gateway.trust is None:
-        return {"events": [], "counts": {}}
-    trust = gateway.trust
-    return await asyncio.to_thread(trust.evidence, node_id, outcome, min(limit, 1000))
+    return await asyncio.to_thread(overview.trust_events, node_id, outcome, min(limit, 1000))

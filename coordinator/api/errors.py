@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator.errors import CoordinatorError
@@ -16,8 +19,41 @@ _STATUS_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error, whatever its status: OpenAI's shape, so the official SDKs raise the
+    matching exception (503 and 429 also carry Retry-After)."""
+
+    error: ErrorBody
+
+
+_MEANINGS = {
+    400: "Invalid request (the message names the parameter)",
+    401: "No or malformed credentials",
+    402: "Not enough credit for the worst-case cost of the request",
+    403: "Credentials that do not allow this",
+    404: "No such model, route, receipt or routing record",
+    413: "Request body too large",
+    429: "Rate limit (requests or tokens per minute) reached; see Retry-After",
+    431: "Request headers too large",
+    503: "No worker can take the request now; see Retry-After",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` of routes that can answer with these error statuses."""
+    return {s: {"model": ErrorEnvelope, "description": _MEANINGS[s]} for s in statuses}
 
 
 def envelope(

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from coordinator.services.registry import Registry, WorkerConnection
+from coordinator.services.request_path.link import SessionLink
 from protocol.advert import PROTOCOL_VERSION, Advert, verify_registration
 from protocol.errors import ProtocolError
 from protocol.identity import Identity, node_id_from_public_key
@@ -45,17 +46,18 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         advert = await self._check_registration(public_key, nonce, register, context)
         assert register is not None
         proof = RelayedRegistration(register.register.advert, nonce, register.register.signature)
-        conn = WorkerConnection(node_id=advert.node_id, advert=advert, registration=proof)
+        link = SessionLink()
+        conn = WorkerConnection(advert.node_id, advert, link, registration=proof)
         self._registry.add(conn)
         log.info("worker %s registered: %s", conn.node_id, [m.name for m in advert.models])
-        reader = asyncio.create_task(self._read_loop(conn, requests))
+        reader = asyncio.create_task(self._read_loop(conn, link, requests))
         try:
             yield pb.CoordinatorMessage(
                 registered=pb.Registered(
                     node_id=conn.node_id, heartbeat_interval_ms=self._heartbeat_ms
                 )
             )
-            while (msg := await conn.outbox.get()) is not None:
+            while (msg := await link.outbox.get()) is not None:
                 yield msg
         finally:
             reader.cancel()
@@ -108,20 +110,23 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         return advert
 
     async def _read_loop(
-        self, conn: WorkerConnection, requests: AsyncIterator[pb.WorkerMessage]
+        self,
+        conn: WorkerConnection,
+        link: SessionLink,
+        requests: AsyncIterator[pb.WorkerMessage],
     ) -> None:
         try:
             async for msg in requests:
                 kind = msg.WhichOneof("kind")
                 if kind == "job_events":
                     for event in msg.job_events.events:
-                        conn.deliver(event)
+                        link.deliver(event)
                 elif kind == "job_event":
-                    conn.deliver(msg.job_event)
+                    link.deliver(msg.job_event)
                 elif kind == "heartbeat":
                     conn.heartbeat(msg.heartbeat)
                 elif kind == "drain":
                     conn.draining = True
                     log.info("worker %s draining: %s", conn.node_id, msg.drain.reason)
         finally:
-            conn.outbox.put_nowait(None)  # ends the response stream
+            link.outbox.put_nowait(None)  # ends the response stream

@@ -4,48 +4,35 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from coordinator.api.deps import BodyDep, GatewayDep, PrincipalDep, SettlementDep
+from coordinator.api.deps import BodyDep, PrincipalDep, RequestPathDep, SettlementDep, validated
+from coordinator.api.errors import documented
+from coordinator.api.openapi import body_doc
 from coordinator.api.schemas import ChatCompletionBody, CompletionBody
 from coordinator.api.sse import EventStreamResponse
-from coordinator.errors import InvalidRequest, NotFound
-from coordinator.services.jobs import CompletionRequest
-from coordinator.services.relay import Completion
+from coordinator.errors import NotFound
+from coordinator.services.request_path.fulfilment import Fulfilment
+from coordinator.services.request_path.request import CompletionRequest
 from protocol.completions import CHAT, COMPLETIONS
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=documented(400, 401, 404, 413, 429, 431, 503))
 
 
-def _parse(schema: type[ChatCompletionBody | CompletionBody], body: dict[str, Any]) -> Any:
-    try:
-        return schema.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{param}: {first['msg']}", param=param) from exc
-
-
-def _headers(completion: Completion) -> dict[str, str]:
+def _headers(fulfilment: Fulfilment) -> dict[str, str]:
+    route = fulfilment.route
     return {
-        "X-Agora-Worker": completion.worker_id,
-        "X-Agora-Route": completion.route.decision.explain(),
+        "X-Agora-Worker": fulfilment.worker_id,
+        "X-Agora-Route": route.decision.explain() if route else "",
     }
 
 
-async def _sse(completion: Completion) -> AsyncGenerator[tuple[bytes, bool]]:
-    async for batch, last in completion.stream():
-        body = b"".join(b"data: " + chunk + b"\n\n" for chunk in batch)
-        yield (body + b"data: [DONE]\n\n", True) if last else (body, False)
-
-
 async def _complete(
-    gateway: GatewayDep,
+    path: RequestPathDep,
     principal: PrincipalDep,
     endpoint: str,
     parsed: ChatCompletionBody | CompletionBody,
@@ -55,28 +42,36 @@ async def _complete(
         endpoint=endpoint,
         model=parsed.model,
         body=body,
-        stream=parsed.stream,
+        stream=bool(parsed.stream),
         include_usage=parsed.include_usage,
         max_tokens=parsed.max_output_tokens,
         prefs=parsed.provider.to_preferences(),
-        wants_token_ids=parsed.return_token_ids,
+        wants_token_ids=bool(parsed.return_token_ids),
     )
-    completion = await gateway.start(principal, request)
+    fulfilment = await path.begin(principal, request)
     if request.stream:
-        return EventStreamResponse(_sse(completion), headers=_headers(completion))
-    return JSONResponse(await completion.whole(), headers=_headers(completion))
+        return EventStreamResponse(
+            fulfilment.stream(), headers=_headers(fulfilment), on_close=fulfilment.close
+        )
+    return JSONResponse(await fulfilment.whole(), headers=_headers(fulfilment))
 
 
-@router.post("/chat/completions")
-async def chat_completions(principal: PrincipalDep, body: BodyDep, gateway: GatewayDep) -> Response:
-    parsed = _parse(ChatCompletionBody, body)
-    return await _complete(gateway, principal, CHAT, parsed, body)
+@router.post(
+    "/chat/completions",
+    openapi_extra=body_doc(ChatCompletionBody),
+    responses=documented(402),
+)
+async def chat_completions(
+    principal: PrincipalDep, body: BodyDep, path: RequestPathDep
+) -> Response:
+    parsed = validated(ChatCompletionBody, body)
+    return await _complete(path, principal, CHAT, parsed, body)
 
 
-@router.post("/completions")
-async def completions(principal: PrincipalDep, body: BodyDep, gateway: GatewayDep) -> Response:
-    parsed = _parse(CompletionBody, body)
-    return await _complete(gateway, principal, COMPLETIONS, parsed, body)
+@router.post("/completions", openapi_extra=body_doc(CompletionBody), responses=documented(402))
+async def completions(principal: PrincipalDep, body: BodyDep, path: RequestPathDep) -> Response:
+    parsed = validated(CompletionBody, body)
+    return await _complete(path, principal, COMPLETIONS, parsed, body)
 
 
 class ModelList(BaseModel):
@@ -85,13 +80,15 @@ class ModelList(BaseModel):
 
 
 @router.get("/models")
-async def list_models(_principal: PrincipalDep, gateway: GatewayDep) -> ModelList:
-    return ModelList(data=gateway.list_models())
+async def list_models(_principal: PrincipalDep, path: RequestPathDep) -> ModelList:
+    return ModelList(data=path.list_models())
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(model_id: str, _principal: PrincipalDep, gateway: GatewayDep) -> dict[str, Any]:
-    for model in gateway.list_models():
+async def get_model(
+    model_id: str, _principal: PrincipalDep, path: RequestPathDep
+) -> dict[str, Any]:
+    for model in path.list_models():
         if model["id"] == model_id:
             return model
     raise NotFound(f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
@@ -106,26 +103,22 @@ def _request_id(any_id: str) -> str:
 async def get_receipt(
     request_id: str, principal: PrincipalDep, settlement: SettlementDep
 ) -> dict[str, Any]:
-    """The countersigned receipt(s) of a request and what the client paid for it."""
+    """The countersigned receipt(s) of a request, and the signed statement of what the client
+    paid for it (`agora receipt verify` checks both offline)."""
     rid = _request_id(request_id)
-    record = await asyncio.to_thread(settlement.load, rid)
-    if record is None or record.client != principal.client:
+    await settlement.quiesce()  # a receipt asked for right after its response is there
+    document = await asyncio.to_thread(settlement.document, rid, principal.client)
+    if document is None:
         raise NotFound(f"No receipt for request `{request_id}`.", param="request_id")
-    return {
-        "object": "receipt",
-        "request_id": rid,
-        "amount_total": record.amount_total,
-        **record.receipt.to_json(),
-        "continuations": [segment.to_json() for segment in record.segments],
-    }
+    return document
 
 
 @router.get("/routing/{request_id}")
 async def get_routing(
-    request_id: str, principal: PrincipalDep, gateway: GatewayDep
+    request_id: str, principal: PrincipalDep, path: RequestPathDep
 ) -> dict[str, Any]:
     """Why a request went where it went: candidates, score terms, every attempt."""
-    record = gateway.decisions.get(_request_id(request_id))
+    record = path.routing_record(_request_id(request_id))
     if record is None or record.client != principal.client:
         raise NotFound(f"No routing record for request `{request_id}`.", param="request_id")
     return record.as_dict()

@@ -1,9 +1,12 @@
-"""Request bodies of the OpenAI endpoints: only what the coordinator itself relies on is checked;
-every other field passes through to the engine (unknown fields are ignored the way vLLM does)."""
+"""Request bodies of the OpenAI endpoints, checked as strictly as OpenAI and vLLM check them
+(types without coercion: `"stream": "yes"` or `"max_tokens": true` is a 400, not a guess; roles;
+ranges), so a malformed request is refused before it is routed, held or billed. The body
+itself passes through to the engine unchanged; fields not named here pass through unchecked
+(vLLM's own extensions), the way vLLM ignores what it does not know."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,21 +46,45 @@ class ProviderPreferences(BaseModel):
         )
 
 
+Flag = Annotated[bool | None, Field(strict=True)]  # null means "the default", as in OpenAI
+Count = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class _Common(BaseModel):
+    """What both endpoints share: the coordinator's own fields and the sampling parameters."""
+
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1)
-    stream: bool = False
+    model: Annotated[str, Field(strict=True, min_length=1)]
+    stream: Flag = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=16)
+    max_tokens: Annotated[int | None, Field(strict=True, ge=1)] = None
+    n: Annotated[int, Field(strict=True, ge=1, le=16)] = 1
     provider: ProviderPreferences = Field(default_factory=ProviderPreferences)
-    return_token_ids: bool = False
+    return_token_ids: Flag = False
+    temperature: Annotated[float | None, Field(strict=True, ge=0, le=2)] = None
+    top_p: Annotated[float | None, Field(strict=True, gt=0, le=1)] = None
+    top_k: Count | None = None
+    min_p: Annotated[float | None, Field(strict=True, ge=0, le=1)] = None
+    presence_penalty: Annotated[float | None, Field(strict=True, ge=-2, le=2)] = None
+    frequency_penalty: Annotated[float | None, Field(strict=True, ge=-2, le=2)] = None
+    repetition_penalty: Annotated[float | None, Field(strict=True, gt=0)] = None
+    seed: Count | None = None
+    stop: Annotated[str, Field(strict=True)] | list[Annotated[str, Field(strict=True)]] | None = (
+        None
+    )
+    stop_token_ids: list[Count] | None = None
+    logit_bias: dict[str, Number] | None = None
+    ignore_eos: Flag = False
+    min_tokens: Annotated[int | None, Field(strict=True, ge=0)] = None
+    skip_special_tokens: Flag = True
+    user: Annotated[str | None, Field(strict=True)] = None
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -68,9 +95,21 @@ class _Common(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+class Message(BaseModel):
+    """One chat message: a known role, and content that is text or a list of parts."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Annotated[str, Field(strict=True)] | list[dict[str, Any]] | None = None
+    name: Annotated[str | None, Field(strict=True)] = None
+
+
 class ChatCompletionBody(_Common):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Annotated[int | None, Field(strict=True, ge=1)] = None
+    logprobs: Flag = False
+    top_logprobs: Annotated[int | None, Field(strict=True, ge=0, le=20)] = None
+    tools: list[dict[str, Any]] | None = None
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -78,4 +117,12 @@ class ChatCompletionBody(_Common):
 
 
 class CompletionBody(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        Annotated[str, Field(strict=True)]
+        | list[Annotated[str, Field(strict=True)]]
+        | list[Count]
+        | list[list[Count]]
+    )
+    logprobs: Annotated[int | None, Field(strict=True, ge=0, le=20)] = None
+    echo: Flag = False
+    suffix: Annotated[str | None, Field(strict=True)] = None

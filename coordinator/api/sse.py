@@ -7,7 +7,7 @@ the final events, `data: [DONE]` and the chunked-encoding terminator leave in on
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 
 from starlette.responses import StreamingResponse
 from starlette.types import Send
@@ -17,16 +17,21 @@ class EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(
-        self, events: AsyncGenerator[tuple[bytes, bool]], headers: Mapping[str, str]
+        self,
+        events: AsyncGenerator[tuple[bytes, bool]],
+        headers: Mapping[str, str],
+        on_close: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__((), headers={**headers, "Cache-Control": "no-cache"})
         self._events = events
+        # called once the response is over, however it ended: a generator that never started
+        # runs no cleanup of its own when closed
+        self._on_close = on_close
 
     async def stream_response(self, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
         try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})  # fmt: skip
             async for body, last in self._events:
                 await send({"type": "http.response.body", "body": body, "more_body": not last})
                 if last:
@@ -34,3 +39,4 @@ class EventStreamResponse(StreamingResponse):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await self._events.aclose()  # run its cleanup now, not whenever it is collected
+            self._on_close()

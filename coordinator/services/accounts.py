@@ -9,10 +9,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlmodel import Session
-
-from billing.errors import DuplicateTransaction
 from billing.ledger import (
     NETWORK_FEES,
     Transaction,
@@ -23,7 +19,8 @@ from billing.ledger import (
 )
 from coordinator.errors import AuthenticationFailed, InvalidRequest, NotFound
 from coordinator.services.admission import Limits
-from coordinator.store import audit_store, keys_store, ledger_store
+from coordinator.store import accounts_store, keys_store
+from coordinator.store.db import Engine
 from coordinator.store.models import ApiKey
 
 _CLIENT_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,100}$")
@@ -88,15 +85,14 @@ class Accounts:
         return principal
 
     def _lookup(self, secret: str) -> Principal | None:
-        with Session(self._engine) as session:
-            row = keys_store.find_active(session, secret)
-            if row is None or row.id is None:
-                return None
-            limits = Limits(
-                rpm=row.rpm_limit if row.rpm_limit is not None else self._defaults.rpm,
-                tpm=row.tpm_limit if row.tpm_limit is not None else self._defaults.tpm,
-            )
-            return Principal(row.client, row.id, limits)
+        row = accounts_store.find_active_key(self._engine, secret)
+        if row is None or row.id is None:
+            return None
+        limits = Limits(
+            rpm=row.rpm_limit if row.rpm_limit is not None else self._defaults.rpm,
+            tpm=row.tpm_limit if row.tpm_limit is not None else self._defaults.tpm,
+        )
+        return Principal(row.client, row.id, limits)
 
     def create_client(
         self, name: str, credit: int = 0, rpm: int | None = None, tpm: int | None = None
@@ -106,8 +102,7 @@ class Accounts:
             raise InvalidRequest(
                 "client names use letters, digits and _ . @ - (max 100)", param="name"
             )
-        with Session(self._engine) as session:
-            secret, row = keys_store.create_key(session, name, rpm, tpm)
+        secret, row = accounts_store.create_key(self._engine, name, rpm, tpm)
         self._audit("key.create", client_account(name), key_id=row.id, prefix=row.prefix,
                     rpm=rpm, tpm=tpm)  # fmt: skip
         if credit:
@@ -115,12 +110,10 @@ class Accounts:
         return secret
 
     def list_keys(self, client: str | None = None) -> list[KeyInfo]:
-        with Session(self._engine) as session:
-            return [KeyInfo.of(row) for row in keys_store.list_keys(session, client)]
+        return [KeyInfo.of(row) for row in accounts_store.list_keys(self._engine, client)]
 
     def revoke_key(self, key_id: int) -> KeyInfo:
-        with Session(self._engine) as session:
-            row = keys_store.revoke(session, key_id)
+        row = accounts_store.revoke_key(self._engine, key_id)
         if row is None:
             raise NotFound(f"No API key with id {key_id}.", param="key_id")
         self._audit("key.revoke", client_account(row.client), key_id=key_id)
@@ -142,27 +135,18 @@ class Accounts:
     def _post_audited(self, tx: Transaction, action: str, subject: str) -> bool:
         """Post `tx` and its audit event in one database transaction."""
         amount = max(p.amount for p in tx.postings)
-        with self._engine.connect() as conn, conn.begin() as outer:
-            try:
-                ledger_store.post_in(conn, tx)
-            except DuplicateTransaction:
-                outer.rollback()
-                return False
-            audit_store.append(conn, self._actor, action, subject, amount=amount, txid=tx.txid)
-        return True
+        return accounts_store.post_audited(
+            self._engine, tx, self._actor, action, subject, amount=amount, txid=tx.txid
+        )
 
     def _audit(self, action: str, subject: str, **detail: Any) -> None:
-        with self._engine.begin() as conn:
-            audit_store.append(conn, self._actor, action, subject, **detail)
+        accounts_store.audit(self._engine, self._actor, action, subject, **detail)
 
     def balance(self, name: str) -> int:
-        with Session(self._engine) as session:
-            return ledger_store.balance(session, client_account(name))
+        return accounts_store.balance(self._engine, client_account(name))
 
     def balances(self) -> dict[str, int]:
-        with Session(self._engine) as session:
-            return ledger_store.balances(session)
+        return accounts_store.balances(self._engine)
 
     def network_fees(self) -> int:
-        with Session(self._engine) as session:
-            return ledger_store.balance(session, NETWORK_FEES)
+        return accounts_store.balance(self._engine, NETWORK_FEES)

@@ -2,38 +2,29 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine
-from sqlmodel import Session
-
 from billing.ledger import check_invariants, check_receipts
 from billing.payouts import check_statements, verify_statement
-from coordinator.store import audit_store, ledger_store, outbox_store, payouts_store, receipts_store
+from coordinator.store import books_store
+from coordinator.store.db import Engine
 
 
 def audit_ledger(engine: Engine) -> list[str]:
     """Every problem found (empty = the books are sound). Reads one consistent snapshot."""
-    problems: list[str] = []
-    with Session(engine) as session, session.begin():
-        conn = session.connection()
-        balances = ledger_store.balances(session)
-        postings = ledger_store.postings_by_transaction(session)
-        receipts = receipts_store.paid(session)
-        signed = payouts_store.statements(conn)
-        staged = outbox_store.pending(conn)
-        problems += audit_store.check_chain(conn)
+    books = books_store.snapshot(engine)
+    problems = list(books.chain_problems)
     statements = []
-    for one in signed:
+    for one in books.statements:
         try:
             statements.append(verify_statement(one))
         except Exception as exc:
             problems.append(f"a stored payout statement does not verify: {exc}")
     # a staged settlement is posted at the next start-up; its receipts are not yet in postings
-    staged_ids = {tx.txid[4:] for tx in staged if tx.txid.startswith("req:")}
-    receipts = [r for r in receipts if r.request_id not in staged_ids]
-    problems += [f"settlement {tx.txid} is staged but not posted" for tx in staged]
+    staged_ids = {tx.txid[4:] for tx in books.staged if tx.txid.startswith("req:")}
+    receipts = [r for r in books.receipts if r.request_id not in staged_ids]
+    problems += [f"settlement {tx.txid} is staged but not posted" for tx in books.staged]
     return (
-        check_invariants(balances, postings)
-        + check_receipts(postings, receipts)
-        + check_statements(postings, statements)
+        check_invariants(books.balances, books.postings)
+        + check_receipts(books.postings, receipts)
+        + check_statements(books.postings, statements)
         + problems
     )

@@ -5,8 +5,13 @@ Tokenizers are pinned by the operator (a local directory per model, fingerprinte
 of its files and shown in /v1/models), never taken from the worker being metered. The recount of
 completion tokens is exact for an honest worker: the token ids it streamed must decode to the
 text the client got, and then their number is the count; ids that do not match the text are
-replaced by a re-encoding of the text. Prompts are re-rendered with the chat template and
-encoded; a continuation's prompt is token ids the coordinator built itself.
+replaced by a re-encoding of the text (and a claim above it is evidence). An engine that gives
+no ids leaves only the text, whose re-encoding is not the count the engine generated (BPE
+merges across token boundaries, usually fewer): then nobody is accused, and the claim is
+billed up to a generous bound of that re-encoding (twice it, plus a few), so an honest engine
+without ids is not cut and a worker that drops the ids it was asked for cannot inflate.
+Prompts are re-rendered with the chat template and encoded; a continuation's prompt is token
+ids the coordinator built itself.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ class Tokenizer(Protocol):
 class Count:
     prompt_tokens: int
     completion_tokens: int
+    # False when the engine streamed no token ids for some output: its text was re-encoded,
+    # which can come out shorter than what the engine generated (BPE merges across token
+    # boundaries), so that count may neither be billed nor held against the worker
+    exact_completion: bool = True
 
 
 def noise_allowance(count: int) -> int:
@@ -108,15 +117,19 @@ def ids_match_text(tokenizer: Tokenizer, ids: list[int], text: str) -> bool:
     return 0 < tail <= 3 and decoded[:-tail] == text.rstrip(_REPLACEMENT)
 
 
-def recount_completion(tokenizer: Tokenizer, observed: Output) -> int:
-    total = 0
+def recount_completion(tokenizer: Tokenizer, observed: Output) -> tuple[int, bool]:
+    """(completion tokens, exact). Ids that decode to the delivered text are the count; ids
+    that do not are not believed (the text is re-encoded, and a claim above that is evidence:
+    the worker streamed ids for text it never sent); no ids at all gives an inexact count."""
+    total, exact = 0, True
     for choice in observed.choices.values():
         ids = choice.token_ids
         if ids and ids_match_text(tokenizer, ids, choice.text):
             total += len(ids)
         elif choice.text:
             total += len(tokenizer.encode(choice.text, add_special_tokens=False))
-    return total
+            exact = exact and bool(ids)
+    return total, exact
 
 
 def recount(
@@ -127,22 +140,47 @@ def recount(
         return None
     try:
         prompt_tokens = recount_prompt(tokenizer, endpoint, prompt, tools)
-        return Count(prompt_tokens, recount_completion(tokenizer, observed))
+        return Count(prompt_tokens, *recount_completion(tokenizer, observed))
     except Exception:  # a template that cannot render this request: keep the stream's count
         log.exception("could not recount a %s job", endpoint)
         return None
 
 
+def within_bound(counted: Count | None, claim: Count, bound: int | None) -> Count | None:
+    """The count to bill against, never above the job's completion bound (max_tokens for every
+    choice it ran): no client pays for more than it asked for, whatever was claimed or sent."""
+    over_bound = claim.completion_tokens > (bound or 0) or (
+        counted is not None and counted.completion_tokens > (bound or 0)
+    )
+    if bound is None or not over_bound:
+        return counted
+    if counted is None or not counted.exact_completion:
+        return Count(counted.prompt_tokens if counted else claim.prompt_tokens, bound)
+    return Count(counted.prompt_tokens, min(counted.completion_tokens, bound))
+
+
+def inexact_allowance(count: int) -> int:
+    """How far above a re-encoding of the text (no ids from the engine) a claim is billed:
+    merges make the re-encoding shorter than what was generated, rarely by half."""
+    return count + 4
+
+
 def billed(claim: Count, counted: Count | None) -> tuple[Count, bool]:
-    """What is billed, and whether the claim exceeds the recount beyond tokenizer noise."""
+    """What is billed, and whether the claim exceeds the recount beyond tokenizer noise. An
+    inexact completion recount (no ids from the engine) accuses nobody and caps the claim
+    only at a generous bound of the re-encoding."""
     if counted is None:
         return claim, False
+    if counted.exact_completion:
+        completion = counted.completion_tokens
+    else:
+        reencoded = counted.completion_tokens
+        completion = min(claim.completion_tokens, reencoded + inexact_allowance(reencoded))
     bill = Count(
         min(claim.prompt_tokens, counted.prompt_tokens),
-        min(claim.completion_tokens, counted.completion_tokens),
+        min(claim.completion_tokens, completion),
     )
     over = claim.prompt_tokens - counted.prompt_tokens > noise_allowance(counted.prompt_tokens)
-    over |= claim.completion_tokens - counted.completion_tokens > noise_allowance(
-        counted.completion_tokens
-    )
+    if counted.exact_completion:
+        over |= claim.completion_tokens - completion > noise_allowance(completion)
     return bill, over

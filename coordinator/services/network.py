@@ -91,8 +91,6 @@ class MarketNetwork:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> list[str]:
         addrs = await self.node.start()
-        if self.trust is not None:
-            self.trust.peer_evidence = self.view.peer_evidence
         self._tasks = [asyncio.create_task(self._every_round(step)) for step in
                        (self._gossip_round, self._dht_round, self._tidy_round)]  # fmt: skip
         log.info("p2p market: %s", " ".join(addrs))

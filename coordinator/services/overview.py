@@ -9,8 +9,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Engine
-
 from coordinator.services.decisions import DecisionLog
 from coordinator.services.payouts import Payouts
 from coordinator.services.registry import Registry, WorkerConnection
@@ -18,6 +16,7 @@ from coordinator.services.stats import StatsBook
 from coordinator.services.traffic import TrafficHistory
 from coordinator.services.trust import Trust
 from coordinator.store import market_store
+from coordinator.store.db import Engine
 
 CPU_ONLY = "no GPU (CPU)"
 # evidence that says a worker cheated or tried to (what "verification failures" lists)
@@ -78,6 +77,7 @@ def worker_row(
             "in_flight": slot.in_flight, "max_concurrency": slot.max_concurrency,
             "ttft_s": measured.ttft_s, "itl_s": measured.itl_s,
             "missed_for_capacity": measured.missed_for_capacity,
+            "reaped_orphan_pid": slot.reaped_orphan_pid or None,
         }  # fmt: skip
     standing = trust.standing(conn.node_id).as_dict() if trust else None
     return {
@@ -105,12 +105,7 @@ class Overview:
         self._db = db
 
     def _books(self) -> dict[str, Any]:
-        with self._db.connect() as conn:
-            books: dict[str, Any] = {
-                "money": market_store.money(conn),
-                "top_clients": market_store.top_clients(conn, 10),
-                "settled_requests": market_store.settled_requests(conn),
-            }
+        books = market_store.overview(self._db, top=10)
         books["epochs"] = self._payouts.epochs()
         trust = self._trust
         books["verification_failures"] = trust.recent(None, FAILURES, 20) if trust else []
@@ -128,9 +123,7 @@ class Overview:
         return {**live, **await asyncio.to_thread(self._books)}
 
     def _provider_books(self, node_id: str) -> dict[str, Any]:
-        with self._db.connect() as conn:
-            jobs = market_store.provider_jobs(conn, node_id)
-            epochs = market_store.provider_statements(conn, node_id)
+        jobs, epochs = market_store.provider_books(self._db, node_id)
         history: list[dict[str, Any]] = []
         if self._trust is not None:
             events = self._trust.recent(node_id, (), 1000)
@@ -166,3 +159,59 @@ class Overview:
                 missed[model] = measured.missed_for_capacity
         live["jobs_missed_for_capacity"] = missed
         return {**live, **await asyncio.to_thread(self._provider_books, node_id)}
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every connected worker with its live load and the coordinator's stats of it."""
+        now = time.monotonic()
+        return [
+            {
+                "node_id": w.node_id,
+                "draining": w.draining,
+                "quarantined": w.quarantined,
+                "reputation": self._trust.standing(w.node_id).as_dict() if self._trust else None,
+                "models": {
+                    name: {
+                        "available": slot.available,
+                        "in_flight": slot.in_flight,
+                        "jobs_elsewhere": slot.jobs_elsewhere,  # for the node's other coordinators
+                        "reaped_orphan_pid": slot.reaped_orphan_pid or None,
+                        "max_concurrency": slot.max_concurrency,
+                        "engine_running": slot.engine_running if slot.load_reported else None,
+                        "engine_waiting": slot.engine_waiting if slot.load_reported else None,
+                        "kv_cache_usage": slot.kv_cache_usage if slot.load_reported else None,
+                        "price_prompt_per_mtok": slot.offer.price_prompt_per_mtok,
+                        "price_completion_per_mtok": slot.offer.price_completion_per_mtok,
+                        "context_length": slot.offer.context_length,
+                        "ttft_ewma_s": self._stats.get(w.node_id, name).ttft_s,
+                        "itl_ewma_s": self._stats.get(w.node_id, name).itl_s,
+                        "failure_rate": self._stats.get(w.node_id, name).failure_rate(),
+                        "cooldown_left_s": max(
+                            0.0, round(self._stats.get(w.node_id, name).cooldown_until - now, 3)
+                        ),
+                    }
+                    for name, slot in w.slots.items()
+                },
+                "hardware": dict(w.advert.hardware),
+                "software": dict(w.advert.software),
+                "gpus": [
+                    {
+                        "index": g.index,
+                        "utilization_pct": g.utilization_pct,
+                        "memory_used_mib": g.memory_used_mib,
+                        "memory_total_mib": g.memory_total_mib,
+                    }
+                    for g in w.gpus
+                ],
+                "seconds_since_seen": round(now - w.last_seen, 3),
+                "connected_for_s": round(now - w.connected_at, 3),
+            }
+            for w in self._registry.all()
+        ]
+
+    def routing(self, limit: int) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self._decisions.recent(limit)]
+
+    def trust_events(self, node_id: str | None, outcome: str | None, limit: int) -> dict[str, Any]:
+        if self._trust is None:
+            return {"events": [], "counts": {}}
+        return self._trust.evidence(node_id, outcome, limit)

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, select
-
 from billing.payouts import SignedStatement
-from coordinator.store import audit_store, payouts_store
-from coordinator.store.models import MeteringMismatch
+from coordinator.store import audit_store, mismatches_store, payouts_store
+from coordinator.store.db import Engine
 from protocol.identity import Identity
-
-MISMATCHES = MeteringMismatch.__table__  # type: ignore[attr-defined]
 
 
 class Payouts:
@@ -24,21 +20,13 @@ class Payouts:
         return payouts_store.close_epoch(self._engine, self._identity, actor)
 
     def epochs(self) -> list[dict[str, Any]]:
-        with self._engine.connect() as conn:
-            return payouts_store.epochs(conn)
+        return payouts_store.all_epochs(self._engine)
 
     def statements(self, epoch: int | None = None) -> list[SignedStatement]:
-        with self._engine.connect() as conn:
-            return payouts_store.statements(conn, epoch)
+        return payouts_store.signed_statements(self._engine, epoch)
 
     def audit_events(self, limit: int) -> list[dict[str, Any]]:
-        with self._engine.connect() as conn:
-            return audit_store.events(conn, limit)
+        return audit_store.latest(self._engine, limit)
 
     def mismatches(self, limit: int) -> list[dict[str, Any]]:
-        query = select(MISMATCHES).order_by(MISMATCHES.c.id.desc()).limit(limit)
-        with self._engine.connect() as conn:
-            return [
-                {**row._asdict(), "created_at": row.created_at.isoformat()}
-                for row in conn.execute(query)
-            ]
+        return mismatches_store.latest(self._engine, limit)

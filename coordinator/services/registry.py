@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from billing.pricing import Price
+from coordinator.services.request_path.link import JobStream, SessionLink, WorkerLink
 from protocol.advert import Advert, ModelOffer
 from protocol.market import RelayedRegistration
 from protocol.proto import session_pb2 as pb
@@ -32,6 +33,7 @@ class ModelSlot:
     engine_waiting: int = 0
     kv_cache_usage: float = 0.0
     engine_up: bool = True  # per the last heartbeat (registration proved it up)
+    reaped_orphan_pid: int = 0  # an engine a dead node left, which this one killed at start
     load_reported: bool = False  # a heartbeat has carried the engine's own load numbers
 
     @property
@@ -66,46 +68,37 @@ class ModelSlot:
 
 @dataclass(eq=False)
 class WorkerConnection:
-    """One registered worker session. Owned by the gRPC session handler that created it."""
+    """One registered worker: its advert, its live load, and the link jobs go through."""
 
     node_id: str
     advert: Advert
-    outbox: asyncio.Queue[pb.CoordinatorMessage | None] = field(default_factory=asyncio.Queue)
+    link: WorkerLink = field(default_factory=SessionLink)  # the worker's gRPC session
     connected_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
-    jobs: dict[str, asyncio.Queue[pb.JobEvent]] = field(default_factory=dict)
     slots: dict[str, ModelSlot] = field(default_factory=dict)  # per model
     gpus: list[pb.GpuLoad] = field(default_factory=list)
     draining: bool = False  # the worker is shutting down: route nothing new to it
     closed: bool = False
-    quarantined: str | None = None  # why the market no longer routes to it (services.trust)
-    on_slot_freed: Callable[[], None] | None = None  # called whenever a job ends
     # the worker's signed registration as received, relayed on gossip (verifiable by anyone)
     registration: RelayedRegistration | None = None
+    # set by the registry that holds it: whenever a job ends, and why the market no longer
+    # routes to a node (services.trust owns quarantines)
+    on_slot_freed: Callable[[], None] = lambda: None
+    quarantine_of: Callable[[str], str | None] = lambda _node: None
 
-    def open_job(self, job: pb.Job) -> asyncio.Queue[pb.JobEvent]:
-        events: asyncio.Queue[pb.JobEvent] = asyncio.Queue()
-        self.jobs[job.request_id] = events
+    @property
+    def quarantined(self) -> str | None:
+        return self.quarantine_of(self.node_id)
+
+    def open_job(self, job: pb.Job) -> JobStream:
+        """Send a job down the link; the caller reports `job_ended` when it lets go."""
         self.slots[job.model].own_jobs += 1
-        self.outbox.put_nowait(pb.CoordinatorMessage(job=job))
-        return events
+        return self.link.open_job(job)
 
-    def close_job(self, request_id: str, model: str, *, cancel: bool = False) -> None:
-        if self.jobs.pop(request_id, None) is None:
-            return
+    def job_ended(self, model: str) -> None:
         slot = self.slots[model]
         slot.own_jobs = max(0, slot.own_jobs - 1)
-        if cancel and not self.closed:
-            self.outbox.put_nowait(
-                pb.CoordinatorMessage(cancel=pb.CancelJob(request_id=request_id))
-            )
-        if self.on_slot_freed is not None:
-            self.on_slot_freed()
-
-    def deliver(self, event: pb.JobEvent) -> None:
-        events = self.jobs.get(event.request_id)
-        if events is not None:
-            events.put_nowait(event)
+        self.on_slot_freed()
 
     def heartbeat(self, beat: pb.Heartbeat) -> None:
         self.last_seen = time.monotonic()
@@ -117,34 +110,31 @@ class WorkerConnection:
                 slot.engine_waiting = load.waiting
                 slot.kv_cache_usage = load.kv_cache_usage
                 slot.jobs_elsewhere = max(0, load.jobs_elsewhere)
+                slot.reaped_orphan_pid = load.reaped_orphan_pid
                 slot.load_reported = True
         self.gpus = list(beat.gpus)
-        if self.on_slot_freed is not None:  # an engine may be back: queued requests look again
-            self.on_slot_freed()
+        self.on_slot_freed()  # an engine may be back: queued requests look again
 
     def close(self, reason: str) -> None:
         """The session ended: every job still running on it fails with a retryable error."""
         self.closed = True
-        self.outbox.put_nowait(None)  # ends the session's response stream
-        for request_id, events in list(self.jobs.items()):
-            error = pb.JobError(http_status=502, message=reason, type="worker_lost", retryable=True)
-            events.put_nowait(pb.JobEvent(request_id=request_id, error=error))
+        self.link.close(reason)
 
 
 class Registry:
-    def __init__(self, fee_bps: int = 0) -> None:
+    def __init__(
+        self,
+        fee_bps: int = 0,
+        *,
+        quarantine_of: Callable[[str], str | None] = lambda _node: None,
+        on_join: Callable[[str], None] = lambda _node: None,
+    ) -> None:
         self._fee_bps = fee_bps
         self._workers: dict[str, WorkerConnection] = {}
         self._pools: dict[str, list[ModelSlot]] = {}  # model -> slots, cheapest first
         self._freed = asyncio.Event()  # replaced each time it fires
-        self.on_join: Callable[[str], None] | None = None  # called with each new session's node
-        self.quarantine_of: Callable[[str], str | None] = lambda _node: None
-
-    def quarantine(self, node_id: str, reason: str) -> None:
-        """Stop routing to a worker now (its session stays, so its running jobs finish)."""
-        conn = self._workers.get(node_id)
-        if conn is not None:
-            conn.quarantined = reason
+        self._quarantine_of = quarantine_of  # why a node may not be routed to (None: it may)
+        self._on_join = on_join  # called with each new session's node
 
     def freed_signal(self) -> asyncio.Event:
         """An event that fires the next time any slot frees up or a worker changes: take it
@@ -163,9 +153,8 @@ class Registry:
             self._unpool(old)
         self._workers[conn.node_id] = conn
         conn.on_slot_freed = self.notify
-        conn.quarantined = self.quarantine_of(conn.node_id)  # a reconnect does not clear it
-        if self.on_join is not None:
-            self.on_join(conn.node_id)
+        conn.quarantine_of = self._quarantine_of  # a reconnect does not clear a quarantine
+        self._on_join(conn.node_id)
         for offer in conn.advert.models:
             price = Price(offer.price_prompt_per_mtok, offer.price_completion_per_mtok)
             slot = ModelSlot(conn, offer, price.with_fee(self._fee_bps))

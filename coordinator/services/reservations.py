@@ -15,6 +15,7 @@ them in the database; both are a `HoldBook`.
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -51,8 +52,9 @@ class HoldBook(ABC):
         """Hold `amount` (or raise `current` to it), or raise InsufficientCredit (402)."""
 
     @abstractmethod
-    def posted(self, client: str) -> None:
-        """A charge to `client` was committed: call before releasing the hold behind it."""
+    def posted(self, client: str, amount: int | None = None) -> None:
+        """A charge (of `amount`, if known) to `client` was committed: call before releasing
+        the hold behind it."""
 
     @abstractmethod
     def released(self, hold: Hold) -> None:
@@ -60,10 +62,18 @@ class HoldBook(ABC):
 
 
 class Reservations(HoldBook):
-    def __init__(self, read_balance: Callable[[str], int]) -> None:
+    """Holds in this process, over a balance read from the database at most every
+    `refresh_s` per client: this coordinator's own charges are applied to the cached balance
+    as they post (it is the only one spending from these accounts), deposits made elsewhere
+    show within `refresh_s`, and a request the cache would refuse is checked against a fresh
+    read first."""
+
+    def __init__(self, read_balance: Callable[[str], int], refresh_s: float = 1.0) -> None:
         self._read_balance = read_balance
+        self._refresh_s = refresh_s
         self._held: dict[str, int] = {}
         self._generation: dict[str, int] = {}
+        self._balances: dict[str, tuple[int, float]] = {}  # client -> (balance, read at)
 
     def held(self, client: str) -> int:
         return self._held.get(client, 0)
@@ -75,16 +85,28 @@ class Reservations(HoldBook):
         else:
             self._held.pop(client, None)
 
-    async def available(self, client: str) -> tuple[int, int]:
+    async def available(self, client: str, *, fresh: bool = False) -> tuple[int, int]:
         """(balance, balance minus what requests in flight hold)."""
+        cached = self._balances.get(client)
+        if cached is not None and not fresh and time.monotonic() - cached[1] < self._refresh_s:
+            return cached[0], cached[0] - self.held(client)
         while True:
             generation = self._generation.get(client, 0)
+            read_at = time.monotonic()
             balance = await asyncio.to_thread(self._read_balance, client)
             if self._generation.get(client, 0) == generation:
+                self._balances[client] = (balance, read_at)
                 return balance, balance - self.held(client)
 
-    def posted(self, client: str) -> None:
+    def posted(self, client: str, amount: int | None = None) -> None:
         self._generation[client] = self._generation.get(client, 0) + 1
+        cached = self._balances.get(client)
+        if cached is None:
+            return
+        if amount is None:
+            del self._balances[client]
+        else:  # a read that already saw the charge under-states the balance: safe, and brief
+            self._balances[client] = (cached[0] - amount, cached[1])
 
     def released(self, hold: Hold) -> None:
         self._take(hold.client, -hold.amount)
@@ -94,6 +116,8 @@ class Reservations(HoldBook):
         if current is not None and extra <= 0:
             return current
         balance, free = await self.available(client)
+        if free < extra:  # the cache may predate a deposit: look again before refusing
+            balance, free = await self.available(client, fresh=True)
         if free < extra:  # no await between this check and the hold: atomic on the loop
             raise refusal(amount, balance, balance - free)
         self._take(client, extra)

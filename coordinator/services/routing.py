@@ -244,6 +244,7 @@ def route(
     picked: list[CandidateView] = []
     seen: set[int] = set()
     full: list[str] = []
+    cooling: list[CandidateView] = []  # eligible but for a recent failure
 
     def consider(index: int) -> None:
         if index in seen:
@@ -255,6 +256,8 @@ def route(
             excluded[why] = excluded.get(why, 0) + 1
             if why == "at_capacity":
                 full.append(c.node_id)
+            elif why == "cooling_down":
+                cooling.append(c)
         else:
             picked.append(c)
 
@@ -288,6 +291,10 @@ def route(
                 tries += 1
             if probation_over_budget:
                 _find_established(pool, probation, picked, consider, rng)
+    if not first and not picked and cooling:
+        # the breaker protects traffic that can go elsewhere; it never turns a model off:
+        # with nobody else able to serve, the cooling workers are tried (ranked as usual)
+        picked = cooling
     reputation = reputation or {}
     everyone = first + picked
     cheapest = min((_cost(request, c) for c in everyone), default=0)

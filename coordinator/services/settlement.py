@@ -13,20 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select
-from sqlmodel import Session
-
-from billing.ledger import Transaction, client_account, request_settlement
+from billing.ledger import Transaction, request_settlement
 from billing.pricing import Charge, Price, Segment, segments_charge
-from coordinator.services.metering import Count, Tokenizers, billed, recount
+from coordinator.services.metering import Count, Tokenizers, billed, recount, within_bound
 from coordinator.services.reputation import Outcome
 from coordinator.services.trust import Verdict
 from coordinator.store import outbox_store, receipts_store
-from coordinator.store.ledger_store import POSTINGS
-from coordinator.store.models import MeteringMismatch, StoredReceipt, utcnow
+from coordinator.store.db import Engine
 from coordinator.store.writer import LedgerWriter
 from protocol.completions import COMPLETIONS, Output
 from protocol.errors import ProtocolError
@@ -38,10 +34,9 @@ from protocol.receipt import (
     output_digest,
     verify_worker_signature,
 )
+from protocol.receipt_document import UnsignedPart, receipt_document
 
 log = logging.getLogger("agora.coordinator.settlement")
-RECEIPTS = StoredReceipt.__table__  # type: ignore[attr-defined]
-MISMATCHES = MeteringMismatch.__table__  # type: ignore[attr-defined]
 
 
 class ReceiptRejected(Exception):
@@ -74,6 +69,7 @@ class JobFacts:
     endpoint: str = COMPLETIONS  # what the worker ran (for the recount)
     prompt: Any = None  # what it was given: messages, a prompt, or token ids
     tools: Any = None
+    max_completion_tokens: int | None = None  # what the job may generate, every choice together
 
 
 @dataclass
@@ -84,17 +80,6 @@ class SegmentRecord:
     observed: Output  # what the coordinator relayed from this worker
     receipt: SignedReceipt | None = None  # as the worker sent it (None if it died first)
 
-    def delivered_tokens(self) -> int:
-        counted = self.observed.tokens_delivered()
-        if counted:
-            return counted
-        return self.observed.completion_tokens or 0
-
-    def prompt_tokens(self) -> int:
-        if self.observed.prompt_token_ids is not None:
-            return len(self.observed.prompt_token_ids)
-        return self.observed.prompt_tokens or 0
-
 
 @dataclass(frozen=True)
 class _Plan:
@@ -103,6 +88,7 @@ class _Plan:
     tx: Transaction
     charge: Charge
     receipts: list[dict[str, Any]]
+    unsigned: list[dict[str, Any]]  # segments delivered without a receipt (billed, unpaid)
     mismatches: list[dict[str, Any]]
     countersigned: list[SignedReceipt]
     usage: Count
@@ -111,10 +97,16 @@ class _Plan:
 
 @dataclass(frozen=True)
 class Settled:
-    charge: Charge  # what the client paid
+    """A request's settlement as checked: what the client is charged, before it is written
+    (`Settlement.commit` writes it)."""
+
+    request_id: str
+    client: str
+    charge: Charge  # what the client pays
     receipts: list[SignedReceipt]  # countersigned, in segment order (verified ones only)
     usage: Count  # the tokens billed: the first segment's prompt, every segment's completion
     verdicts: list[Verdict]  # what each segment said about its worker (input to reputation)
+    plan: _Plan = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -123,6 +115,8 @@ class ReceiptRecord:
     receipt: SignedReceipt
     amount_total: int  # what the client paid for the whole request
     segments: list[SignedReceipt]  # continuation receipts, if the request had any
+    signed_at: list[int]  # each receipt's place among the segments (0 = the first worker)
+    unsigned: list[UnsignedPart]  # segments a dead worker delivered without a receipt
 
 
 def check_receipt(facts: JobFacts, signed: SignedReceipt, observed: Output) -> Receipt:
@@ -163,6 +157,7 @@ class Settlement:
         fee_bps: int,
         tokenizers: Tokenizers | None = None,
         exit_before_posting: bool = False,
+        max_unwritten: int = 256,
     ) -> None:
         self._engine = engine
         self._writer = writer
@@ -170,6 +165,9 @@ class Settlement:
         self._fee_bps = fee_bps
         self._tokenizers = tokenizers
         self._exit_before_posting = exit_before_posting  # fault injection (crash-safety test)
+        self._in_flight: dict[str, asyncio.Future[None]] = {}  # request id -> written
+        self._max_unwritten = max_unwritten  # commits in flight before `room` makes callers wait
+        self._written = asyncio.Event()  # set (and replaced) whenever a commit ends
 
     @property
     def fee_bps(self) -> int:
@@ -179,37 +177,63 @@ class Settlement:
         """SHA-256 of the tokenizer the network recounts `model` with, if one is pinned."""
         return self._tokenizers.fingerprints.get(model) if self._tokenizers else None
 
-    async def settle(self, request_id: str, client: str, records: list[SegmentRecord]) -> Settled:
-        """Check and recount every segment; commit the receipts with the staged posting, then
-        post it (see store.outbox_store: a crash in between is reconciled at start-up)."""
+    async def check(self, request_id: str, client: str, records: list[SegmentRecord]) -> Settled:
+        """Check and recount every segment and work out the charge; nothing is written."""
         model = records[0].facts.model
         if self._tokenizers is not None and self._tokenizers.covers(model):
             plan = await asyncio.to_thread(self._plan, request_id, client, records)  # CPU work
         else:
             plan = self._plan(request_id, client, records)
+        return Settled(request_id, client, plan.charge, plan.countersigned, plan.usage,
+                       plan.verdicts, plan)  # fmt: skip
 
-        def stage(conn: Connection) -> None:
-            now = utcnow()
-            if plan.receipts:
-                conn.execute(insert(RECEIPTS), [{**r, "created_at": now} for r in plan.receipts])
-            if plan.mismatches:
-                conn.execute(
-                    insert(MISMATCHES), [{**m, "created_at": now} for m in plan.mismatches]
-                )
-            outbox_store.stage(conn, plan.tx)
+    async def commit(self, settled: Settled) -> None:
+        """Commit the receipts with the staged posting, then post it (see store.outbox_store:
+        a crash in between is reconciled at start-up). Runs off the response path: the
+        writer thread commits whatever settlements are waiting in one transaction."""
+        done = asyncio.get_running_loop().create_future()
+        self._in_flight[settled.request_id] = done
+        try:
+            plan = settled.plan
+            await self._writer.submit(lambda conn: receipts_store.stage_settlement(
+                conn, plan.receipts, plan.unsigned, plan.mismatches, plan.tx))  # fmt: skip
+            if self._exit_before_posting:
+                log.critical("fault injection: exiting between receipts and posting")
+                await asyncio.sleep(0.5)  # the answer handed out before this has left
+                os._exit(70)
+            await self._writer.submit(lambda conn: outbox_store.post_staged(conn, plan.tx))
+        finally:
+            del self._in_flight[settled.request_id]
+            done.set_result(None)
+            written, self._written = self._written, asyncio.Event()
+            written.set()
 
-        await self._writer.submit(stage)
-        if self._exit_before_posting:
-            log.critical("fault injection: exiting between receipts and posting")
-            os._exit(70)
-        await self._writer.submit(lambda conn: outbox_store.post_staged(conn, plan.tx))
-        return Settled(plan.charge, plan.countersigned, plan.usage, plan.verdicts)
+    async def room(self) -> None:
+        """Return once fewer than `max_unwritten` commits are in flight. Answers wait here
+        when requests end faster than the writer commits them: without it the backlog (each
+        request's whole state) grew without bound under sustained overload (1,024 streams on
+        two cores: +770 MB in 5 minutes), and all of it was unbilled if the process died."""
+        while len(self._in_flight) >= self._max_unwritten:
+            await self._written.wait()
+
+    async def settle(self, request_id: str, client: str, records: list[SegmentRecord]) -> Settled:
+        """Check, then commit (for callers that have nothing to send in between)."""
+        settled = await self.check(request_id, client, records)
+        await self.commit(settled)
+        return settled
+
+    async def quiesce(self) -> None:
+        """Wait for the settlements being written now (a read of receipts or balances right
+        after a response then sees its charge)."""
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight.values())
 
     def _plan(self, request_id: str, client: str, records: list[SegmentRecord]) -> _Plan:
         tokenizer = self._tokenizers.for_model(records[0].facts.model) if self._tokenizers else None
         segments: list[Segment] = []
         verified: list[tuple[int, Receipt, SignedReceipt, Count]] = []
         mismatches: list[dict[str, Any]] = []
+        unsigned: list[dict[str, Any]] = []
         verdicts: list[Verdict] = []
         for index, record in enumerate(records):
             facts = record.facts
@@ -227,8 +251,11 @@ class Settlement:
             if receipt is not None:
                 claim = Count(receipt.prompt_tokens, receipt.completion_tokens)
             else:  # bill what the coordinator itself relayed; the worker is not paid
-                claim = Count(record.prompt_tokens(), record.delivered_tokens())
-            counted = recount(tokenizer, facts.endpoint, facts.prompt, facts.tools, record.observed)
+                claim = Count(*record.observed.token_counts())
+            counted = within_bound(
+                recount(tokenizer, facts.endpoint, facts.prompt, facts.tools, record.observed),
+                claim, facts.max_completion_tokens,
+            )  # fmt: skip
             bill, over = billed(claim, counted)
             if over and counted is not None:
                 log.warning("%s claimed %s, recount %s", facts.worker_id, claim, counted)
@@ -251,6 +278,15 @@ class Settlement:
                 Segment(facts.worker_id, facts.price, bill.prompt_tokens, bill.completion_tokens,
                         verified=receipt is not None)
             )  # fmt: skip
+            if receipt is None:
+                unsigned.append({
+                    "request_id": facts.request_id, "parent_id": request_id, "segment": index,
+                    "client": client, "worker_id": facts.worker_id, "model": facts.model,
+                    "billed_prompt_tokens": bill.prompt_tokens,
+                    "billed_completion_tokens": bill.completion_tokens,
+                    "price_prompt_per_mtok": facts.price.prompt_per_mtok,
+                    "price_completion_per_mtok": facts.price.completion_per_mtok,
+                })  # fmt: skip
         charge, earned = segments_charge(segments, self._fee_bps)
         rows = [
             {
@@ -275,32 +311,40 @@ class Settlement:
         tx = request_settlement(request_id, client, charge, earned)
         usage = Count(segments[0].prompt_tokens, sum(s.completion_tokens for s in segments))
         signed_ones = [signed for _i, _r, signed, _b in verified]
-        return _Plan(tx, charge, rows, mismatches, signed_ones, usage, verdicts)
+        return _Plan(tx, charge, rows, unsigned, mismatches, signed_ones, usage, verdicts)
+
+    def document(self, request_id: str, client: str) -> dict[str, Any] | None:
+        """The client's receipt document for a request (or one of its segments): every
+        segment, signed or not, and the charge statement signed with this coordinator's key."""
+        record = self.load(request_id)
+        if record is None or record.client != client:
+            return None
+        parent = record.receipt.receipt.request_id.split("~", 1)[0]
+        signed = list(zip(record.signed_at, [record.receipt, *record.segments], strict=True))
+        return receipt_document(
+            self._identity, parent, record.amount_total, self._fee_bps, signed, record.unsigned
+        )
 
     def load(self, request_id: str) -> ReceiptRecord | None:
         """The receipts of a client request (its id, or the id of one of its segments)."""
-        with Session(self._engine) as session:
-            first = receipts_store.get(session, request_id)
-            parent = first.parent_id if first is not None and first.parent_id else request_id
-            rows = receipts_store.segments(session, parent)
-            if not rows:
-                return None
-            paid = self._client_charge(session.connection(), parent, rows[0].client)
-            signed = [
-                SignedReceipt(
-                    r.body, r.worker_signature, r.coordinator_id, r.coordinator_signature,
-                    (r.billed_prompt_tokens, r.billed_completion_tokens),
-                )
-                for r in rows
-            ]  # fmt: skip
-            return ReceiptRecord(rows[0].client, signed[0], paid, signed[1:])
-
-    @staticmethod
-    def _client_charge(conn: Connection, request_id: str, client: str) -> int:
-        amount = conn.execute(
-            select(POSTINGS.c.amount).where(
-                POSTINGS.c.txid == f"req:{request_id}",
-                POSTINGS.c.account == client_account(client),
+        found = receipts_store.request_receipts(self._engine, request_id)
+        if found is None:
+            return None
+        rows, unsigned_rows, paid = found
+        signed = [
+            SignedReceipt(
+                r.body, r.worker_signature, r.coordinator_id, r.coordinator_signature,
+                (r.billed_prompt_tokens, r.billed_completion_tokens),
             )
-        ).scalar()
-        return -int(amount or 0)
+            for r in rows
+        ]  # fmt: skip
+        unsigned = [
+            UnsignedPart(
+                u.request_id, u.segment, u.worker_id, u.billed_prompt_tokens,
+                u.billed_completion_tokens, u.price_prompt_per_mtok, u.price_completion_per_mtok,
+            )
+            for u in unsigned_rows
+        ]  # fmt: skip
+        return ReceiptRecord(
+            rows[0].client, signed[0], paid, signed[1:], [r.segment for r in rows], unsigned
+        )

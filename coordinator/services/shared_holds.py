@@ -46,7 +46,7 @@ class SharedReservations(HoldBook):
             return current
         return Hold(self, client, amount, hold_id)
 
-    def posted(self, client: str) -> None:
+    def posted(self, client: str, amount: int | None = None) -> None:
         """Nothing to do: the database orders the charge before the release."""
 
     def released(self, hold: Hold) -> None:

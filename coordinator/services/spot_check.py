@@ -10,15 +10,14 @@ and why it does not accuse honest sampling, is in services.spot_judgement).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from coordinator.services.accounts import Principal
-from coordinator.services.jobs import Attempt, CompletionRequest
+import msgspec
+
 from coordinator.services.registry import ModelSlot, Registry
-from coordinator.services.relay import Completion
 from coordinator.services.reputation import Outcome
 from coordinator.services.spot_judgement import (
     CheckPolicy,
@@ -28,46 +27,49 @@ from coordinator.services.spot_judgement import (
     sampling_temperature,
 )
 from coordinator.services.trust import Trust, Verdict
-from protocol.completions import COMPLETIONS
-from protocol.proto import session_pb2 as pb
+from protocol.completions import COMPLETIONS, Output
+
+if TYPE_CHECKING:  # the request path uses spot checks, and spot checks its dispatcher
+    from coordinator.services.request_path.dispatch import Dispatcher
 
 log = logging.getLogger("agora.coordinator.spot_check")
 
 
-class Dispatch(Protocol):
-    """What a spot check needs from the gateway: send one job, wait for its first event."""
+@dataclass(frozen=True)
+class CheckCandidate:
+    """A settled request, as a spot check needs it."""
 
-    def _dispatch(
-        self, slot: ModelSlot, request: CompletionRequest, endpoint: str, body: dict[str, Any],
-        job_id: str, principal: Principal, segment: int,
-    ) -> Attempt: ...  # fmt: skip
-
-    async def _first_event(self, attempt: Attempt) -> pb.JobEvent: ...
+    request_id: str
+    model: str
+    client: str
+    body: dict[str, Any]  # what the client asked
+    node_id: str  # the worker that produced the first segment
+    observed: Output  # what it produced
+    segments: int
 
 
 class SpotChecker:
     def __init__(
-        self, gateway: Dispatch, registry: Registry, trust: Trust | None, policy: CheckPolicy,
-        rng: random.Random,
+        self, dispatcher: Dispatcher, registry: Registry, trust: Trust | None,
+        policy: CheckPolicy, rng: random.Random,
     ) -> None:  # fmt: skip
-        self._gateway = gateway
+        self._dispatcher = dispatcher
         self._registry = registry
         self._trust = trust
         self._policy = policy
         self._rng = rng
         self._background: set[asyncio.Task[None]] = set()
 
-    def consider(self, completion: Completion) -> None:
+    def consider(self, candidate: CheckCandidate) -> None:
         """Check this settled request on another worker, if it is eligible and sampled."""
-        trust, first = self._trust, completion.attempts[0]
+        trust = self._trust
         if trust is None:
             return
-        body, segments = completion.request.body, len(completion.attempts)
-        temperature = sampling_temperature(body, first.observed, segments)
+        temperature = sampling_temperature(candidate.body, candidate.observed, candidate.segments)
         if temperature is None:
             return
-        if sampled(self._rng, trust.on_probation(first.node_id), self._policy):
-            check = self._check(completion, trust, temperature)
+        if sampled(self._rng, trust.on_probation(candidate.node_id), self._policy):
+            check = self._check(candidate, trust, temperature)
             task = asyncio.get_running_loop().create_task(check)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -83,29 +85,28 @@ class SpotChecker:
         ]  # fmt: skip
         return max(candidates, key=lambda s: trust.score(s.node_id), default=None)
 
-    async def _check(self, completion: Completion, trust: Trust, temperature: float) -> None:
-        first = completion.attempts[0]
-        reference = self._reference_for(trust, completion.request.model, first.node_id)
+    async def _check(self, candidate: CheckCandidate, trust: Trust, temperature: float) -> None:
+        reference = self._reference_for(trust, candidate.model, candidate.node_id)
         if reference is None:
             return
-        observed = first.observed
+        observed = candidate.observed
         output_ids = observed.choices[0].token_ids
         body = check_body(observed.prompt_token_ids or [], output_ids, self._policy.top_k)
-        job_id = f"{completion.request_id}~check"
-        attempt = self._gateway._dispatch(
-            reference, completion.request, COMPLETIONS, body, job_id, completion.principal, 0
-        )
+        attempt = self._dispatcher.open(
+            reference, job_id=f"{candidate.request_id}~check", client=candidate.client,
+            model=candidate.model, endpoint=COMPLETIONS, body=body,
+        )  # fmt: skip
         try:
-            event = await self._gateway._first_event(attempt)
+            event = await self._dispatcher.first_event(attempt)
         finally:
             attempt.end()
         if event.WhichOneof("kind") != "response":
-            log.info("spot check of %s could not run: %s", completion.request_id, event)
+            log.info("spot check of %s could not run: %s", candidate.request_id, event)
             return
-        choice = (json.loads(event.response).get("choices") or [{}])[0]
+        choice = (msgspec.json.decode(event.response).get("choices") or [{}])[0]
         logprobs = choice.get("prompt_logprobs") or []
         verdict = judge(output_ids, logprobs, self._policy, temperature)
-        log.info("spot check of %s on %s: %s", completion.request_id, reference.node_id,
+        log.info("spot check of %s on %s: %s", candidate.request_id, reference.node_id,
                  verdict.detail)  # fmt: skip
         outcome = Outcome.VERIFIED if verdict.genuine else Outcome.FRAUD
-        trust.observe([Verdict(first.node_id, outcome, completion.request_id, verdict.detail)])
+        trust.observe([Verdict(candidate.node_id, outcome, candidate.request_id, verdict.detail)])

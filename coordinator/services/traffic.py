@@ -8,17 +8,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-
-@dataclass(frozen=True)
-class Totals:
-    """Cumulative counters at one moment."""
-
-    requests: float
-    errors: float
-    prompt_tokens: float
-    completion_tokens: float
-    ttft_bounds: tuple[float, ...]  # histogram upper bounds (the last is +inf)
-    ttft_counts: tuple[float, ...]  # cumulative count per bound
+from coordinator.observability import Totals
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,9 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine
-
 from coordinator.services.reputation import Outcome, Standing, Tally, TrustPolicy
 from coordinator.store import trust_store
+from coordinator.store.db import Engine
 from coordinator.store.trust_store import FraudOutcome
 from coordinator.store.writer import LedgerWriter
 
@@ -58,9 +57,9 @@ class Trust:
         slash_amount: int = 0,
         quarantine_below: float = 0.2,
         clock: Callable[[], float] = time.time,
-        on_quarantine: Callable[[str, str], None] = lambda _node, _why: None,
+        # other coordinators' weighted evidence about a worker (None outside a p2p market)
+        peer_evidence: Callable[[str], tuple[float, float] | None] = lambda _node: None,
     ) -> None:
-        self._on_quarantine = on_quarantine
         self._engine = engine
         self._writer = writer
         self.policy = policy or TrustPolicy()
@@ -70,17 +69,15 @@ class Trust:
         self._tallies: dict[str, Tally] = {}
         self._quarantined: dict[str, str] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        # other coordinators' weighted evidence about a worker (set when the p2p market is on)
-        self.peer_evidence: Callable[[str], tuple[float, float]] | None = None
+        self._peer_evidence = peer_evidence
 
     def load(self) -> None:
         """Read the quarantine list and the recent evidence back (at start-up)."""
         since = self._clock() - 4 * self.policy.half_life_s  # older evidence weighs < 1/16
-        with self._engine.connect() as conn:
-            self._quarantined = trust_store.quarantined(conn)
-            for node, outcome, at in trust_store.recent_events(conn, since):
-                tally = self._tallies.get(node, Tally(at=at))
-                self._tallies[node] = tally.add(Outcome(outcome), at, self.policy)
+        self._quarantined, recent = trust_store.load(self._engine, since)
+        for node, outcome, at in recent:
+            tally = self._tallies.get(node, Tally(at=at))
+            self._tallies[node] = tally.add(Outcome(outcome), at, self.policy)
 
     # ------------------------------------------------------------------ reading
     def standing(self, node_id: str) -> Standing:
@@ -88,9 +85,10 @@ class Trust:
         coordinator is part of a p2p market."""
         now = self._clock()
         tally = self._tallies.get(node_id, Tally(at=now))
-        if self.peer_evidence is None:
+        peers = self._peer_evidence(node_id)
+        if peers is None:
             return tally.standing(now, self.policy)
-        good, bad = self.peer_evidence(node_id)
+        good, bad = peers
         own = tally.decayed(now, self.policy)
         return Tally(own.good + good, own.bad + bad, own.at).standing(now, self.policy)
 
@@ -127,18 +125,14 @@ class Trust:
 
     def evidence(self, node_id: str | None, outcome: str | None, limit: int) -> dict[str, Any]:
         """Recorded evidence, newest first, and counts per outcome (reads the database)."""
-        with self._engine.connect() as conn:
-            return {
-                "events": trust_store.events(conn, node_id, [outcome] if outcome else [], limit),
-                "counts": trust_store.event_counts(conn, node_id),
-            }
+        outcomes = [outcome] if outcome else []
+        return trust_store.evidence(self._engine, node_id, outcomes, limit)
 
     def recent(
         self, node_id: str | None, outcomes: Sequence[str], limit: int
     ) -> list[dict[str, Any]]:
         """Recorded evidence only, newest first (one query; no counts over the whole table)."""
-        with self._engine.connect() as conn:
-            return trust_store.events(conn, node_id, outcomes, limit)
+        return trust_store.latest_events(self._engine, node_id, outcomes, limit)
 
     def history(self, node_id: str, events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """The score after each piece of `events` (newest first, as `evidence` gives them),
@@ -164,7 +158,7 @@ class Trust:
                          "request_id": v.request_id, "detail": v.detail[:500]})  # fmt: skip
         if not rows:
             return
-        self._spawn(self._writer.submit(lambda conn: trust_store.record_events(conn, rows)))
+        self._spawn(trust_store.save_events(self._writer, rows))
         for v in verdicts:
             if v.outcome is Outcome.FRAUD:
                 self._spawn(self.punish(v.node_id, v.request_id, v.detail))
@@ -179,14 +173,9 @@ class Trust:
     ) -> FraudOutcome:
         """Quarantine the worker; for proven fraud also refund, claw back and slash."""
         self._quarantined[node_id] = reason
-        self._on_quarantine(node_id, reason)
         slash = self._slash_amount if proven else 0
-        outcome: FraudOutcome = await self._writer.submit(
-            lambda conn: (
-                trust_store.punish_fraud(conn, node_id, request_id, reason, slash)
-                if proven
-                else trust_store.quarantine_only(conn, node_id, request_id, reason)
-            )
+        outcome = await trust_store.punish(
+            self._writer, node_id, request_id, reason, slash, proven=proven
         )
         log.warning(
             "worker %s quarantined (%s): refunded %s, clawed back %d, slashed %d",

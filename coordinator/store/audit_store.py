@@ -8,11 +8,11 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, insert, select, text
+from sqlalchemy import Connection, Engine, insert, select, text
 
-from coordinator.store.models import AuditEvent, utcnow
+from coordinator.store.models import utcnow
+from coordinator.store.tables import AUDIT
 
-AUDIT: Table = AuditEvent.__table__  # type: ignore[attr-defined]
 GENESIS = "0" * 64
 _CHAIN_LOCK = 0x4147_4F52_4155_4454  # one writer at a time on PostgreSQL (several coordinators)
 
@@ -52,6 +52,12 @@ def events(conn: Connection, limit: int | None = None) -> list[dict[str, Any]]:
          "subject": r.subject, "detail": json.loads(r.detail), "sha256": r.sha256}
         for r in conn.execute(query)
     ]  # fmt: skip
+
+
+def latest(engine: Engine, limit: int | None = None) -> list[dict[str, Any]]:
+    """`events`, on a connection of its own."""
+    with engine.connect() as conn:
+        return events(conn, limit)
 
 
 def check_chain(conn: Connection) -> list[str]:

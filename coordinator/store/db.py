@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Table, event
+from sqlalchemy import Engine as Engine  # re-exported: services hand one to the store
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import create_engine
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -53,3 +57,19 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+@functools.cache
+def _insert_ignoring(dialect: str, table: Table) -> Any:
+    """The statement, built once per table (SQLAlchemy then reuses its compiled form)."""
+    if dialect == "postgresql":
+        return postgresql_insert(table).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite_insert(table).on_conflict_do_nothing()
+    raise RuntimeError(f"unsupported database {dialect}")  # pragma: no cover
+
+
+def insert_ignoring_duplicates(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert rows, skipping any whose key is already there: a write retried, or raced by a
+    second path to the same request, lands once."""
+    conn.execute(_insert_ignoring(conn.dialect.name, table), rows)

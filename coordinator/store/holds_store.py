@@ -11,13 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Connection, Table, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from billing.ledger import client_account
-from coordinator.store.ledger_store import ACCOUNTS
-from coordinator.store.models import CreditHold, utcnow
-
-HOLDS: Table = CreditHold.__table__  # type: ignore[attr-defined]
+from coordinator.store.models import utcnow
+from coordinator.store.tables import ACCOUNTS, HOLDS
 
 
 @dataclass(frozen=True)

@@ -9,31 +9,26 @@ overdraw an account between a read and a write.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from sqlalchemy import Connection, Table, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 from sqlmodel import select as select_rows
 
 from billing.errors import DuplicateTransaction, InsufficientFunds
 from billing.ledger import MAY_GO_NEGATIVE, Posting, Transaction, account_kind
+from coordinator.store.db import insert_ignoring_duplicates
 from coordinator.store.models import Account, LedgerPosting, LedgerTransaction, utcnow
+from coordinator.store.tables import ACCOUNTS, POSTINGS, TRANSACTIONS
 
-ACCOUNTS: Table = Account.__table__  # type: ignore[attr-defined]
-TRANSACTIONS: Table = LedgerTransaction.__table__  # type: ignore[attr-defined]
-POSTINGS: Table = LedgerPosting.__table__  # type: ignore[attr-defined]
-
-
-def _insert_ignoring_conflicts(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        conn.execute(postgresql.insert(table).on_conflict_do_nothing(), rows)
-    elif dialect == "sqlite":
-        conn.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
-    else:  # pragma: no cover - other databases are not supported
-        raise RuntimeError(f"unsupported database {dialect}")
+_NEW_TRANSACTION = insert(TRANSACTIONS)
+_NEW_POSTINGS = insert(POSTINGS)
+_MOVE = (  # statements built once: SQLAlchemy reuses their compiled form
+    update(ACCOUNTS)
+    .where(ACCOUNTS.c.name == bindparam("account"))
+    .values(balance=ACCOUNTS.c.balance + bindparam("amount"))
+)
+_MOVE_NOT_BELOW_ZERO = _MOVE.where(ACCOUNTS.c.balance + bindparam("amount") >= 0)
 
 
 def post_in(conn: Connection, tx: Transaction) -> None:
@@ -42,14 +37,13 @@ def post_in(conn: Connection, tx: Transaction) -> None:
     back (a savepoint is enough)."""
     try:
         conn.execute(
-            insert(TRANSACTIONS).values(
-                txid=tx.txid, kind=tx.kind, memo=tx.memo, created_at=utcnow()
-            )
-        )
+            _NEW_TRANSACTION, {"txid": tx.txid, "kind": tx.kind, "memo": tx.memo,
+                               "created_at": utcnow()}
+        )  # fmt: skip
     except IntegrityError as exc:
         raise DuplicateTransaction(tx.txid) from exc
     postings = sorted(tx.postings, key=lambda p: p.account)  # one lock order: no deadlocks
-    _insert_ignoring_conflicts(
+    insert_ignoring_duplicates(
         conn,
         ACCOUNTS,
         [
@@ -59,14 +53,13 @@ def post_in(conn: Connection, tx: Transaction) -> None:
         ],
     )  # fmt: skip
     for p in postings:
-        statement = update(ACCOUNTS).where(ACCOUNTS.c.name == p.account)
-        if account_kind(p.account) not in MAY_GO_NEGATIVE:
-            statement = statement.where(ACCOUNTS.c.balance + p.amount >= 0)
-        result = conn.execute(statement.values(balance=ACCOUNTS.c.balance + p.amount))
+        guarded = account_kind(p.account) not in MAY_GO_NEGATIVE
+        statement = _MOVE_NOT_BELOW_ZERO if guarded else _MOVE
+        result = conn.execute(statement, {"account": p.account, "amount": p.amount})
         if result.rowcount != 1:
             raise InsufficientFunds(f"{p.account} cannot take {p.amount}")
     conn.execute(
-        insert(POSTINGS),
+        _NEW_POSTINGS,
         [{"txid": tx.txid, "account": p.account, "amount": p.amount} for p in postings],
     )
 

@@ -5,17 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from billing.ledger import EXTERNAL_PAYOUTS, NETWORK_FEES
 from billing.payouts import SignedStatement
-from coordinator.store.ledger_store import POSTINGS
-from coordinator.store.models import Account, LedgerTransaction, PayoutStatement, StoredReceipt
-
-ACCOUNTS: Table = Account.__table__  # type: ignore[attr-defined]
-TRANSACTIONS: Table = LedgerTransaction.__table__  # type: ignore[attr-defined]
-RECEIPTS: Table = StoredReceipt.__table__  # type: ignore[attr-defined]
-STATEMENTS: Table = PayoutStatement.__table__  # type: ignore[attr-defined]
+from coordinator.store.tables import ACCOUNTS, POSTINGS, RECEIPTS, STATEMENTS, TRANSACTIONS
 
 
 def _request_postings(kind_prefix: str) -> Any:
@@ -97,3 +91,21 @@ def provider_statements(conn: Connection, node_id: str) -> list[dict[str, Any]]:
                     "receipts": statement.receipts, "by_model": statement.by_model,
                     "period_end": statement.period_end})  # fmt: skip
     return out
+
+
+def overview(engine: Engine, top: int) -> dict[str, Any]:
+    """The operator's books, read on one connection: the money, the `top` clients, and how
+    many requests were settled."""
+    with engine.connect() as conn:
+        return {
+            "money": money(conn),
+            "top_clients": top_clients(conn, top),
+            "settled_requests": settled_requests(conn),
+        }
+
+
+def provider_books(engine: Engine, node_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One provider's jobs (`provider_jobs`) and closed epochs (`provider_statements`), read
+    on one connection."""
+    with engine.connect() as conn:
+        return provider_jobs(conn, node_id), provider_statements(conn, node_id)

@@ -65,6 +65,24 @@ class StoredReceipt(SQLModel, table=True):
     epoch_id: int | None = Field(default=None, index=True)  # the payout epoch that paid it
 
 
+class UnsignedSegment(SQLModel, table=True):
+    """Tokens a worker delivered to the client before it died without signing a receipt: the
+    client paid for them (they are in its charge), the worker is paid nothing. Kept so that a
+    continued request's receipt document lists every segment it was charged for."""
+
+    request_id: str = Field(primary_key=True, max_length=80)  # the job's id
+    parent_id: str = Field(index=True, max_length=64)  # the client's request id
+    segment: int = 0
+    client: str = Field(max_length=200)
+    worker_id: str = Field(max_length=100)
+    model: str = Field(max_length=200)
+    billed_prompt_tokens: int = 0
+    billed_completion_tokens: int = 0
+    price_prompt_per_mtok: int = Field(sa_column=Column(BigInteger, nullable=False))
+    price_completion_per_mtok: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class PendingPosting(SQLModel, table=True):
     """Outbox: a settlement's ledger transaction, committed with its receipts before it is
     posted, so a coordinator that dies in between posts it at start-up (exactly once)."""

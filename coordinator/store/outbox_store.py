@@ -7,20 +7,24 @@ from __future__ import annotations
 import json
 import logging
 
-from sqlalchemy import Connection, Engine, Table, delete, insert, select
+from sqlalchemy import Connection, Engine, delete, select
 
 from billing.errors import InsufficientFunds
 from billing.ledger import Transaction, transaction_from_json, transaction_to_json
 from coordinator.store import ledger_store
-from coordinator.store.models import PendingPosting, utcnow
+from coordinator.store.db import insert_ignoring_duplicates
+from coordinator.store.models import utcnow
+from coordinator.store.tables import PENDING
 
 log = logging.getLogger("agora.coordinator.ledger")
-PENDING: Table = PendingPosting.__table__  # type: ignore[attr-defined]
 
 
 def stage(conn: Connection, tx: Transaction) -> None:
+    """Stage `tx` for posting (once: staging it again is a no-op)."""
     body = json.dumps(transaction_to_json(tx), separators=(",", ":"))
-    conn.execute(insert(PENDING).values(txid=tx.txid, body=body, created_at=utcnow()))
+    insert_ignoring_duplicates(
+        conn, PENDING, [{"txid": tx.txid, "body": body, "created_at": utcnow()}]
+    )
 
 
 def post_staged(conn: Connection, tx: Transaction) -> bool:

@@ -8,19 +8,16 @@ import time
 from collections import defaultdict
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, Table, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import OperationalError
 
 from billing.ledger import AccountKind, payout
 from billing.payouts import SignedStatement, Statement, sign_statement
 from coordinator.store import audit_store, ledger_store, outbox_store
-from coordinator.store.ledger_store import ACCOUNTS
-from coordinator.store.models import PayoutEpoch, PayoutStatement, StoredReceipt, utcnow
+from coordinator.store.models import utcnow
+from coordinator.store.tables import ACCOUNTS, EPOCHS, RECEIPTS, STATEMENTS
 from protocol.identity import Identity
 
-EPOCHS: Table = PayoutEpoch.__table__  # type: ignore[attr-defined]
-STATEMENTS: Table = PayoutStatement.__table__  # type: ignore[attr-defined]
-RECEIPTS: Table = StoredReceipt.__table__  # type: ignore[attr-defined]
 _RETRIES = 8
 
 
@@ -138,3 +135,15 @@ def epochs(conn: Connection) -> list[dict[str, object]]:
          "paid": int(totals.get(r.id) or 0)}
         for r in rows
     ]  # fmt: skip
+
+
+def all_epochs(engine: Engine) -> list[dict[str, object]]:
+    """`epochs`, on a connection of its own."""
+    with engine.connect() as conn:
+        return epochs(conn)
+
+
+def signed_statements(engine: Engine, epoch: int | None = None) -> list[SignedStatement]:
+    """`statements`, on a connection of its own."""
+    with engine.connect() as conn:
+        return statements(conn, epoch)

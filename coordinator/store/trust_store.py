@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, func, insert, select
+from sqlalchemy import Connection, Engine, func, insert, select
 
 from billing.ledger import (
     NETWORK_REFUNDS,
@@ -22,12 +22,9 @@ from billing.ledger import (
     provider_account,
 )
 from coordinator.store import ledger_store
-from coordinator.store.ledger_store import POSTINGS
-from coordinator.store.models import Quarantine, StoredReceipt, TrustEvent, utcnow
-
-EVENTS: Table = TrustEvent.__table__  # type: ignore[attr-defined]
-QUARANTINE: Table = Quarantine.__table__  # type: ignore[attr-defined]
-RECEIPTS: Table = StoredReceipt.__table__  # type: ignore[attr-defined]
+from coordinator.store.models import utcnow
+from coordinator.store.tables import EVENTS, POSTINGS, QUARANTINE, RECEIPTS
+from coordinator.store.writer import LedgerWriter
 
 
 @dataclass(frozen=True)
@@ -78,6 +75,58 @@ def event_counts(conn: Connection, node_id: str | None) -> dict[str, int]:
     if node_id:
         query = query.where(EVENTS.c.node_id == node_id)
     return {str(outcome): int(count) for outcome, count in conn.execute(query)}
+
+
+def load(engine: Engine, since: float) -> tuple[dict[str, str], list[tuple[str, str, float]]]:
+    """The quarantine list and every event since `since` (`quarantined`, `recent_events`),
+    read on one connection."""
+    with engine.connect() as conn:
+        return quarantined(conn), recent_events(conn, since)
+
+
+def evidence(
+    engine: Engine, node_id: str | None, outcomes: Sequence[str], limit: int
+) -> dict[str, Any]:
+    """`events` and `event_counts`, read on one connection."""
+    with engine.connect() as conn:
+        return {
+            "events": events(conn, node_id, outcomes, limit),
+            "counts": event_counts(conn, node_id),
+        }
+
+
+def latest_events(
+    engine: Engine, node_id: str | None, outcomes: Sequence[str], limit: int
+) -> list[dict[str, Any]]:
+    """`events`, on a connection of its own."""
+    with engine.connect() as conn:
+        return events(conn, node_id, outcomes, limit)
+
+
+async def save_events(writer: LedgerWriter, rows: list[dict[str, str]]) -> None:
+    """`record_events` through the ledger writer (committed with its next batch)."""
+    await writer.submit(lambda conn: record_events(conn, rows))
+
+
+async def punish(
+    writer: LedgerWriter,
+    node_id: str,
+    request_id: str,
+    reason: str,
+    slash_amount: int,
+    *,
+    proven: bool,
+) -> FraudOutcome:
+    """Through the ledger writer: `punish_fraud` if the fraud is proven, else
+    `quarantine_only`."""
+    outcome: FraudOutcome = await writer.submit(
+        lambda conn: (
+            punish_fraud(conn, node_id, request_id, reason, slash_amount)
+            if proven
+            else quarantine_only(conn, node_id, request_id, reason)
+        )
+    )
+    return outcome
 
 
 def _unix(moment: datetime) -> float:

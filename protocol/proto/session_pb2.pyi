@@ -140,7 +140,7 @@ class Hello(_message.Message):
     public_key: _builtins.bytes
     """raw 32-byte Ed25519 public key"""
     protocol_version: _builtins.str
-    """e.g. "agora.v1" """
+    """e.g. "agora.v2" """
     software_version: _builtins.str
     def __init__(
         self,
@@ -265,6 +265,7 @@ class ModelLoad(_message.Message):
     AVAILABLE_FIELD_NUMBER: _builtins.int
     JOBS_FIELD_NUMBER: _builtins.int
     JOBS_ELSEWHERE_FIELD_NUMBER: _builtins.int
+    REAPED_ORPHAN_PID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     running: _builtins.int
     """requests the engine is running (its own metrics)"""
@@ -278,6 +279,8 @@ class ModelLoad(_message.Message):
     """jobs for the model this session's coordinator has on the node"""
     jobs_elsewhere: _builtins.int
     """jobs for the model the node runs for its other coordinators"""
+    reaped_orphan_pid: _builtins.int
+    """an engine a dead node left running, killed at start (0: none)"""
     def __init__(
         self,
         *,
@@ -288,10 +291,11 @@ class ModelLoad(_message.Message):
         available: _builtins.bool = ...,
         jobs: _builtins.int = ...,
         jobs_elsewhere: _builtins.int = ...,
+        reaped_orphan_pid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "jobs", b"jobs", "jobs_elsewhere", b"jobs_elsewhere", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "jobs", b"jobs", "jobs_elsewhere", b"jobs_elsewhere", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "reaped_orphan_pid", b"reaped_orphan_pid", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -406,7 +410,7 @@ class JobEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    CHUNKS_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
@@ -414,8 +418,8 @@ class JobEvent(_message.Message):
     response: _builtins.bytes
     """the whole OpenAI response JSON (non-streamed jobs)"""
     @_builtins.property
-    def chunks(self) -> Global___ChunkBatch:
-        """OpenAI stream chunks (JSON), in order"""
+    def frames(self) -> Global___Frames:
+        """what the engine produced since the worker's last send"""
 
     @_builtins.property
     def receipt(self) -> Global___SignedReceipt:
@@ -429,16 +433,16 @@ class JobEvent(_message.Message):
         self,
         *,
         request_id: _builtins.str = ...,
-        chunks: Global___ChunkBatch | None = ...,
+        frames: Global___Frames | None = ...,
         response: _builtins.bytes = ...,
         receipt: Global___SignedReceipt | None = ...,
         error: Global___JobError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "error", b"error", "kind", b"kind", "receipt", b"receipt", "response", b"response"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "frames", b"frames", "kind", b"kind", "receipt", b"receipt", "response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "error", b"error", "kind", b"kind", "receipt", b"receipt", "request_id", b"request_id", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "frames", b"frames", "kind", b"kind", "receipt", b"receipt", "request_id", b"request_id", "response", b"response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["chunks", "response", "receipt", "error"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["frames", "response", "receipt", "error"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -467,24 +471,108 @@ class JobEventBatch(_message.Message):
 Global___JobEventBatch: _TypeAlias = JobEventBatch  # noqa: Y015
 
 @_typing.final
-class ChunkBatch(_message.Message):
+class Frames(_message.Message):
+    """Typed token frames: the coordinator renders each client's SSE from these fields without
+    parsing JSON again. A worker merges everything one choice produced since its last send
+    into one TokenFrame; output with rare fields (tool-call deltas, logprobs) keeps one
+    TokenFrame per engine chunk, with those fields as the engine's own JSON.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    CHUNKS_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenFrame]: ...
+    @_builtins.property
+    def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the engine's prompt ids, in the first frame only"""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """the engine's usage, in the last frame only"""
+
     def __init__(
         self,
         *,
-        chunks: _abc.Iterable[_builtins.bytes] | None = ...,
+        choices: _abc.Iterable[Global___TokenFrame] | None = ...,
+        prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        usage: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "prompt_token_ids", b"prompt_token_ids", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ChunkBatch: _TypeAlias = ChunkBatch  # noqa: Y015
+Global___Frames: _TypeAlias = Frames  # noqa: Y015
+
+@_typing.final
+class TokenFrame(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    DELTA_JSON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_JSON_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """the choice"""
+    text: _builtins.str
+    """text delta (chat: the content)"""
+    finish_reason: _builtins.str
+    """set on the choice's last frame"""
+    delta_json: _builtins.bytes
+    """chat: delta fields other than content (tool_calls, role,"""
+    logprobs_json: _builtins.bytes
+    """reasoning), as JSON; empty when there are none
+    the engine's logprobs of these tokens, only when asked
+    """
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the engine's ids of the tokens in this delta"""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        text: _builtins.str = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        finish_reason: _builtins.str = ...,
+        delta_json: _builtins.bytes = ...,
+        logprobs_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta_json", b"delta_json", "finish_reason", b"finish_reason", "index", b"index", "logprobs_json", b"logprobs_json", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenFrame: _TypeAlias = TokenFrame  # noqa: Y015
+
+@_typing.final
+class Usage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    completion_tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
 class SignedReceipt(_message.Message):
@@ -518,12 +606,15 @@ class JobError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
+    OVERLOADED_FIELD_NUMBER: _builtins.int
     http_status: _builtins.int
     """what the engine answered (or 502/504 for transport failures)"""
     message: _builtins.str
     type: _builtins.str
     retryable: _builtins.bool
     """nothing was generated yet and another worker may succeed"""
+    overloaded: _builtins.bool
+    """the engine or node is full (429, queue full): back-pressure,"""
     def __init__(
         self,
         *,
@@ -531,10 +622,11 @@ class JobError(_message.Message):
         message: _builtins.str = ...,
         type: _builtins.str = ...,
         retryable: _builtins.bool = ...,
+        overloaded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["http_status", b"http_status", "message", b"message", "retryable", b"retryable", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["http_status", b"http_status", "message", b"message", "overloaded", b"overloaded", "retryable", b"retryable", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,7 +15,7 @@ from sqlmodel import Session
 from billing.ledger import deposit
 from coordinator.store import ledger_store
 from coordinator.store.db import make_engine, migrate
-from coordinator.store.ledger_store import ACCOUNTS
+from coordinator.store.tables import ACCOUNTS
 from tests.fleet import Fleet
 
 

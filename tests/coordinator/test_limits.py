@@ -4,6 +4,7 @@ each in the OpenAI error envelope, through the official SDK where it has a type 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -116,3 +117,53 @@ def test_a_revoked_key_is_401_and_other_keys_still_work(fleet: Fleet) -> None:
         assert admin.delete(f"/keys/{first_id}").status_code == 200
     assert_envelope(post(fleet, key), 401, "invalid_api_key")
     assert post(fleet, second).status_code == 200
+
+
+def test_a_saturated_engine_is_back_pressure_never_a_failure(fleet: Fleet) -> None:
+    """Three times as many streams as the model's nodes have slots, on one real engine: the
+    overflow waits for a slot (freed slots wake it); what cannot get one in the bounded wait is
+    told 503 with Retry-After, never a 500/502/504 or a broken stream, and a client that
+    honours Retry-After (as the official SDK does) gets every answer in full. No worker's
+    breaker opens: overload is not a failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.coordinator.conftest import C_WORKERS
+
+    fleet.ready("tiny-c", len(C_WORKERS))
+    slots = sum(
+        (fleet.worker_view(fleet.members[n].node_id) or {})["models"]["tiny-c"]["max_concurrency"]
+        for n in C_WORKERS
+    )
+    _name, key = fleet.client()
+    told_to_wait: list[str] = []
+
+    def one(i: int) -> tuple[int, int, str]:
+        body = {"model": "tiny-c", "messages": [{"role": "user", "content": f"wave {i}"}],
+                "max_tokens": 12, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        url = f"{fleet.coordinator.base_url}/chat/completions"
+        headers = {"Authorization": f"Bearer {key}"}
+        for _attempt in range(10):
+            completion, error = 0, ""
+            with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as response:
+                if response.status_code == 503:
+                    response.read()
+                    told_to_wait.append(response.headers.get("retry-after", ""))
+                    time.sleep(float(response.headers.get("retry-after") or 1))
+                    continue
+                for line in response.iter_lines():
+                    chunk = json.loads(line[6:]) if line.startswith("data: {") else {}
+                    if chunk.get("usage"):
+                        completion = chunk["usage"]["completion_tokens"]
+                    error = error or str(chunk.get("error") or "")
+                return response.status_code, completion, error
+        return 503, 0, "still no capacity after 10 tries"
+
+    with ThreadPoolExecutor(3 * slots) as pool:
+        results = list(pool.map(one, range(3 * slots)))
+    failed = [r for r in results if r[0] != 200 or r[1] != 12 or r[2]]
+    assert not failed, failed
+    assert all(wait.isdigit() for wait in told_to_wait), told_to_wait  # always a Retry-After
+    for name in C_WORKERS:
+        view = fleet.worker_view(fleet.members[name].node_id) or {}
+        assert not view["models"]["tiny-c"]["cooldown_left_s"], name

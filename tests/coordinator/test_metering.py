@@ -141,3 +141,73 @@ def test_models_list_the_pinned_tokenizer_the_network_recounts_with(
         models = {m.id: m.model_extra or {} for m in client.models.list()}
     assert models[MODEL]["tokenizer_sha256"] == fingerprint(tiny_model)
     assert len(fingerprint(tiny_model)) == 64
+
+
+# merge-prone text: digits, runs of '#' and spaces, emoji and other byte-fallback characters,
+# punctuation runs; re-encoding such text is not the count of tokens the engine generated
+VARIED_TOKENS = 8  # per output: enough for merges across tokens, cheap on a CPU engine
+VARIED_PROMPTS = (
+    "load 190",
+    "#####",
+    "     ",
+    "🙂🙂🙂",
+    "x=1,2,3;",
+    "1234567890",
+    "ääää ßß",
+    "中文字符",
+    "....!!!!",
+    "\t\t\n\n",
+    "a-b_c/d\\e",
+    "$$ 3.14159 $$",
+    "<<<>>>",
+    "ok ok ok",
+    "🎉 party",
+    "== == ==",
+)
+
+
+def _varied_request(client: openai.OpenAI, prompt: str, i: int) -> str:
+    """One of four shapes, greedy or sampled; the request id."""
+    sampling = {"temperature": (0.0, 1.0)[i % 2], "seed": i, "max_tokens": VARIED_TOKENS,
+                "extra_body": {"ignore_eos": True}}  # fmt: skip
+    chat = i % 4 in (0, 1)
+    stream = i % 8 >= 4
+    options = {"stream": stream, **_stream_opts(stream), **sampling}
+    if chat:
+        messages: Any = [{"role": "user", "content": prompt}]
+        raw: Any = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=messages, **options
+        )
+    else:
+        raw = client.completions.with_raw_response.create(model="tiny", prompt=prompt, **options)
+    parsed = raw.parse()
+    if stream:
+        for _chunk in parsed:
+            pass
+    return str(raw.headers["x-agora-request-id"])
+
+
+def test_varied_honest_outputs_are_billed_as_generated_and_never_accused(fleet: Fleet) -> None:
+    """1,024 greedy and sampled outputs of the real engine, chat and text, streamed or not,
+    from merge-prone prompts: every one billed exactly the tokens the engine generated
+    (its signed claim), no mismatch recorded, no worker's reputation touched by over-claims."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fleet.ready("tiny", 3)
+    _name, key = fleet.client()
+    jobs = [(p, i) for i in range(64) for p in VARIED_PROMPTS]  # 1,024 requests
+    with (
+        openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key, max_retries=0) as client,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        request_ids = list(pool.map(lambda job: _varied_request(client, *job), jobs))
+    recorded = {m["request_id"] for m in mismatches(fleet)}
+    assert recorded.isdisjoint(request_ids)
+    for request_id in request_ids:
+        document = receipt_of(fleet, key, request_id)
+        claimed = document["receipt"]
+        assert claimed["completion_tokens"] == VARIED_TOKENS, request_id
+        assert document["billed"] == {
+            "prompt_tokens": claimed["prompt_tokens"],
+            "completion_tokens": claimed["completion_tokens"],
+        }, request_id

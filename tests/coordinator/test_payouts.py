@@ -47,7 +47,7 @@ def settle(settlement: Settlement, worker: Identity, request_id: str, model: str
     """One request served by `worker` with a real signed receipt, settled as the gateway does."""
     facts = JobFacts(request_id, "ann", worker.node_id, model, "ab" * 16, "cd" * 32, PRICE)
     observed = Output(prompt_tokens=20, completion_tokens=out)
-    observed.choices[0] = ChoiceOutput(text="x" * out, token_ids=[7] * out)
+    observed.choices[0] = ChoiceOutput.of("x" * out, [7] * out)
     receipt = Receipt(
         request_id=request_id, model=model, worker_id=worker.node_id,
         coordinator_nonce=facts.nonce_hex, prompt_sha256=facts.prompt_sha256,

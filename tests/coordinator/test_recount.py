@@ -19,7 +19,7 @@ def tokenizer(tiny_model: Path) -> Tokenizer:
 
 def output(text: str, ids: list[int]) -> Output:
     out = Output()
-    out.choices[0] = ChoiceOutput(text=text, token_ids=ids)
+    out.choices[0] = ChoiceOutput.of(text, ids)
     return out
 
 
@@ -80,3 +80,25 @@ def test_a_character_cut_off_at_the_end_still_counts_its_byte_tokens(
     counted = recount(tokenizer, COMPLETIONS, "Once", None, output(text, four))
     assert counted is not None
     assert counted.completion_tokens == len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_without_token_ids_nobody_is_accused_and_no_claim_inflates(tokenizer: Tokenizer) -> None:
+    """An engine that streams no ids leaves only the text, whose re-encoding can come out
+    shorter than what was generated (merges across token boundaries): that count is marked
+    inexact, an honest claim near it is billed in full and nobody is accused, while a worker
+    that drops the ids it was asked for cannot bill much beyond the text it delivered."""
+    text = "#" * 40 + " 1234567890" * 4
+    counted = recount(tokenizer, COMPLETIONS, "Once", None, output(text, []))
+    assert counted is not None
+    assert not counted.exact_completion
+    honest = Count(counted.prompt_tokens, counted.completion_tokens + 20)  # merges undercounted
+    assert billed(honest, counted) == (honest, False)
+    inflated = Count(counted.prompt_tokens, 10 * counted.completion_tokens)
+    bill, accused = billed(inflated, counted)
+    assert bill.completion_tokens == 2 * counted.completion_tokens + 4
+    assert not accused
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    forged = recount(tokenizer, COMPLETIONS, "Once", None, output(text, [i + 1 for i in ids]))
+    assert forged is not None
+    assert forged.exact_completion  # ids that do not decode to the text are evidence
+    assert billed(Count(forged.prompt_tokens, len(ids) + 20), forged)[1]

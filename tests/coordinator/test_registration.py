@@ -7,15 +7,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
-import httpx
 import pytest
 
 from agora.stack import CoordinatorHandle
-from protocol.advert import Advert, ModelOffer, sign_registration
+from protocol.advert import PROTOCOL_VERSION, Advert, ModelOffer, sign_registration
 from protocol.identity import Identity
 from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
 from worker_node import session as worker_session
+from worker_node.engine_client import EngineClients
 from worker_node.errors import ProtocolMismatch
 from worker_node.jobs import JobRunner
 from worker_node.session import SessionConfig, WorkerSession
@@ -38,7 +38,7 @@ async def _register(
     hello_key: Identity,
     sign: Identity,
     *,
-    version: str = "agora.v1",
+    version: str = PROTOCOL_VERSION,
     tamper: Callable[[bytes, bytes], tuple[bytes, bytes]] = _unchanged,
     **advert_kw: int,
 ) -> pb.CoordinatorMessage:
@@ -126,7 +126,7 @@ async def test_wrong_protocol_version_is_failed_precondition(
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     details = info.value.details() or ""
     assert "agora.v0" in details
-    assert "agora.v1" in details
+    assert PROTOCOL_VERSION in details
 
 
 async def test_worker_session_turns_a_version_mismatch_into_a_clear_error(
@@ -135,7 +135,7 @@ async def test_worker_session_turns_a_version_mismatch_into_a_clear_error(
     """An older node (speaking agora.v0) is told to upgrade, and does not retry forever."""
     monkeypatch.setattr(worker_session, "PROTOCOL_VERSION", "agora.v0")
     identity = Identity.generate()
-    async with httpx.AsyncClient() as http:
+    async with EngineClients(1) as http:
         runner = JobRunner(identity, {}, {}, http)
         session = WorkerSession(
             identity, lambda: _advert(identity), runner, SessionConfig(bare_coordinator.grpc_target)

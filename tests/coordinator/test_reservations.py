@@ -80,3 +80,26 @@ async def test_a_read_that_raced_a_commit_is_repeated() -> None:
     with pytest.raises(InsufficientCredit):
         await book.hold("a", 50)  # 100 - 0 would admit it; the repeated read sees 20
     assert len(reads) == 2
+
+
+async def test_the_balance_is_read_once_per_refresh_and_charges_apply_to_it() -> None:
+    books = Books(1_000)
+    reads: list[int] = []
+
+    def read(client: str) -> int:
+        reads.append(books.balance)
+        return books.balance
+
+    book = Reservations(read, refresh_s=60)
+    for _ in range(50):  # admissions within the refresh window share one read
+        hold = await book.hold("a", 10)
+        books.balance -= 10  # the charge commits...
+        book.posted("a", 10)  # ...and this coordinator applies it to the cached balance
+        hold.release()
+    assert reads == [1_000]
+    assert (await book.available("a"))[0] == 500
+    with pytest.raises(InsufficientCredit):
+        await book.hold("a", 600)  # refused only after a fresh read
+    assert reads == [1_000, 500]
+    books.balance = 10_000  # a deposit made elsewhere: a request the cache would refuse sees it
+    assert (await book.hold("a", 5_000)).amount == 5_000

@@ -65,7 +65,7 @@ def test_a_short_output_is_not_judged() -> None:
 
 def test_only_single_segment_unreshaped_jobs_with_ids_are_eligible() -> None:
     out = Output(prompt_token_ids=[1, 2, 3])
-    out.choices[0] = ChoiceOutput(text="abc", token_ids=[4, 5])
+    out.choices[0] = ChoiceOutput.of("abc", [4, 5])
     assert sampling_temperature({"temperature": 0}, out, 1) == 0.0
     assert sampling_temperature({"temperature": 0.7, "top_p": 0.9}, out, 1) == 0.7
     assert sampling_temperature({}, out, 1) == 1.0  # the OpenAI default samples at 1

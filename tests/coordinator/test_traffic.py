@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from coordinator.api.browser_sessions import BrowserSessions
-from coordinator.services.traffic import Totals, TrafficHistory, quantile
+from coordinator.observability import Totals
+from coordinator.services.traffic import TrafficHistory, quantile
 
 BOUNDS = (0.05, 0.1, 0.5, 1.0, math.inf)
 

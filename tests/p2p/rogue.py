@@ -106,8 +106,12 @@ async def read_record(bootstrap: str, coordinator_id: str) -> str:
             if await reader.connected_peers():
                 break
             await asyncio.sleep(0.2)
-        data = await reader.get(record_key(coordinator_id))
-        return CoordinatorRecord.open(data, _now_ms()).api_url if data else "none"
+        for _ in range(20):  # a reader just joined may find no holder at first: ask again
+            data = await reader.get(record_key(coordinator_id))  # only records that validate
+            if data:
+                return CoordinatorRecord.open(data, _now_ms()).api_url
+            await asyncio.sleep(0.5)
+        return "none"
     finally:
         await reader.stop()
 

@@ -51,6 +51,27 @@ def test_key_file_is_never_overwritten(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
+def test_a_key_file_appears_only_once_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process reading the key while the node writes it (a supervisor, a second start) must
+    never find half a PEM: the bytes are on disk before the name appears."""
+    path = tmp_path / "node.key"
+    seen_while_writing: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        seen_while_writing.append(path.exists())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    identity = Identity.generate()
+    identity.save(path)
+    assert seen_while_writing[0] is False  # the key's bytes were on disk before its name
+    assert Identity.load(path).node_id == identity.node_id
+    assert [p.name for p in tmp_path.iterdir()] == ["node.key"]  # no partial file left
+
+
 def test_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "node.key"
     Identity.generate().save(path)

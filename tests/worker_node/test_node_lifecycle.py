@@ -21,10 +21,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from agora.stack import CoordinatorHandle, Process, spawn_agora, start_coordinator, wait_for_workers
 from protocol.receipt import SignedReceipt, verify_receipt
+from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS
 from worker_node.config import ModelConfig, dump, load
+from worker_node.engines import orphans
 from worker_node.engines.vllm import VllmEngine
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -70,11 +73,13 @@ def _wait(predicate: Any, timeout_s: float, what: str) -> float:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie that its new parent has not reaped yet runs nothing: not alive)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return True
+    return state != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +249,85 @@ def test_sigterm_mid_stream_finishes_the_request_then_leaves(node: NodeUnderTest
     assert node.process.popen.wait(timeout=90) == 0
     _wait(lambda: node.worker_view() is None, 10, "the node to leave the coordinator")
     _wait(lambda: not _alive(engine_pid), 30, "the engine process to exit")
+
+
+def test_a_node_killed_with_sigkill_takes_its_engine_with_it(
+    node: NodeUnderTest, tmp_path: Path
+) -> None:
+    """`kill -9` of a node leaves no engine behind (its server, EngineCore and workers all go,
+    checked by PID and process group), so a GPU is never held by an orphan and a restarted
+    node does not start a second engine beside the first."""
+    process = spawn_agora("node-again", ["worker", "start", "--config", str(node.config_path)],
+                          tmp_path / "node-again.log")  # fmt: skip
+    try:
+        wait_for_workers(node.coordinator, node.api_key, MODEL, 1, [process], timeout_s=600)
+        engine_pid = node.status()["engines"][MODEL]["pid"]
+        assert _alive(engine_pid)
+        group = os.getpgid(engine_pid)
+        process.popen.kill()  # SIGKILL: the node runs no code of its own after this
+        process.popen.wait(timeout=30)
+        _wait(lambda: not _alive(engine_pid), 20, "the orphaned engine to exit")
+
+        def group_gone() -> bool:  # no running process left in the engine's group
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    if os.getpgid(int(entry.name)) == group and _alive(int(entry.name)):
+                        return False
+                except ProcessLookupError:
+                    continue
+            return True
+
+        _wait(group_gone, 20, "every process of the engine's group to exit")
+    finally:
+        process.stop()
+
+
+def test_a_restarted_node_kills_an_engine_a_dead_node_left_behind(
+    node: NodeUnderTest, tmp_path: Path
+) -> None:
+    """Belt and braces for an engine whose watchdog never ran: the node keeps its engine's
+    pid in a file, and the next start kills what it names (if it is still our engine), says
+    so in `agora worker status`, and only then starts its own."""
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)", "worker_node.engines.vllm_entry"],
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10  # it must have become itself before it is remembered
+    while b"vllm_entry" not in Path(f"/proc/{orphan.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    orphans.remember(node.state_dir / "engines" / f"{MODEL}.pid", orphan.pid)
+    process = spawn_agora("node-third", ["worker", "start", "--config", str(node.config_path)],
+                          tmp_path / "node-third.log")  # fmt: skip
+    try:
+        assert orphan.wait(timeout=60) < 0  # killed before the new engine started
+        wait_for_workers(node.coordinator, node.api_key, MODEL, 1, [process], timeout_s=600)
+        assert node.status()["engines"][MODEL]["reaped_orphan_pid"] == orphan.pid
+        shown = _agora("worker", "status", "--config", str(node.config_path))
+        assert f"killed engine pid {orphan.pid}" in " ".join(shown.stdout.split())
+
+        def reported() -> bool:  # the heartbeats carry it to the coordinator
+            view = node.worker_view()
+            return view is not None and view["models"][MODEL]["reaped_orphan_pid"] == orphan.pid
+
+        _wait(reported, 30, "the coordinator to hear of the reaped engine")
+        base = node.coordinator.base_url.removesuffix("/v1")
+        login = _agora("worker", "login", "--coordinator-url", base,
+                       "--key", str(node.config_path.parent / "node.key"))  # fmt: skip
+        assert login.returncode == 0, login.stderr
+        with sync_playwright() as playwright:  # the provider's dashboard says so too
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(login.stdout.strip().splitlines()[-1])
+                page.wait_for_selector("body[data-loaded='1']")
+                notice = page.get_by_test_id(f"reaped-{MODEL}")
+                expect(notice).to_contain_text(f"killed engine pid {orphan.pid}")
+            finally:
+                browser.close()
+    finally:
+        orphan.kill()
+        orphan.wait()
+        process.stop()

@@ -22,6 +22,7 @@ from protocol.proto import session_pb2 as pb
 from tests.conftest import MODEL
 from tests.faults import FaultProxy
 from tests.fleet import FAST
+from worker_node.engine_client import EngineClients
 from worker_node.engines.attach import AttachedEngine
 from worker_node.engines.vllm import VllmEngine
 from worker_node.jobs import JobRunner
@@ -103,7 +104,7 @@ async def two_sessions(vllm_engine: VllmEngine, tmp_path: Path) -> AsyncIterator
         return pb.Heartbeat(loads=[pb.ModelLoad(model=MODEL, available=True)])
 
     stop = asyncio.Event()
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with EngineClients(1) as http:
         engine = AttachedEngine(proxy.base_url, MODEL)
         runner = JobRunner(identity, {MODEL: engine}, {MODEL: offer}, http)
 

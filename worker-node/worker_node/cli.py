@@ -287,6 +287,12 @@ def status(
     )
     out.print(f"hardware  {live['hardware']}")
     out.print(_show_models(live["advert"]["models"], live["engines"]))
+    for name, engine in live["engines"].items():
+        if engine.get("reaped_orphan_pid"):
+            out.print(
+                f"[yellow]{name}: killed engine pid {engine['reaped_orphan_pid']} at start, "
+                "left running by a node that died[/]"
+            )
 
 
 @app.command()

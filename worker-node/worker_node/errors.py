@@ -3,6 +3,7 @@
 WorkerError
 ├── EngineError            the engine could not start, died, or answered badly
 │   └── EngineStartTimeout the engine did not become healthy in time
+├── EngineFull             every engine slot stayed busy (back-pressure, not a fault)
 ├── RegistrationRefused    the coordinator refused our identity or advert
 ├── ProtocolMismatch       the coordinator speaks another protocol version
 └── ConfigError            the node's configuration is unusable
@@ -18,6 +19,10 @@ class EngineError(WorkerError):
 
 
 class EngineStartTimeout(EngineError):
+    pass
+
+
+class EngineFull(WorkerError):
     pass
 
 

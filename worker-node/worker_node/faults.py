@@ -6,7 +6,7 @@ named in AGORA_WORKER_FAULT and refused unless AGORA_WORKER_FAULTS_ALLOWED says 
 - bad-signature: signs receipts with a key that is not the node's
 - drop-midstream-but-bill: stops relaying half-way, then bills the whole output
 - replay-receipt: sends its first receipt again for every later job
-- slow: holds each streamed chunk of tokens 200 ms (and a whole response 200 ms)
+- slow: holds each streamed token 200 ms (and a whole response 200 ms)
 (wrong-model needs no code: a node attaches an engine serving another model under the
 advertised name.)
 """
@@ -65,9 +65,16 @@ class Fault:
         self._impostor = Identity.generate()  # not the node's key
 
     # ------------------------------------------------------------------ the stream
-    async def before_batch(self, chunks: int = 1) -> None:
+    @property
+    def paces_each_chunk(self) -> bool:
+        """The slow mode sends every engine chunk on its own, after a delay per token in it
+        (so the coordinator sees the pace per token even when a busy engine put several
+        tokens in one chunk: a delay per chunk would then look fast)."""
+        return self.mode is FaultMode.SLOW
+
+    async def before_batch(self, tokens: int = 1) -> None:
         if self.mode is FaultMode.SLOW:
-            await asyncio.sleep(0.2 * chunks)
+            await asyncio.sleep(0.2 * max(1, tokens))
 
     def rewrite(self, chunk: dict[str, Any]) -> dict[str, Any]:
         """A chunk (or a whole response) as this node reports it."""

@@ -1,26 +1,40 @@
 """Run one job against an engine and sign its receipt.
 
-The worker relays the engine's own OpenAI chunks verbatim (so every field the engine supports
-reaches the client) and meters what it relayed: the text of each choice for the output hash, and
-the engine's usage for the token counts it claims in the receipt.
+The worker reads the engine's SSE once (msgspec) and sends typed token frames: everything one
+choice produced since the last send, merged into one `TokenFrame` (text, token ids, finish
+reason), so the coordinator renders its clients' SSE without parsing JSON again. Rare fields
+(tool-call deltas, logprobs) travel as the engine's own JSON, one frame per engine chunk. The
+chunks wait in the job's `FrameBuffer` until the session's sender takes them, so a token costs
+a decode and a merge, not a message. The worker meters every chunk it relays the same way the
+coordinator reads frames (protocol.completions.Output): the text of each choice for the output
+hash, the engine's usage for the counts it claims.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
+import msgspec
 
 from protocol.advert import ModelOffer
 from protocol.completions import CHAT, Output, prompt_of
 from protocol.identity import Identity
 from protocol.receipt import Receipt, SignedReceipt, output_digest, prompt_digest, sign_receipt
+from worker_node.engine_client import EngineClients
 from worker_node.engines.base import Engine
+from worker_node.errors import EngineFull
 from worker_node.faults import Fault
+from worker_node.frames import FrameBuffer
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+_JSON = {"content-type": "application/json"}
+# statuses that mean "full, try later or elsewhere": back-pressure, not a broken worker
+OVERLOADED_STATUSES = frozenset({429, 503})
 
 
 def now_ms() -> int:
@@ -37,10 +51,10 @@ class JobSpec:
 
 
 @dataclass(frozen=True)
-class Chunks:
-    """Stream chunks (JSON bytes) to relay, in order."""
+class FramesWaiting:
+    """The job's buffer holds frames for the sender (told once per take, not per token)."""
 
-    items: list[bytes]
+    buffer: FrameBuffer
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,7 @@ class Failed:
     message: str
     type: str
     retryable: bool
+    overloaded: bool = False  # the engine or node is full: back-pressure, not a fault
 
 
 @dataclass(frozen=True)
@@ -61,25 +76,31 @@ class Finished:
     receipt: SignedReceipt
 
 
-JobOutput = Chunks | WholeResponse | Failed | Finished
+JobOutput = FramesWaiting | WholeResponse | Failed | Finished
 
 
 @dataclass
 class _Meter:
     """What the worker saw leave the engine: the output and when it began."""
 
-    endpoint: str
     started_ms: int = field(default_factory=now_ms)
     first_token_ms: int = 0
     output: Output = field(default_factory=Output)
 
-    def add(self, chunk: dict[str, Any], *, streamed: bool) -> None:
-        self.output.add(self.endpoint, chunk, streamed=streamed)
-        if not self.first_token_ms and any(c.text for c in self.output.choices.values()):
+    def add_chunk(self, endpoint: str, chunk: dict[str, Any]) -> None:
+        self.output.add(endpoint, chunk, streamed=True)
+        self._saw_output()
+
+    def add_whole(self, endpoint: str, response: dict[str, Any]) -> None:
+        self.output.add(endpoint, response, streamed=False)
+        self._saw_output()
+
+    def _saw_output(self) -> None:
+        if not self.first_token_ms and self.output.produced:
             self.first_token_ms = now_ms()
 
     def produced(self) -> bool:
-        return any(c.text or c.token_ids for c in self.output.choices.values())
+        return self.output.produced
 
 
 def _sse_data(event: bytes) -> bytes | None:
@@ -88,17 +109,53 @@ def _sse_data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
+def _tokens_in(chunk: dict[str, Any]) -> int:
+    """Token ids an engine chunk carries (a busy engine may put several in one)."""
+    return sum(len(c.get("token_ids") or ()) for c in chunk.get("choices") or ())
+
+
 def _engine_error(response_body: bytes, status: int) -> Failed:
     message = response_body.decode(errors="replace")[:500]
     err_type = "engine_error"
     try:
-        err = json.loads(response_body).get("error") or {}
+        err = _decode(response_body).get("error") or {}
         message = str(err.get("message") or message)
         err_type = str(err.get("type") or err_type)
-    except (ValueError, AttributeError):
+    except (msgspec.DecodeError, AttributeError):
         pass
+    if status in OVERLOADED_STATUSES:
+        return Failed(status, message or "engine is full", "engine_overloaded", True, True)
     # 4xx from the engine is the request's fault; another worker would answer the same.
     return Failed(status, message, err_type, retryable=status >= 500)
+
+
+async def _send(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> aiohttp.ClientResponse:
+    """POST to the engine (the response's body is read by the caller), once more if a
+    kept-alive connection turned out closed before any answer came (the engine's keep-alive
+    timeout raced our reuse of it)."""
+    data = _encode(body)
+    for attempt in range(2):
+        try:
+            return await session.post(url, data=data, headers=_JSON)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+# how an engine call can break: the client's errors, and a read that timed out
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, EngineFull)
+
+
+def transport_error(exc: BaseException, produced: bool) -> Failed:
+    """An engine call that broke, with its cause (never an empty message)."""
+    detail = str(exc) or str(exc.__cause__ or "") or "no detail"
+    message = f"engine unreachable: {type(exc).__name__}: {detail}"
+    if isinstance(exc, EngineFull):  # every engine connection busy: the node is full
+        return Failed(503, f"node is full: {detail}", "engine_overloaded", True, True)
+    return Failed(502, message, "engine_error", retryable=not produced)
 
 
 class JobRunner:
@@ -107,7 +164,7 @@ class JobRunner:
         identity: Identity,
         engines: dict[str, Engine],
         offers: dict[str, ModelOffer],
-        client: httpx.AsyncClient,
+        clients: EngineClients,
         is_available: Callable[[str], bool] = lambda _model: True,
         fault: Fault | None = None,
     ) -> None:
@@ -115,7 +172,7 @@ class JobRunner:
         self._identity = identity
         self._engines = engines
         self._offers = offers
-        self._client = client
+        self._clients = clients
         self._is_available = is_available
 
     async def run(self, job: JobSpec) -> AsyncIterator[JobOutput]:
@@ -129,7 +186,7 @@ class JobRunner:
             return
         body = dict(job.body, model=engine.served_model)
         url = f"{engine.base_url}/{'chat/completions' if job.endpoint == CHAT else 'completions'}"
-        meter = _Meter(job.endpoint)
+        meter = _Meter()
         if body.get("stream"):
             body["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
             outputs = self._stream(url, body, job, meter)
@@ -140,67 +197,81 @@ class JobRunner:
                 yield out
                 if isinstance(out, Failed):
                     return
-        except httpx.HTTPError as exc:
-            yield Failed(502, f"engine unreachable: {exc}", "engine_error", not meter.produced())
+        except TRANSPORT_ERRORS as exc:
+            yield transport_error(exc, meter.produced())
             return
         yield Finished(self._sign(job, offer, meter))
 
     async def _stream(
         self, url: str, body: dict[str, Any], job: JobSpec, meter: _Meter
     ) -> AsyncIterator[JobOutput]:
-        """Relay the engine's SSE events; every event that arrived in one read goes out as
-        one batch (a fast engine's burst costs one message, not one per token)."""
-        async with self._client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                yield _engine_error(await response.aread(), response.status_code)
+        """Relay the engine's SSE events into the job's frame buffer (what waits there when
+        the sender is ready goes out as one message: a burst costs one, not one per token)."""
+        async with self._clients.lease() as session:
+            response = await _send(session, url, body)
+            async for out in self._relay(response, job, meter):
+                yield out
+
+    async def _relay(
+        self, response: aiohttp.ClientResponse, job: JobSpec, meter: _Meter
+    ) -> AsyncIterator[JobOutput]:
+        try:
+            if response.status != 200:
+                yield _engine_error(await response.read(), response.status)
                 return
-            pending, relayed, fault = b"", 0, self._fault
-            async for data in response.aiter_bytes():
+            fault = self._fault
+            buffer = FrameBuffer(job.request_id, job.endpoint)
+            pending, relayed = b"", 0
+            async for data in response.content.iter_any():
                 pending += data.replace(b"\r\n", b"\n")
                 *events, pending = pending.split(b"\n\n")
-                batch: list[bytes] = []
                 for event in events:
                     payload = _sse_data(event)
                     if payload is None:
                         continue
                     if payload == b"[DONE]":
                         break
-                    chunk = json.loads(payload)
-                    if "error" in chunk:
-                        if batch:
-                            yield Chunks(batch)
-                        err = chunk["error"]
+                    chunk = _decode(payload)
+                    if "error" in chunk:  # after the frames already waiting (queue order)
+                        err = chunk["error"] or {}
                         status = int(err.get("code") or 500)
-                        yield Failed(status, str(err.get("message")), "engine_error", False)
+                        message = str(err.get("message") or "the engine failed mid-stream")
+                        yield Failed(status, message, "engine_error", False)
                         return
                     if fault is not None:
                         chunk = fault.rewrite(chunk)
-                        payload = json.dumps(chunk).encode()
-                    meter.add(chunk, streamed=True)
-                    if fault is not None and fault.withholds(relayed):
-                        continue  # metered (and billed) but never relayed
-                    batch.append(payload)
+                        if fault.withholds(relayed):  # metered, never relayed
+                            meter.add_chunk(job.endpoint, chunk)
+                            continue
+                        if fault.paces_each_chunk:  # each chunk after its delay, on its own
+                            await fault.before_batch(_tokens_in(chunk))
+                    meter.add_chunk(job.endpoint, chunk)
                     relayed += 1
-                if batch:
-                    if fault is not None:
-                        await fault.before_batch(len(batch))
-                    yield Chunks(batch)
+                    if buffer.add(chunk):
+                        yield FramesWaiting(buffer)
+        finally:
+            response.release()  # back to the pool once read to the end, else closed
 
     async def _whole(
         self, url: str, body: dict[str, Any], job: JobSpec, meter: _Meter
     ) -> AsyncIterator[JobOutput]:
-        response = await self._client.post(url, json=body)
-        if response.status_code != 200:
-            yield _engine_error(response.content, response.status_code)
+        async with self._clients.lease() as session:
+            response = await _send(session, url, body)
+            try:
+                content = await response.read()
+            finally:
+                response.release()
+        if response.status != 200:
+            yield _engine_error(content, response.status)
             return
         if self._fault is None:
-            meter.add(response.json(), streamed=False)
-            yield WholeResponse(response.content)
+            meter.add_whole(job.endpoint, _decode(content))
+            yield WholeResponse(content)
             return
         await self._fault.before_batch()
-        rewritten = self._fault.rewrite(response.json())
-        meter.add(rewritten, streamed=False)
-        yield WholeResponse(json.dumps(rewritten).encode())
+        rewritten = self._fault.rewrite(_decode(content))
+        meter.add_whole(job.endpoint, rewritten)
+        yield WholeResponse(_encode(rewritten))
 
     def _sign(self, job: JobSpec, offer: ModelOffer, meter: _Meter) -> SignedReceipt:
         finished = now_ms()

@@ -25,6 +25,7 @@ from protocol.proto import session_pb2 as pb
 from worker_node import __version__
 from worker_node.config import ModelConfig, WorkerConfig
 from worker_node.discovery import CoordinatorFinder
+from worker_node.engine_client import EngineClients
 from worker_node.engines.attach import AttachedEngine
 from worker_node.engines.base import Engine
 from worker_node.engines.supervisor import EngineStatus, Supervisor
@@ -75,6 +76,7 @@ def make_engine(
             extra_args=tuple(extra),
             env=dict(model.env),
             log_path=state_dir / "engines" / f"{_safe(model.name)}.log",
+            pid_path=state_dir / "engines" / f"{_safe(model.name)}.pid",
         ),
         on_progress=on_progress,
     )
@@ -163,6 +165,7 @@ class Node:
                     waiting=load.waiting,
                     kv_cache_usage=load.kv_cache_usage,
                     available=sup.available,
+                    reaped_orphan_pid=sup.engine.reaped_pid or 0,
                 )
             )
         for gpu in await asyncio.to_thread(gpu_loads):
@@ -186,6 +189,7 @@ class Node:
                     "state": sup.status.state.value,
                     "restarts": sup.status.restarts,
                     "pid": sup.engine.pid,
+                    "reaped_orphan_pid": sup.engine.reaped_pid,
                     "base_url": sup.engine.base_url,
                     "last_error": sup.status.last_error.splitlines()[0]
                     if sup.status.last_error
@@ -220,10 +224,10 @@ class Node:
         self.write_status()
         await self._start_engines()
         engines_stop = asyncio.Event()
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        timeout = httpx.Timeout(None, connect=10)
+        engines_http = EngineClients(sum(m.max_concurrency for m in self.config.models))
+        http = engines_http.probes
         try:
-            async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+            try:
                 for model in self.config.models:
                     engine = self.supervisors[model.name].engine
                     self.offers[model.name] = self._offer(model, await context_length(http, engine))
@@ -232,7 +236,7 @@ class Node:
                     self.identity,
                     engines,
                     self.offers,
-                    http,
+                    engines_http,
                     is_available=lambda name: self.supervisors[name].available,
                     fault=self.fault,
                 )
@@ -263,6 +267,8 @@ class Node:
                 finally:
                     engines_stop.set()
                     await asyncio.gather(*watchers, return_exceptions=True)
+            finally:
+                await engines_http.aclose()
         finally:
             await asyncio.gather(*(s.stop() for s in self.supervisors.values()))
             self.write_status()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import msgspec
 
 from protocol.advert import PROTOCOL_VERSION, Advert, sign_registration
 from protocol.completions import CHAT, COMPLETIONS
@@ -28,11 +28,11 @@ from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
 from worker_node import __version__
 from worker_node.errors import ProtocolMismatch, RegistrationRefused
+from worker_node.frames import FrameBuffer, merge_frames
 from worker_node.jobs import (
-    Chunks,
     Failed,
     Finished,
-    JobOutput,
+    FramesWaiting,
     JobRunner,
     JobSpec,
     WholeResponse,
@@ -41,7 +41,8 @@ from worker_node.jobs import (
 log = logging.getLogger("agora.worker.session")
 
 _ENDPOINTS = {pb.ENDPOINT_CHAT_COMPLETIONS: CHAT, pb.ENDPOINT_COMPLETIONS: COMPLETIONS}
-Outbox = asyncio.Queue[pb.WorkerMessage | None]
+# messages, and job frame buffers whose frames are taken when the stream is ready for them
+Outbox = asyncio.Queue[pb.WorkerMessage | FrameBuffer | None]
 Call = grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.CoordinatorMessage]
 
 
@@ -75,26 +76,45 @@ MIN_BEAT_GAP_S = 0.5  # early heartbeats (job counts, engine state) come at most
 
 async def outgoing(outbox: Outbox) -> AsyncIterator[pb.WorkerMessage]:
     """The request stream: whatever is queued when the stream is ready to send goes out
-    together, job events packed into one batch message (order kept)."""
+    together, job events packed into one batch message (order kept); a job's frame buffer is
+    taken only now, so everything it gathered meanwhile leaves in one frames event."""
     while True:
-        msg = await outbox.get()
-        if msg is None:
+        item = await outbox.get()
+        if item is None:
             return
         batch: list[pb.JobEvent] = []
-        while msg is not None:
-            if msg.WhichOneof("kind") == "job_event":
-                batch.append(msg.job_event)
+        open_frames: dict[str, pb.Frames] = {}  # per job: its frames event in this batch
+        while item is not None:
+            if isinstance(item, FrameBuffer):
+                frames = item.take()
+                merged = open_frames.get(item.request_id)
+                if frames is not None and merged is not None:  # a job's frames go as one
+                    merge_frames(merged, frames)
+                elif frames is not None:
+                    batch.append(pb.JobEvent(request_id=item.request_id, frames=frames))
+                    open_frames[item.request_id] = batch[-1].frames
+            elif item.WhichOneof("kind") == "job_event":
+                event = item.job_event
+                merged = open_frames.get(event.request_id)
+                if event.WhichOneof("kind") != "frames":
+                    open_frames.pop(event.request_id, None)
+                    batch.append(event)
+                elif merged is not None:
+                    merge_frames(merged, event.frames)
+                else:
+                    batch.append(event)
+                    open_frames[event.request_id] = event.frames
             else:
                 if batch:
                     yield _events_message(batch)
-                    batch = []
-                yield msg
+                    batch, open_frames = [], {}
+                yield item
             if outbox.empty() or len(batch) >= MAX_BATCH:
                 break
-            msg = outbox.get_nowait()
+            item = outbox.get_nowait()
         if batch:
             yield _events_message(batch)
-        if msg is None:
+        if item is None:
             return
 
 
@@ -104,11 +124,9 @@ def _events_message(batch: list[pb.JobEvent]) -> pb.WorkerMessage:
     return pb.WorkerMessage(job_events=pb.JobEventBatch(events=batch))
 
 
-def job_event(request_id: str, out: JobOutput) -> pb.JobEvent:
+def job_event(request_id: str, out: Failed | Finished | WholeResponse) -> pb.JobEvent:
     event = pb.JobEvent(request_id=request_id)
-    if isinstance(out, Chunks):
-        event.chunks.chunks.extend(out.items)
-    elif isinstance(out, WholeResponse):
+    if isinstance(out, WholeResponse):
         event.response = out.body
     elif isinstance(out, Finished):
         event.receipt.body = out.receipt.body
@@ -120,6 +138,7 @@ def job_event(request_id: str, out: JobOutput) -> pb.JobEvent:
                 message=out.message,
                 type=out.type,
                 retryable=out.retryable,
+                overloaded=out.overloaded,
             )
         )
     return event
@@ -338,6 +357,12 @@ class WorkerSession:
         rid = spec.request_id
         try:
             async for out in self._runner.run(spec):
+                if isinstance(out, FramesWaiting):
+                    outbox.put_nowait(out.buffer)  # taken when the stream is ready
+                    continue
+                if isinstance(out, Failed):
+                    log.warning("job %s failed: %s %s: %s", rid, out.http_status, out.type,
+                                out.message[:300])  # fmt: skip
                 await outbox.put(pb.WorkerMessage(job_event=job_event(rid, out)))
         except asyncio.CancelledError:
             log.info("job %s cancelled", rid)
@@ -349,7 +374,7 @@ class WorkerSession:
 
 
 def _json_object(data: bytes) -> dict[str, Any]:
-    value = json.loads(data)
+    value = msgspec.json.decode(data)
     if not isinstance(value, dict):
         raise ValueError("job body must be a JSON object")
     return value

@@ -33,7 +33,10 @@ Agora.every(2000, async () => {
     table([["Model"], ["Price /1M in", "num"], ["Price /1M out", "num"], ["Slots", "num"], ["Context", "num"]],
       advert.models.map((m) => [[m.name, "", `advert-${m.name}`], [credits(m.price_prompt_per_mtok), "num"],
         [credits(m.price_completion_per_mtok), "num"], [m.max_concurrency, "num"], [m.context_length, "num"]])),
-    el("p", { class: "muted" }, Object.entries(advert.hardware).map(([k, v]) => `${k}: ${v}`).join(" · ")))
+    el("p", { class: "muted" }, Object.entries(advert.hardware).map(([k, v]) => `${k}: ${v}`).join(" · ")),
+    ...Object.entries(me.worker ? me.worker.models : {}).filter(([, m]) => m.reaped_orphan_pid).map(([name, m]) =>
+      el("p", { class: "warning", "data-testid": `reaped-${name}` },
+        `${name}: killed engine pid ${m.reaped_orphan_pid} at start, left running by a node that died`)))
     : el("p", { class: "empty" }, "your node is not connected"));
   document.getElementById("updated").textContent = "updated " + new Date(me.at * 1000).toLocaleTimeString();
 });

@@ -30,6 +30,10 @@ class AttachedEngine:
     def pid(self) -> int | None:
         return None
 
+    @property
+    def reaped_pid(self) -> int | None:
+        return None  # not ours to start, nor to reap
+
     async def stop(self) -> None:
         """Nothing to stop (we did not start it); only our probe connection closes."""
         await self._probe.aclose()

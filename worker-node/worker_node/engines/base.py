@@ -23,6 +23,11 @@ class Engine(Protocol):
         """The engine's process id when this node spawned it."""
         ...
 
+    @property
+    def reaped_pid(self) -> int | None:
+        """An engine left running by a node that died, killed before this one started."""
+        ...
+
     async def start(self) -> None:
         """Start (or reach) the engine; raise EngineError with a reason a person can act on."""
         ...

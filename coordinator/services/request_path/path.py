@@ -1,0 +1,209 @@
+"""The request path's shared parts and its one entry point, `RequestPath.begin`.
+
+Built once, in the composition root (coordinator.app), from explicit collaborators; each
+request gets its own `Fulfilment`, which owns it and calls back here only for what is shared
+(routing, holds, counters, background work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from coordinator.config import CoordinatorSettings
+from coordinator.errors import CoordinatorError, InvalidRequest, ModelNotFound, NoCapacity
+from coordinator.observability import Metrics, request_id_var
+from coordinator.services.accounts import Principal
+from coordinator.services.admission import RateLimiter
+from coordinator.services.catalogue import model_cards
+from coordinator.services.decisions import DecisionLog, RouteRecord
+from coordinator.services.metering import Count
+from coordinator.services.registry import ModelSlot, Registry
+from coordinator.services.request_path.dispatch import Dispatcher
+from coordinator.services.request_path.fulfilment import Fulfilment
+from coordinator.services.request_path.outcomes import AttemptOutcomes
+from coordinator.services.request_path.request import CompletionRequest, prompt_token_bound
+from coordinator.services.reservations import HoldBook
+from coordinator.services.router import Router
+from coordinator.services.routing import Decision
+from coordinator.services.settlement import Settlement
+from coordinator.services.spot_check import CheckCandidate, SpotChecker
+from coordinator.services.trust import Trust, Verdict
+
+log = logging.getLogger("agora.coordinator.request")
+
+
+class RequestPath:
+    def __init__(
+        self,
+        *,
+        settings: CoordinatorSettings,
+        registry: Registry,
+        router: Router,
+        reservations: HoldBook,
+        limiter: RateLimiter,
+        settlement: Settlement,
+        dispatcher: Dispatcher,
+        outcomes: AttemptOutcomes,
+        decisions: DecisionLog,
+        spot_checker: SpotChecker | None = None,
+        trust: Trust | None = None,
+        metrics: Metrics | None = None,
+        # other coordinators' API URLs for a model (the p2p market's view), for 404 hints
+        elsewhere: Callable[[str], list[str]] = lambda _model: [],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.router = router
+        self.reservations = reservations
+        self.limiter = limiter
+        self.settlement = settlement
+        self.dispatcher = dispatcher
+        self.outcomes = outcomes
+        self.decisions = decisions
+        self._spot_checker = spot_checker
+        self._trust = trust
+        self._metrics = metrics
+        self._elsewhere = elsewhere
+        self._background: set[asyncio.Future[Any]] = set()
+
+    # ---------------------------------------------------------------- the entry point
+    async def begin(self, principal: Principal, request: CompletionRequest) -> Fulfilment:
+        """Admit a request and dispatch it until a worker answers (raises the client's error
+        if none can); the returned Fulfilment then relays and settles it."""
+        pool = self.registry.pool(request.model)
+        if not pool:
+            others = self._elsewhere(request.model)
+            raise ModelNotFound(
+                f"The model `{request.model}` does not exist or no worker serves it right now."
+                + (f" Other coordinators of this market serve it: {', '.join(others)}."
+                   if others else ""),
+                param="model",
+            )  # fmt: skip
+        context = max(s.offer.context_length for s in pool)
+        if context and request.max_tokens and request.max_tokens >= context:
+            # no prompt fits beside it on any worker: the request's fault, not the wallet's
+            raise InvalidRequest(
+                f"This model's maximum context length is {context} tokens; you asked for "
+                f"{request.max_tokens} completion tokens, which leaves no room for the prompt. "
+                "Lower max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        body = {k: v for k, v in request.body.items() if k != "provider"}
+        max_tokens = request.max_tokens or context or None
+        if max_tokens is None:  # keep the cost bound a real bound
+            max_tokens = body["max_tokens"] = self.settings.default_max_tokens
+        body["return_token_ids"] = True  # exact metering, and continuation if a worker fails
+        request = dataclasses.replace(request, body=body)
+        admitted = self.prompt_bound(request) + max_tokens * request.choices
+        try:
+            self.limiter.admit(str(principal.key_id), principal.limits, admitted)
+        except CoordinatorError:
+            if self._metrics:
+                self._metrics.rate_limited.inc()
+            raise
+        request_id = request_id_var.get() or uuid.uuid4().hex
+        fulfilment = Fulfilment(self, principal, request, request_id, max_tokens, admitted)
+        await fulfilment.begin()
+        return fulfilment
+
+    # ---------------------------------------------------------------- what requests share
+    @staticmethod
+    def prompt_bound(request: CompletionRequest) -> int:
+        return prompt_token_bound(request)
+
+    def slot(self, node_id: str, model: str) -> ModelSlot | None:
+        conn = self.registry.get(node_id)
+        slot = conn.slots.get(model) if conn else None
+        return slot if slot is not None and slot.available else None
+
+    def no_route_error(self, request: CompletionRequest, decision: Decision) -> CoordinatorError:
+        reasons = decision.excluded
+        if reasons and set(reasons) == {"over_max_price"}:
+            prefs = request.prefs
+            return InvalidRequest(
+                f"No worker serves `{request.model}` at or below your max_price "
+                f"(prompt {prefs.max_price_prompt}, completion {prefs.max_price_completion} "
+                "micro-units per 1M tokens); raise provider.max_price.",
+                param="provider.max_price",
+                code="max_price_unmet",
+            )
+        if request.prefs.order and not request.prefs.allow_fallbacks:
+            return NoCapacity(
+                "None of the workers in provider.order can take the request and "
+                "allow_fallbacks is false.",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "none offered"
+        return NoCapacity(
+            f"No worker serving `{request.model}` can take the request now ({why}); retry shortly.",
+            retry_after_s=self.settings.retry_after_s,
+        )
+
+    def in_background(self, work: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> None:
+        """Run work the client does not wait for (postings); awaited at shutdown."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def judged(self, verdicts: list[Verdict], candidate: CheckCandidate) -> None:
+        """A request's receipts were checked: reputation learns, a spot check may follow."""
+        if self._trust is not None:
+            self._trust.observe(verdicts)
+        if self._spot_checker is not None:
+            self._spot_checker.consider(candidate)
+
+    def request_finished(self, fulfilment: Fulfilment, status: str, unused_tokens: int) -> None:
+        principal, request = fulfilment.principal, fulfilment.request
+        self.limiter.refund(str(principal.key_id), principal.limits, unused_tokens)
+        if status == "refused":  # never dispatched: the client got an error status
+            return
+        if self._metrics:
+            self._metrics.requests.labels(request.model, request.endpoint, status).inc()
+        if status == "ok":
+            settled = fulfilment.settled
+            log.info(
+                "request done",
+                extra={
+                    "model": request.model,
+                    "worker": fulfilment.worker_id,
+                    "segments": len(fulfilment.attempts),
+                    "usage": fulfilment.usage(),
+                    "charged": settled.charge.total if settled else None,
+                },
+            )
+
+    # ---------------------------------------------------------------- counters
+    def count_route(self, model: str, decision: Decision, outcome: str) -> None:
+        if self._metrics:
+            self._metrics.routing.labels(model, decision.sort, outcome).inc()
+
+    def count_failover(self, model: str) -> None:
+        if self._metrics:
+            self._metrics.failovers.labels(model).inc()
+
+    def count_continuation(self, model: str, outcome: str) -> None:
+        if self._metrics:
+            self._metrics.continuations.labels(model, outcome).inc()
+
+    def count_tokens(self, model: str, usage: Count) -> None:
+        if self._metrics:
+            self._metrics.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
+            self._metrics.tokens.labels(model, "completion").inc(usage.completion_tokens)
+
+    # ---------------------------------------------------------------- views
+    def list_models(self) -> list[dict[str, Any]]:
+        return model_cards(self.registry, self.settlement.tokenizer_fingerprint)
+
+    def routing_record(self, request_id: str) -> RouteRecord | None:
+        return self.decisions.get(request_id)
+
+    async def drain(self) -> None:
+        """Wait for background work (at shutdown)."""
+        while self._background:  # work started by work (a check that then posts) too
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,54 @@
+"""A client's completion request as the request path sees it (validated, plain values)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from coordinator.services.routing import Preferences
+from protocol.completions import CHAT, prompt_of
+
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    endpoint: str  # CHAT or COMPLETIONS
+    model: str
+    body: dict[str, Any]  # the client's JSON, validated; unknown fields pass through
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    prefs: Preferences = field(default_factory=Preferences)
+    wants_token_ids: bool = False  # the client itself asked for return_token_ids
+
+    @property
+    def prompt(self) -> Any:
+        return prompt_of(self.endpoint, self.body)
+
+    @property
+    def choices(self) -> int:
+        """How many completions it asks for: `n` per prompt, and a completion request may
+        carry a batch of prompts (strings or token-id lists). Cost bounds scale with it."""
+        n = self.body.get("n")
+        per_prompt = n if isinstance(n, int) and n > 0 else 1
+        prompt = self.prompt
+        batch = (
+            len(prompt)
+            if self.endpoint != CHAT and isinstance(prompt, list) and prompt
+            and all(isinstance(p, str | list) for p in prompt)
+            else 1
+        )  # fmt: skip
+        return per_prompt * batch
+
+    @property
+    def response_prefix(self) -> str:
+        return "chatcmpl" if self.endpoint == CHAT else "cmpl"
+
+
+def prompt_token_bound(request: CompletionRequest) -> int:
+    """An upper bound of prompt tokens without a tokenizer: byte-level BPE never produces more
+    tokens than bytes, and the JSON framing over-covers chat-template tokens."""
+    return len(_encode(request.prompt)) + 16
