@@ -11,6 +11,7 @@ from sqlmodel import Session
 from billing.errors import DuplicateTransaction
 from billing.ledger import Transaction
 from coordinator.store import audit_store, keys_store, ledger_store
+from coordinator.store.db import for_writes
 from coordinator.store.models import ApiKey
 
 
@@ -24,7 +25,7 @@ def create_key(
     engine: Engine, client: str, rpm: int | None = None, tpm: int | None = None
 ) -> tuple[str, ApiKey]:
     """A new key for `client`: the secret (shown once, never stored) and its row."""
-    with Session(engine) as session:
+    with Session(for_writes(engine)) as session:
         return keys_store.create_key(session, client, rpm, tpm)
 
 
@@ -34,7 +35,7 @@ def list_keys(engine: Engine, client: str | None = None) -> list[ApiKey]:
 
 
 def revoke_key(engine: Engine, key_id: int) -> ApiKey | None:
-    with Session(engine) as session:
+    with Session(for_writes(engine)) as session:
         return keys_store.revoke(session, key_id)
 
 
@@ -43,7 +44,7 @@ def post_audited(
 ) -> bool:
     """Post `tx` and its audit event in one database transaction; False (nothing written) if
     its id was posted before."""
-    with engine.connect() as conn, conn.begin() as outer:
+    with for_writes(engine).connect() as conn, conn.begin() as outer:
         try:
             ledger_store.post_in(conn, tx)
         except DuplicateTransaction:
@@ -55,7 +56,7 @@ def post_audited(
 
 def audit(engine: Engine, actor: str, action: str, subject: str, **detail: Any) -> None:
     """Record one admin action in its own database transaction."""
-    with engine.begin() as conn:
+    with for_writes(engine).begin() as conn:
         audit_store.append(conn, actor, action, subject, **detail)
 
 

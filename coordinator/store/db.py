@@ -29,7 +29,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN")
+    connection.exec_driver_sql(f"BEGIN {connection.get_execution_options().get(_BEGIN, '')}")
+
+
+_BEGIN = "sqlite_begin"
+
+
+def for_writes(engine: Engine) -> Engine:
+    """The engine for a transaction that will write. On SQLite its BEGIN takes the write lock
+    at once (IMMEDIATE): a deferred transaction that reads first and then writes fails at once
+    with "database is locked", without waiting out the busy timeout, whenever another
+    connection committed in between (WAL snapshots cannot be upgraded). Reads stay deferred
+    so they never wait for the writer."""
+    if engine.dialect.name != "sqlite":
+        return engine
+    return engine.execution_options(**{_BEGIN: "IMMEDIATE"})
 
 
 def make_engine(url: str) -> Engine:

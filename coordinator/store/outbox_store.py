@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Engine, delete, select
 from billing.errors import InsufficientFunds
 from billing.ledger import Transaction, transaction_from_json, transaction_to_json
 from coordinator.store import ledger_store
-from coordinator.store.db import insert_ignoring_duplicates
+from coordinator.store.db import for_writes, insert_ignoring_duplicates
 from coordinator.store.models import utcnow
 from coordinator.store.tables import PENDING
 
@@ -41,7 +41,7 @@ def pending(conn: Connection) -> list[Transaction]:
 def reconcile(engine: Engine) -> int:
     """Post whatever a previous run staged but never posted; the number posted now."""
     posted = 0
-    with engine.begin() as conn:
+    with for_writes(engine).begin() as conn:
         for tx in pending(conn):
             savepoint = conn.begin_nested()
             try:

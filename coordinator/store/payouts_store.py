@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from billing.ledger import AccountKind, payout
 from billing.payouts import SignedStatement, Statement, sign_statement
 from coordinator.store import audit_store, ledger_store, outbox_store
+from coordinator.store.db import for_writes
 from coordinator.store.models import utcnow
 from coordinator.store.tables import ACCOUNTS, EPOCHS, RECEIPTS, STATEMENTS
 from protocol.identity import Identity
@@ -104,7 +105,7 @@ def close_epoch(
     for attempt in range(_RETRIES):
         options = {"isolation_level": "SERIALIZABLE"} if engine.dialect.name == "postgresql" else {}
         try:
-            with engine.connect().execution_options(**options) as conn, conn.begin():
+            with for_writes(engine).connect().execution_options(**options) as conn, conn.begin():
                 return _close_in(conn, identity, actor)
         except OperationalError as exc:  # a serialization failure: the close is retried whole
             if "could not serialize" not in str(exc) or attempt == _RETRIES - 1:

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from coordinator.store.db import for_writes
+
 log = logging.getLogger("agora.coordinator.ledger")
 T = TypeVar("T")
 # PostgreSQL's deadlock_detected and serialization_failure: replicas sharing a database lock
@@ -104,7 +106,7 @@ class LedgerWriter:
     def _commit(self, batch: list[_Work]) -> None:
         outcomes: list[tuple[_Work, Any, BaseException | None]] = []
         try:
-            with self._engine.begin() as conn:
+            with for_writes(self._engine).begin() as conn:
                 for work in batch:
                     outcomes.append(self._apply(conn, work))
         except Exception as exc:  # the commit itself failed: nothing of the batch was written

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,3 +173,40 @@ def test_upgrading_from_the_previous_revision_keeps_and_backfills_data(database_
     assert tuple(row) == (11, 22, None)
     assert diff == []
     engine.dispose()
+
+
+def test_closing_epochs_while_settlements_are_written_loses_nothing(
+    engine: Engine, settlement: Settlement
+) -> None:
+    """The close and the ledger writer both read before they write: on SQLite a deferred
+    transaction that read first fails at once ("database is locked") when the other committed
+    in between, so both must take the write lock up front."""
+    with Session(engine) as session:
+        ledger_store.post(session, deposit("d1", "ann", 10**9))
+    errors: list[BaseException] = []
+    paid: list[int] = []
+    done = threading.Event()
+
+    def close_repeatedly() -> None:
+        while not done.is_set():
+            try:
+                signed = payouts_store.close_epoch(engine, COORDINATOR)
+            except BaseException as exc:  # the test reports it
+                errors.append(exc)
+                return
+            paid.extend(verify_statement(one).amount for one in signed)
+
+    closer = threading.Thread(target=close_repeatedly)
+    closer.start()
+    try:
+        for i in range(60):
+            settle(settlement, (W1, W2)[i % 2], f"race-{i}", "llama", 100 + i)
+    finally:
+        done.set()
+        closer.join()
+    assert errors == []
+    last = payouts_store.close_epoch(engine, COORDINATOR)
+    paid.extend(verify_statement(one).amount for one in last)
+    assert sum(paid) == balance(engine, EXTERNAL_PAYOUTS) > 0
+    assert balance(engine, provider_account(W1.node_id)) == 0
+    assert audit_ledger(engine) == []
