@@ -57,27 +57,49 @@ PY
 ENGINE_URL=$(python3 -c "import json;print(json.load(open('/tmp/agora/state/status.json'))['engines']['$MODEL_NAME']['base_url'])")
 KEY=$(cat $W/key)
 CPID=$(python3 -c "import json;print(json.load(open('/tmp/agora/ready.json'))['pid'])")
-SPY=$(command -v py-spy || true)  # optional: profile both processes during the loaded runs
+SPY=$(command -v py-spy || true)  # optional: profile the processes during the loaded runs
 mkdir -p $OUT/profiles
+# agora_run LABEL CONC N PIDS...: one loaded run through the coordinator, with each process's CPU
+# seconds (utime+stime from /proc) before and after, and py-spy samples when it is on PATH
+agora_run() { local label=$1 conc=$2 n=$3; shift 3; local spies="" i=0
+  if [ "$conc" -gt 1 ]; then
+    for p in "$@"; do i=$((i+1))
+      [ -n "$SPY" ] && { timeout 60 $SPY record --nonblocking --gil -r 100 -d 8 -f raw -o $OUT/profiles/$label-p$i-c$conc.txt -p $p >/dev/null 2>&1 & spies="$spies $!"; }
+    done
+    for p in "$@"; do awk '{print $14+$15}' /proc/$p/stat; done > $OUT/profiles/cpu-before-$label-c$conc.txt
+  fi
+  timeout 200 python3 -m agora bench serving --url http://127.0.0.1:8080/v1 --key $KEY --model $MODEL_NAME --conc $conc --n $n --label $label --out $OUT/serving.jsonl
+  [ "$conc" -gt 1 ] && for p in "$@"; do awk '{print $14+$15}' /proc/$p/stat; done > $OUT/profiles/cpu-after-$label-c$conc.txt
+  [ -n "$spies" ] && wait $spies
+  return 0
+}
 for c in "1 8" "64 256" "256 1024"; do set -- $c
   timeout 200 python3 -m agora bench serving --url $ENGINE_URL --model $MODEL_NAME --conc $1 --n $2 --label direct --out $OUT/serving.jsonl
-  SPIES=""
-  if [ -n "$SPY" ] && [ "$1" -gt 1 ]; then
-    for who in coordinator:$CPID worker:$WPID; do
-      timeout 60 $SPY record --nonblocking --gil -r 100 -d 8 -f raw -o $OUT/profiles/${who%%:*}-c$1.txt -p ${who#*:} >/dev/null 2>&1 &
-      SPIES="$SPIES $!"
-    done
-    # CPU seconds of each process over the run (utime+stime from /proc)
-    for p in $CPID $WPID; do awk '{print $14+$15}' /proc/$p/stat; done > $OUT/profiles/cpu-before-c$1.txt
-  fi
-  timeout 200 python3 -m agora bench serving --url http://127.0.0.1:8080/v1 --key $KEY --model $MODEL_NAME --conc $1 --n $2 --label agora --out $OUT/serving.jsonl
-  [ -n "$SPY" ] && [ "$1" -gt 1 ] && for p in $CPID $WPID; do awk '{print $14+$15}' /proc/$p/stat; done > $OUT/profiles/cpu-after-c$1.txt
-  [ -n "$SPIES" ] && wait $SPIES
+  agora_run agora $1 $2 $CPID $WPID
 done
+# RELAYS=2: a second node attached to the same engine (its own process, key and gRPC session), so
+# the relay of one engine is spread over two processes; then the loaded runs again
+if [ "${RELAYS:-1}" -ge 2 ]; then
+  python3 -m agora worker init --coordinator 127.0.0.1:50051 --model /tmp/model --name $MODEL_NAME \
+    --engine-url $ENGINE_URL --max-concurrency 256 --config $W/worker2.toml --key $W/node2.key \
+    --state-dir $W/state2 --force > $OUT/init2.txt 2>&1
+  setsid python3 -m agora worker start --config $W/worker2.toml > $W/worker2.log 2>&1 < /dev/null &
+  W2PID=$!
+  for i in $(seq 1 120); do
+    n=$(python3 -c "import httpx;d=httpx.get('http://127.0.0.1:8080/v1/models',headers={'Authorization':'Bearer $KEY'}).json()['data'];print(d[0]['workers'] if d else 0)")
+    [ "$n" -ge 2 ] && break; sleep 1
+  done
+  echo "second relay node registered: workers=$n after ${i}s" | tee -a $OUT/summary.txt
+  for c in "64 256" "256 1024"; do set -- $c
+    timeout 200 python3 -m agora bench serving --url $ENGINE_URL --model $MODEL_NAME --conc $1 --n $2 --label direct2 --out $OUT/serving.jsonl
+    agora_run agora-2relays $1 $2 $CPID $WPID $W2PID
+  done
+  kill -TERM $W2PID; for i in $(seq 1 30); do kill -0 $W2PID 2>/dev/null || break; sleep 1; done
+fi
 EPID=$(python3 -c "import json;print(json.load(open('/tmp/agora/state/status.json'))['engines']['$MODEL_NAME']['pid'])")
 kill -TERM $WPID; for i in $(seq 1 60); do kill -0 $WPID 2>/dev/null || break; sleep 1; done
 echo "worker exit: $(kill -0 $WPID 2>/dev/null && echo STILL RUNNING || echo gone); engine pid $EPID: $(kill -0 $EPID 2>/dev/null && echo STILL RUNNING || echo gone)" | tee -a $OUT/summary.txt
 echo "leftover vllm processes: $(pgrep -fc vllm_entry || true)" | tee -a $OUT/summary.txt
-cp $W/coord.log $W/worker.log $W/state/engines/*.log $OUT/ 2>/dev/null
+cp $W/coord.log $W/worker*.log $W/state/engines/*.log $OUT/ 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee -a $OUT/summary.txt
 echo "total $(( $(date +%s) - T0 )) s"

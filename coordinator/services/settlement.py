@@ -21,7 +21,7 @@ from billing.pricing import Charge, Price, Segment, segments_charge
 from coordinator.services.metering import Count, Tokenizers, billed, recount, within_bound
 from coordinator.services.reputation import Outcome
 from coordinator.services.trust import Verdict
-from coordinator.store import outbox_store, receipts_store
+from coordinator.store import receipts_store
 from coordinator.store.db import Engine
 from coordinator.store.writer import LedgerWriter
 from protocol.completions import COMPLETIONS, Output
@@ -188,20 +188,23 @@ class Settlement:
                        plan.verdicts, plan)  # fmt: skip
 
     async def commit(self, settled: Settled) -> None:
-        """Commit the receipts with the staged posting, then post it (see store.outbox_store:
-        a crash in between is reconciled at start-up). Runs off the response path: the
-        writer thread commits whatever settlements are waiting in one transaction."""
+        """Commit the receipts and the ledger posting together. Runs off the response path:
+        the writer thread commits whatever settlements are waiting in one transaction. (The
+        crash-safety fault stages the posting and dies before posting it: start-up
+        reconciliation must then post it, see store.outbox_store.)"""
         done = asyncio.get_running_loop().create_future()
         self._in_flight[settled.request_id] = done
         try:
             plan = settled.plan
+            if not self._exit_before_posting:
+                await self._writer.submit(lambda conn: receipts_store.record_settlement(
+                    conn, plan.receipts, plan.unsigned, plan.mismatches, plan.tx))  # fmt: skip
+                return
             await self._writer.submit(lambda conn: receipts_store.stage_settlement(
                 conn, plan.receipts, plan.unsigned, plan.mismatches, plan.tx))  # fmt: skip
-            if self._exit_before_posting:
-                log.critical("fault injection: exiting between receipts and posting")
-                await asyncio.sleep(0.5)  # the answer handed out before this has left
-                os._exit(70)
-            await self._writer.submit(lambda conn: outbox_store.post_staged(conn, plan.tx))
+            log.critical("fault injection: exiting between receipts and posting")
+            await asyncio.sleep(0.5)  # the answer handed out before this has left
+            os._exit(70)
         finally:
             del self._in_flight[settled.request_id]
             done.set_result(None)

@@ -66,13 +66,17 @@ def post_in(conn: Connection, tx: Transaction) -> None:
 
 def post_once_in(conn: Connection, tx: Transaction) -> bool:
     """Post `tx` inside the caller's transaction unless its id was posted before (False then;
-    its savepoint is rolled back, the caller's transaction goes on)."""
+    its savepoint is rolled back, the caller's transaction goes on). On any other error the
+    savepoint is rolled back too and the error raised: the caller's transaction is intact."""
     savepoint = conn.begin_nested()
     try:
         post_in(conn, tx)
     except DuplicateTransaction:
         savepoint.rollback()
         return False
+    except BaseException:
+        savepoint.rollback()
+        raise
     savepoint.commit()
     return True
 

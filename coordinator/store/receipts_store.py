@@ -3,16 +3,20 @@ delivered unsigned (charged to the client, paid to nobody)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import Connection, Engine, insert
 from sqlmodel import Session, col, select
 
+from billing.errors import InsufficientFunds
 from billing.ledger import PaidReceipt, Transaction, client_account
-from coordinator.store import outbox_store
+from coordinator.store import ledger_store, outbox_store
 from coordinator.store.db import insert_ignoring_duplicates
 from coordinator.store.models import StoredReceipt, UnsignedSegment, utcnow
 from coordinator.store.tables import MISMATCHES, POSTINGS, RECEIPTS, UNSIGNED
+
+log = logging.getLogger("agora.coordinator.ledger")
 
 
 def get(session: Session, request_id: str) -> StoredReceipt | None:
@@ -42,6 +46,16 @@ def stage_settlement(
 ) -> None:
     """A request's countersigned receipts, unsigned segments, metering mismatches and staged
     ledger posting, in the caller's transaction (see outbox_store: posted by a second one)."""
+    _write_records(conn, receipts, unsigned, mismatches)
+    outbox_store.stage(conn, tx)
+
+
+def _write_records(
+    conn: Connection,
+    receipts: list[dict[str, Any]],
+    unsigned: list[dict[str, Any]],
+    mismatches: list[dict[str, Any]],
+) -> None:
     now = utcnow()
     if receipts:
         insert_ignoring_duplicates(conn, RECEIPTS, [{**r, "created_at": now} for r in receipts])
@@ -49,7 +63,24 @@ def stage_settlement(
         insert_ignoring_duplicates(conn, UNSIGNED, [{**u, "created_at": now} for u in unsigned])
     if mismatches:
         conn.execute(insert(MISMATCHES), [{**m, "created_at": now} for m in mismatches])
-    outbox_store.stage(conn, tx)
+
+
+def record_settlement(
+    conn: Connection,
+    receipts: list[dict[str, Any]],
+    unsigned: list[dict[str, Any]],
+    mismatches: list[dict[str, Any]],
+    tx: Transaction,
+) -> None:
+    """A request's receipts and its ledger posting in one database transaction (one commit
+    per request, not `stage_settlement`'s two). A posting that fails (under credit holds it
+    cannot) is staged instead, for start-up reconciliation, and the receipts are kept."""
+    _write_records(conn, receipts, unsigned, mismatches)
+    try:
+        ledger_store.post_once_in(conn, tx)
+    except InsufficientFunds:
+        log.error("settlement %s cannot be posted: it would overdraw an account", tx.txid)
+        outbox_store.stage(conn, tx)
 
 
 def client_charge(conn: Connection, request_id: str, client: str) -> int:

@@ -25,7 +25,7 @@ from coordinator.payouts_cli import write_statements
 from coordinator.services.accounts import Accounts
 from coordinator.services.audit import audit_ledger
 from coordinator.services.settlement import JobFacts, SegmentRecord, Settlement
-from coordinator.store import audit_store, ledger_store, payouts_store
+from coordinator.store import audit_store, ledger_store, outbox_store, payouts_store, receipts_store
 from coordinator.store.db import alembic_config, make_engine, migrate
 from coordinator.store.writer import LedgerWriter
 from protocol.completions import ChoiceOutput, Output
@@ -209,4 +209,25 @@ def test_closing_epochs_while_settlements_are_written_loses_nothing(
     paid.extend(verify_statement(one).amount for one in last)
     assert sum(paid) == balance(engine, EXTERNAL_PAYOUTS) > 0
     assert balance(engine, provider_account(W1.node_id)) == 0
+    assert audit_ledger(engine) == []
+
+
+def test_a_posting_that_would_overdraw_is_staged_and_its_receipt_kept(
+    engine: Engine, settlement: Settlement
+) -> None:
+    """Receipts and posting are one commit; a posting that cannot go through (no credit held:
+    ann never deposited) must not take the receipt with it, and is posted once by start-up
+    reconciliation after the money is there."""
+    settle(settlement, W1, "broke-1", "llama", 1000)
+    with Session(engine) as session:
+        assert receipts_store.get(session, "broke-1") is not None
+    with engine.connect() as conn:
+        (staged,) = outbox_store.pending(conn)
+    assert staged.txid == "req:broke-1"
+    assert balance(engine, provider_account(W1.node_id)) == 0
+    with Session(engine) as session:
+        ledger_store.post(session, deposit("d1", "ann", 10**9))
+    assert outbox_store.reconcile(engine) == 1
+    assert outbox_store.reconcile(engine) == 0
+    assert balance(engine, provider_account(W1.node_id)) > 0
     assert audit_ledger(engine) == []
