@@ -3,7 +3,6 @@ the job itself, and the wait for its first event. Shared by requests and spot ch
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from typing import Any
@@ -66,12 +65,11 @@ class Dispatcher:
 
     async def first_event(self, attempt: Attempt) -> pb.JobEvent:
         """The job's first event, or a retryable timeout error if the worker says nothing."""
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                return await anext(attempt.events)
-        except TimeoutError:
-            error = pb.JobError(
-                http_status=504, message=f"worker {attempt.node_id} sent nothing in time",
-                type="timeout", retryable=True,
-            )  # fmt: skip
-            return pb.JobEvent(request_id=attempt.facts.request_id, error=error)
+        event = await attempt.events.next(self._timeout_s)
+        if event is not None:
+            return event
+        error = pb.JobError(
+            http_status=504, message=f"worker {attempt.node_id} sent nothing in time",
+            type="timeout", retryable=True,
+        )  # fmt: skip
+        return pb.JobEvent(request_id=attempt.facts.request_id, error=error)

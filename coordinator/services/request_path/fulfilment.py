@@ -230,11 +230,7 @@ class Fulfilment:
         if self._first is not None:
             event, self._first = self._first, None
             return event
-        try:
-            async with asyncio.timeout(self._path.settings.idle_token_timeout_s):
-                return await anext(self.current.events)
-        except TimeoutError:
-            return None
+        return await self.current.events.next(self._path.settings.idle_token_timeout_s)
 
     def _failed(self, attempt: Attempt, event: pb.JobEvent | None) -> bool:
         """The attempt ended without a receipt; True if it was the worker's fault."""
