@@ -199,7 +199,7 @@ def test_closing_epochs_while_settlements_are_written_loses_nothing(
     closer = threading.Thread(target=close_repeatedly)
     closer.start()
     try:
-        for i in range(60):
+        for i in range(30):
             settle(settlement, (W1, W2)[i % 2], f"race-{i}", "llama", 100 + i)
     finally:
         done.set()
