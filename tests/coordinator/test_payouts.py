@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,6 +196,7 @@ def test_closing_epochs_while_settlements_are_written_loses_nothing(
                 errors.append(exc)
                 return
             paid.extend(verify_statement(one).amount for one in signed)
+            time.sleep(0.002)  # SQLite's busy wait backs off: let settlements in between
 
     closer = threading.Thread(target=close_repeatedly)
     closer.start()
