@@ -49,8 +49,9 @@ class QueuedJob:
     """A job whose events are pushed here by whoever hears from the worker.
 
     A deque and one waiter rather than an asyncio.Queue under asyncio.timeout: on a GPU each
-    event is about one token, so this runs per token per stream, and the queue's and the
-    timeout's bookkeeping was a tenth of the coordinator's event-loop time (py-spy, H100)."""
+    event is about one token, so this runs per token per stream; the queue's and the timeout's
+    bookkeeping showed as ~12 % of the coordinator's GIL samples on an H100 at c=256, and this
+    halves its cost per event (bench/job_events.py: ~13 -> ~7 µs)."""
 
     def __init__(self, on_close: Callable[[bool], None]) -> None:
         self._events: deque[pb.JobEvent] = deque()
