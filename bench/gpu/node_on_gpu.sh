@@ -5,7 +5,8 @@
 #   (spawns vLLM on the GPU) -> a request through the official openai SDK -> admin view with
 #   GPU load from heartbeats -> streaming load direct vs through Agora (c=1, c=64, c=256) -> SIGTERM.
 # Output goes to $OUT (logs, worker.toml, workers.json, serving.jsonl, summary.txt), and with py-spy
-# on PATH, profiles of the coordinator and the worker during the loaded Agora runs.
+# on PATH, profiles of the coordinator and the worker during the loaded Agora runs (SPY_GIL="" samples
+# every thread, not only the GIL holder; C1_N sets the number of c=1 requests, default 8).
 set -u
 # the served name (the model in /tmp/model: make_random_model.py --size 8b or 1b)
 export MODEL_NAME=${MODEL_NAME:-llama-8b-random}
@@ -64,7 +65,7 @@ mkdir -p $OUT/profiles
 agora_run() { local label=$1 conc=$2 n=$3; shift 3; local spies="" i=0
   if [ "$conc" -gt 1 ]; then
     for p in "$@"; do i=$((i+1))
-      [ -n "$SPY" ] && { timeout 60 $SPY record --nonblocking --gil -r 100 -d 8 -f raw -o $OUT/profiles/$label-p$i-c$conc.txt -p $p >/dev/null 2>&1 & spies="$spies $!"; }
+      [ -n "$SPY" ] && { timeout 60 $SPY record --nonblocking ${SPY_GIL---gil} -r 100 -d 8 -f raw -o $OUT/profiles/$label-p$i-c$conc.txt -p $p >/dev/null 2>&1 & spies="$spies $!"; }
     done
     for p in "$@"; do awk '{print $14+$15}' /proc/$p/stat; done > $OUT/profiles/cpu-before-$label-c$conc.txt
   fi
@@ -73,7 +74,7 @@ agora_run() { local label=$1 conc=$2 n=$3; shift 3; local spies="" i=0
   [ -n "$spies" ] && wait $spies
   return 0
 }
-for c in "1 8" "64 256" "256 1024"; do set -- $c
+for c in "1 ${C1_N:-8}" "64 256" "256 1024"; do set -- $c
   timeout 200 python3 -m agora bench serving --url $ENGINE_URL --model $MODEL_NAME --conc $1 --n $2 --label direct --out $OUT/serving.jsonl
   agora_run agora $1 $2 $CPID $WPID
 done
