@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import Engine
 from starlette.types import ASGIApp
 
 from coordinator import __version__
@@ -74,18 +76,25 @@ def load_or_create_token(path: Path) -> str:
     return token
 
 
+def prepare_data(settings: CoordinatorSettings) -> tuple[Identity, str, Engine]:
+    """The start-up work on disk: identity key, admin token, schema, and the settlements a
+    crash left half-done. Idempotent (a cluster's parent runs it before its children do)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    identity = Identity.load_or_create(settings.data_dir / "coordinator.key")
+    admin_token = settings.admin_token or load_or_create_token(settings.data_dir / "admin_token")
+    db = make_engine(settings.resolved_database_url)
+    migrate(db)
+    reconciled = outbox_store.reconcile(db)
+    if reconciled:
+        log.warning("reconciled %d settlement(s) left unposted by the last run", reconciled)
+    return identity, admin_token, db
+
+
 class Coordinator:
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.identity = Identity.load_or_create(settings.data_dir / "coordinator.key")
+        self.identity, self.admin_token, self.db = prepare_data(settings)
         self.admin_token_file = settings.data_dir / "admin_token"
-        self.admin_token = settings.admin_token or load_or_create_token(self.admin_token_file)
-        self.db = make_engine(settings.resolved_database_url)
-        migrate(self.db)
-        reconciled = outbox_store.reconcile(self.db)  # settlements a crash left half-done
-        if reconciled:
-            log.warning("reconciled %d settlement(s) left unposted by the last run", reconciled)
         self.writer = LedgerWriter(self.db)
         self.accounts = Accounts(self.db, Limits(settings.default_rpm, settings.default_tpm))
         self.payouts = Payouts(self.db, self.identity)
@@ -105,7 +114,8 @@ class Coordinator:
             settings.fee_bps, quarantine_of=self.trust.quarantined,
             on_join=self.stats.reset_breaker,  # a restarted node starts with a closed breaker
         )  # fmt: skip
-        self.metrics = Metrics()
+        self.member = settings.member  # None unless one process of `--processes N`
+        self.metrics = Metrics(self.member.metrics_dir if self.member else None)
         self.metrics.watch(WorkerGauges(self.registry, self.stats))
         self.shared_holds = (
             SharedReservations(self.writer, settings.hold_ttl_s)
@@ -154,8 +164,9 @@ class Coordinator:
             ]
         )
         service = WorkerSessionService(
-            self.registry, self.identity, self.settings.heartbeat_interval_s
-        )
+            self.registry, self.identity, self.settings.heartbeat_interval_s,
+            tuple(self.member.sibling_grpc_ports) if self.member else (),
+        )  # fmt: skip
         pb_grpc.add_WorkerSessionServicer_to_server(service, server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
         if self.settings.tls_cert and self.settings.tls_key:
@@ -223,7 +234,8 @@ class Coordinator:
 
         @app.get("/health")
         async def health() -> dict[str, object]:
-            return {"status": "ok", "workers": len(self.registry.all())}
+            process = self.member.index if self.member else 0
+            return {"status": "ok", "workers": len(self.registry.all()), "process": process}
 
         @app.get("/metrics")
         async def metrics(request: Request) -> Response:
@@ -238,7 +250,8 @@ class Coordinator:
                     raise AuthenticationFailed(
                         "/metrics needs the metrics token as a bearer token."
                     )
-            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+            exposed = generate_latest(self.metrics.exposed())
+            return Response(exposed, media_type=CONTENT_TYPE_LATEST)
 
         return RequestIdMiddleware(app, self.settings.max_header_bytes)
 
@@ -295,8 +308,11 @@ class Coordinator:
             "pid": os.getpid(),
         }
 
-    async def serve(self) -> None:
-        """Serve until SIGINT/SIGTERM (uvicorn handles both and runs the lifespan shutdown)."""
+    async def serve(self, sock: socket.socket | None = None) -> None:
+        """Serve until SIGINT/SIGTERM (uvicorn handles both and runs the lifespan shutdown).
+
+        `sock`: a bound socket to accept on instead of binding host:http_port (each process of
+        a cluster binds its own with SO_REUSEPORT)."""
         config = uvicorn.Config(
             self.http_app(),
             host=self.settings.host,
@@ -307,7 +323,7 @@ class Coordinator:
             timeout_graceful_shutdown=10,
         )
         server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[sock] if sock is not None else None))
         while not server.started:
             if task.done():
                 await task  # raises what stopped it
@@ -321,12 +337,20 @@ class Coordinator:
             tmp = self.settings.ready_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(info))
             tmp.replace(self.settings.ready_file)
-        print(
-            f"Agora coordinator {self.identity.node_id}\n"
-            f"  OpenAI API   {info['base_url']}\n"
-            f"  workers dial {info['grpc_target']}\n"
-            f"  admin token  {self.admin_token_file}"
-            + "".join(f"\n  p2p          {addr}" for addr in self.p2p_addrs()),
-            flush=True,
-        )
+        if self.member is None:  # a cluster's parent prints the one banner
+            print_banner(info)
         await task
+
+
+def print_banner(info: dict[str, Any], processes: int = 1) -> None:
+    """What an operator sees once the coordinator serves (`info` as Coordinator.describe)."""
+    p2p = "".join(f"\n  p2p          {addr}" for addr in info["p2p_addrs"])
+    print(
+        f"Agora coordinator {info['coordinator_id']}\n"
+        f"  OpenAI API   {info['base_url']}\n"
+        f"  workers dial {info['grpc_target']}\n"
+        f"  admin token  {info['admin_token_file']}"
+        + p2p
+        + (f"\n  processes    {processes}" if processes > 1 else ""),
+        flush=True,
+    )

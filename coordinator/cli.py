@@ -7,11 +7,13 @@ from typing import Any
 
 import typer
 import uvloop
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from billing.pricing import format_micro
 from coordinator.app import Coordinator
+from coordinator.cluster import ProcessGroup
 from coordinator.config import CoordinatorSettings
 from coordinator.observability import configure_logging
 
@@ -44,6 +46,11 @@ def coordinator(
         None, help="host:port discovered workers dial (default: the bound gRPC address)."
     ),
     public_url: str | None = typer.Option(None, help="The OpenAI base URL peers advertise."),
+    processes: int | None = typer.Option(
+        None,
+        help="Serve with N processes sharing the HTTP port (SO_REUSEPORT) and the "
+        "database; workers hold a session with each. Use the host's cores (default 1).",
+    ),
     log_level: str = typer.Option("INFO", help="Logging level."),
     log_format: str = typer.Option("json", help="json (one object per line) or text."),
 ) -> None:
@@ -59,13 +66,21 @@ def coordinator(
         "p2p_bootstrap": bootstrap or None,
         "public_grpc_target": public_grpc,
         "public_url": public_url,
+        "processes": processes,
     }
-    settings = CoordinatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = CoordinatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise typer.BadParameter(problems) from exc
     ctx.obj = settings
     if ctx.invoked_subcommand is not None:
         return
     configure_logging(log_level, log_format)
-    uvloop.run(Coordinator(settings).serve())
+    if settings.processes > 1:
+        ProcessGroup(settings, log_level, log_format).run()
+    else:
+        uvloop.run(Coordinator(settings).serve())
 
 
 @app.command("add-client")

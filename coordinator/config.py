@@ -5,13 +5,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return Path(base) / "agora" / "coordinator"
+
+
+class ClusterMember(BaseModel):
+    """One process of a `--processes N` coordinator, as its parent (coordinator.cluster) made it."""
+
+    index: int  # 0 .. N-1
+    sibling_grpc_ports: list[int]  # the others' worker ports, sent to workers at registration
+    metrics_dir: Path  # prometheus_client's multiprocess directory: /metrics sums all processes
 
 
 class CoordinatorSettings(BaseSettings):
@@ -58,6 +66,11 @@ class CoordinatorSettings(BaseSettings):
     tls_cert: Path | None = None  # PEM cert for the worker gRPC endpoint
     tls_key: Path | None = None
     ready_file: Path | None = None  # written with the bound ports once serving
+    # processes serving this coordinator on one host (`--processes N`): they share the HTTP
+    # port (SO_REUSEPORT: the kernel spreads connections), the database and the identity; each
+    # has its own gRPC port and every worker holds a session with each (coordinator.cluster)
+    processes: int = Field(default=1, ge=1, le=256)
+    member: ClusterMember | None = None  # set by coordinator.cluster for each process it runs
     traffic_sample_s: float = Field(default=5.0, gt=0)  # the dashboard's traffic resolution
     # latency objectives: a job slower than either is SLO-miss evidence against its worker
     slo_ttft_s: float = Field(default=10.0, gt=0)
@@ -71,11 +84,23 @@ class CoordinatorSettings(BaseSettings):
     # are committed and before its ledger posting (never set this in production)
     fault_exit_before_posting: bool = False
 
+    @model_validator(mode="after")
+    def _one_market_process(self) -> CoordinatorSettings:
+        if self.processes > 1 and self.p2p_listen is not None:
+            raise ValueError(
+                "--processes > 1 cannot join the p2p market yet (one libp2p identity per host "
+                "process); run one process with --p2p-listen, or several without it"
+            )
+        if self.processes > 1 and self.shared_holds is False:
+            raise ValueError("--processes > 1 needs credit holds in the database (shared_holds)")
+        return self
+
     @property
     def holds_in_database(self) -> bool:
+        """Several processes (or replicas on PostgreSQL) must see each other's holds."""
         if self.shared_holds is not None:
             return self.shared_holds
-        return not self.resolved_database_url.startswith("sqlite")
+        return self.processes > 1 or not self.resolved_database_url.startswith("sqlite")
 
     @property
     def resolved_database_url(self) -> str:

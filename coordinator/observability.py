@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextvars
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from pythonjsonlogger.json import JsonFormatter
 
@@ -31,7 +33,13 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """`multiprocess_dir`: set for a process of `--processes N` (prometheus_client's
+    multiprocess mode, switched on for the whole process by PROMETHEUS_MULTIPROC_DIR before it
+    starts): what it exposes, and the dashboard's traffic, sum every process's counters."""
+
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self._multiprocess_dir = multiprocess_dir
+        self._watched: list[Collector] = []
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -66,7 +74,7 @@ class Metrics:
         """The cumulative counters the dashboard's traffic history is made of."""
         requests = errors = prompt = completion = 0.0
         bounds: dict[float, float] = {}
-        for family in self.registry.collect():
+        for family in self.exposed().collect():
             for s in family.samples:
                 if s.name == "agora_requests_total":
                     requests += s.value
@@ -86,6 +94,18 @@ class Metrics:
     def watch(self, collector: Collector) -> None:
         """Gauges read from live state at scrape time (e.g. services.worker_gauges)."""
         self.registry.register(collector)
+        self._watched.append(collector)
+
+    def exposed(self) -> CollectorRegistry:
+        """What /metrics shows: this registry, or all processes' counters summed plus this
+        process's live gauges."""
+        if self._multiprocess_dir is None:
+            return self.registry
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, str(self._multiprocess_dir))  # type: ignore[no-untyped-call]
+        for collector in self._watched:
+            merged.register(collector)
+        return merged
 
 
 class _RequestIdFilter(logging.Filter):

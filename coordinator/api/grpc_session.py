@@ -25,10 +25,17 @@ ADVERT_MAX_AGE_MS = 5 * 60 * 1000  # an advert signed longer ago than this is st
 
 
 class WorkerSessionService(pb_grpc.WorkerSessionServicer):
-    def __init__(self, registry: Registry, identity: Identity, heartbeat_interval_s: float) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        identity: Identity,
+        heartbeat_interval_s: float,
+        sibling_ports: tuple[int, ...] = (),
+    ) -> None:
         self._registry = registry
         self._identity = identity
         self._heartbeat_ms = int(heartbeat_interval_s * 1000)
+        self._sibling_ports = sibling_ports  # this coordinator's other processes (cluster)
 
     async def Connect(  # noqa: N802 - gRPC method name
         self,
@@ -54,7 +61,9 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         try:
             yield pb.CoordinatorMessage(
                 registered=pb.Registered(
-                    node_id=conn.node_id, heartbeat_interval_ms=self._heartbeat_ms
+                    node_id=conn.node_id,
+                    heartbeat_interval_ms=self._heartbeat_ms,
+                    sibling_ports=self._sibling_ports,
                 )
             )
             while (msg := await link.outbox.get()) is not None:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotocol/proto/session.proto\x12\x08\x61gora.v1\"\x85\x02\n\rWorkerMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.agora.v1.HelloH\x00\x12&\n\x08register\x18\x02 \x01(\x0b\x32\x12.agora.v1.RegisterH\x00\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x13.agora.v1.HeartbeatH\x00\x12\'\n\tjob_event\x18\x04 \x01(\x0b\x32\x12.agora.v1.JobEventH\x00\x12 \n\x05\x64rain\x18\x05 \x01(\x0b\x32\x0f.agora.v1.DrainH\x00\x12-\n\njob_events\x18\x06 \x01(\x0b\x32\x17.agora.v1.JobEventBatchH\x00\x42\x06\n\x04kind\"\xb7\x01\n\x12\x43oordinatorMessage\x12(\n\tchallenge\x18\x01 \x01(\x0b\x32\x13.agora.v1.ChallengeH\x00\x12*\n\nregistered\x18\x02 \x01(\x0b\x32\x14.agora.v1.RegisteredH\x00\x12\x1c\n\x03job\x18\x03 \x01(\x0b\x32\r.agora.v1.JobH\x00\x12%\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x13.agora.v1.CancelJobH\x00\x42\x06\n\x04kind\"O\n\x05Hello\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x18\n\x10software_version\x18\x03 \x01(\t\"2\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\"-\n\x08Register\x12\x0e\n\x06\x61\x64vert\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"<\n\nRegistered\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x03\"d\n\tHeartbeat\x12\x12\n\nsent_at_ms\x18\x01 \x01(\x03\x12\"\n\x05loads\x18\x02 \x03(\x0b\x32\x13.agora.v1.ModelLoad\x12\x1f\n\x04gpus\x18\x03 \x03(\x0b\x32\x11.agora.v1.GpuLoad\"\xa8\x01\n\tModelLoad\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12\x11\n\tavailable\x18\x05 \x01(\x08\x12\x0c\n\x04jobs\x18\x06 \x01(\x05\x12\x16\n\x0ejobs_elsewhere\x18\x07 \x01(\x05\x12\x19\n\x11reaped_orphan_pid\x18\x08 \x01(\x05\"d\n\x07GpuLoad\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0futilization_pct\x18\x02 \x01(\x05\x12\x17\n\x0fmemory_used_mib\x18\x03 \x01(\x03\x12\x18\n\x10memory_total_mib\x18\x04 \x01(\x03\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x80\x01\n\x03Job\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x08\x65ndpoint\x18\x03 \x01(\x0e\x32\x12.agora.v1.Endpoint\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\x03\"\x1f\n\tCancelJob\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xaf\x01\n\x08JobEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x10.agora.v1.FramesH\x00\x12\x12\n\x08response\x18\x03 \x01(\x0cH\x00\x12*\n\x07receipt\x18\x04 \x01(\x0b\x32\x17.agora.v1.SignedReceiptH\x00\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.agora.v1.JobErrorH\x00\x42\x06\n\x04kind\"3\n\rJobEventBatch\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.agora.v1.JobEvent\"i\n\x06\x46rames\x12%\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x14.agora.v1.TokenFrame\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.agora.v1.Usage\"~\n\nTokenFrame\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x12\n\ndelta_json\x18\x05 \x01(\x0c\x12\x15\n\rlogprobs_json\x18\x06 \x01(\x0c\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"0\n\rSignedReceipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"e\n\x08JobError\x12\x13\n\x0bhttp_status\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x12\n\noverloaded\x18\x05 \x01(\x08*]\n\x08\x45ndpoint\x12\x18\n\x14\x45NDPOINT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NDPOINT_CHAT_COMPLETIONS\x10\x01\x12\x18\n\x14\x45NDPOINT_COMPLETIONS\x10\x02\x32U\n\rWorkerSession\x12\x44\n\x07\x43onnect\x12\x17.agora.v1.WorkerMessage\x1a\x1c.agora.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotocol/proto/session.proto\x12\x08\x61gora.v1\"\x85\x02\n\rWorkerMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.agora.v1.HelloH\x00\x12&\n\x08register\x18\x02 \x01(\x0b\x32\x12.agora.v1.RegisterH\x00\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x13.agora.v1.HeartbeatH\x00\x12\'\n\tjob_event\x18\x04 \x01(\x0b\x32\x12.agora.v1.JobEventH\x00\x12 \n\x05\x64rain\x18\x05 \x01(\x0b\x32\x0f.agora.v1.DrainH\x00\x12-\n\njob_events\x18\x06 \x01(\x0b\x32\x17.agora.v1.JobEventBatchH\x00\x42\x06\n\x04kind\"\xb7\x01\n\x12\x43oordinatorMessage\x12(\n\tchallenge\x18\x01 \x01(\x0b\x32\x13.agora.v1.ChallengeH\x00\x12*\n\nregistered\x18\x02 \x01(\x0b\x32\x14.agora.v1.RegisteredH\x00\x12\x1c\n\x03job\x18\x03 \x01(\x0b\x32\r.agora.v1.JobH\x00\x12%\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x13.agora.v1.CancelJobH\x00\x42\x06\n\x04kind\"O\n\x05Hello\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x18\n\x10software_version\x18\x03 \x01(\t\"2\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\"-\n\x08Register\x12\x0e\n\x06\x61\x64vert\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"S\n\nRegistered\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x03\x12\x15\n\rsibling_ports\x18\x03 \x03(\r\"d\n\tHeartbeat\x12\x12\n\nsent_at_ms\x18\x01 \x01(\x03\x12\"\n\x05loads\x18\x02 \x03(\x0b\x32\x13.agora.v1.ModelLoad\x12\x1f\n\x04gpus\x18\x03 \x03(\x0b\x32\x11.agora.v1.GpuLoad\"\xa8\x01\n\tModelLoad\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12\x11\n\tavailable\x18\x05 \x01(\x08\x12\x0c\n\x04jobs\x18\x06 \x01(\x05\x12\x16\n\x0ejobs_elsewhere\x18\x07 \x01(\x05\x12\x19\n\x11reaped_orphan_pid\x18\x08 \x01(\x05\"d\n\x07GpuLoad\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0futilization_pct\x18\x02 \x01(\x05\x12\x17\n\x0fmemory_used_mib\x18\x03 \x01(\x03\x12\x18\n\x10memory_total_mib\x18\x04 \x01(\x03\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x80\x01\n\x03Job\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x08\x65ndpoint\x18\x03 \x01(\x0e\x32\x12.agora.v1.Endpoint\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\x03\"\x1f\n\tCancelJob\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xaf\x01\n\x08JobEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06\x66rames\x18\x02 \x01(\x0b\x32\x10.agora.v1.FramesH\x00\x12\x12\n\x08response\x18\x03 \x01(\x0cH\x00\x12*\n\x07receipt\x18\x04 \x01(\x0b\x32\x17.agora.v1.SignedReceiptH\x00\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.agora.v1.JobErrorH\x00\x42\x06\n\x04kind\"3\n\rJobEventBatch\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.agora.v1.JobEvent\"i\n\x06\x46rames\x12%\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x14.agora.v1.TokenFrame\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1e\n\x05usage\x18\x03 \x01(\x0b\x32\x0f.agora.v1.Usage\"~\n\nTokenFrame\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x12\n\ndelta_json\x18\x05 \x01(\x0c\x12\x15\n\rlogprobs_json\x18\x06 \x01(\x0c\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"0\n\rSignedReceipt\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"e\n\x08JobError\x12\x13\n\x0bhttp_status\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x12\n\noverloaded\x18\x05 \x01(\x08*]\n\x08\x45ndpoint\x12\x18\n\x14\x45NDPOINT_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NDPOINT_CHAT_COMPLETIONS\x10\x01\x12\x18\n\x14\x45NDPOINT_COMPLETIONS\x10\x02\x32U\n\rWorkerSession\x12\x44\n\x07\x43onnect\x12\x17.agora.v1.WorkerMessage\x1a\x1c.agora.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.proto.session_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENDPOINT']._serialized_start=1976
-  _globals['_ENDPOINT']._serialized_end=2069
+  _globals['_ENDPOINT']._serialized_start=1999
+  _globals['_ENDPOINT']._serialized_end=2092
   _globals['_WORKERMESSAGE']._serialized_start=43
   _globals['_WORKERMESSAGE']._serialized_end=304
   _globals['_COORDINATORMESSAGE']._serialized_start=307
@@ -44,33 +44,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTER']._serialized_start=625
   _globals['_REGISTER']._serialized_end=670
   _globals['_REGISTERED']._serialized_start=672
-  _globals['_REGISTERED']._serialized_end=732
-  _globals['_HEARTBEAT']._serialized_start=734
-  _globals['_HEARTBEAT']._serialized_end=834
-  _globals['_MODELLOAD']._serialized_start=837
-  _globals['_MODELLOAD']._serialized_end=1005
-  _globals['_GPULOAD']._serialized_start=1007
-  _globals['_GPULOAD']._serialized_end=1107
-  _globals['_DRAIN']._serialized_start=1109
-  _globals['_DRAIN']._serialized_end=1132
-  _globals['_JOB']._serialized_start=1135
-  _globals['_JOB']._serialized_end=1263
-  _globals['_CANCELJOB']._serialized_start=1265
-  _globals['_CANCELJOB']._serialized_end=1296
-  _globals['_JOBEVENT']._serialized_start=1299
-  _globals['_JOBEVENT']._serialized_end=1474
-  _globals['_JOBEVENTBATCH']._serialized_start=1476
-  _globals['_JOBEVENTBATCH']._serialized_end=1527
-  _globals['_FRAMES']._serialized_start=1529
-  _globals['_FRAMES']._serialized_end=1634
-  _globals['_TOKENFRAME']._serialized_start=1636
-  _globals['_TOKENFRAME']._serialized_end=1762
-  _globals['_USAGE']._serialized_start=1764
-  _globals['_USAGE']._serialized_end=1821
-  _globals['_SIGNEDRECEIPT']._serialized_start=1823
-  _globals['_SIGNEDRECEIPT']._serialized_end=1871
-  _globals['_JOBERROR']._serialized_start=1873
-  _globals['_JOBERROR']._serialized_end=1974
-  _globals['_WORKERSESSION']._serialized_start=2071
-  _globals['_WORKERSESSION']._serialized_end=2156
+  _globals['_REGISTERED']._serialized_end=755
+  _globals['_HEARTBEAT']._serialized_start=757
+  _globals['_HEARTBEAT']._serialized_end=857
+  _globals['_MODELLOAD']._serialized_start=860
+  _globals['_MODELLOAD']._serialized_end=1028
+  _globals['_GPULOAD']._serialized_start=1030
+  _globals['_GPULOAD']._serialized_end=1130
+  _globals['_DRAIN']._serialized_start=1132
+  _globals['_DRAIN']._serialized_end=1155
+  _globals['_JOB']._serialized_start=1158
+  _globals['_JOB']._serialized_end=1286
+  _globals['_CANCELJOB']._serialized_start=1288
+  _globals['_CANCELJOB']._serialized_end=1319
+  _globals['_JOBEVENT']._serialized_start=1322
+  _globals['_JOBEVENT']._serialized_end=1497
+  _globals['_JOBEVENTBATCH']._serialized_start=1499
+  _globals['_JOBEVENTBATCH']._serialized_end=1550
+  _globals['_FRAMES']._serialized_start=1552
+  _globals['_FRAMES']._serialized_end=1657
+  _globals['_TOKENFRAME']._serialized_start=1659
+  _globals['_TOKENFRAME']._serialized_end=1785
+  _globals['_USAGE']._serialized_start=1787
+  _globals['_USAGE']._serialized_end=1844
+  _globals['_SIGNEDRECEIPT']._serialized_start=1846
+  _globals['_SIGNEDRECEIPT']._serialized_end=1894
+  _globals['_JOBERROR']._serialized_start=1896
+  _globals['_JOBERROR']._serialized_end=1997
+  _globals['_WORKERSESSION']._serialized_start=2094
+  _globals['_WORKERSESSION']._serialized_end=2179
 # @@protoc_insertion_point(module_scope)

@@ -211,17 +211,26 @@ class Registered(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    SIBLING_PORTS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     heartbeat_interval_ms: _builtins.int
+    @_builtins.property
+    def sibling_ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The gRPC ports of this coordinator's other processes (`agora coordinator --processes N`),
+        on the host the worker dialed: a worker holds a session with each, so every process can
+        route to it. Empty for a coordinator that runs one process.
+        """
+
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         heartbeat_interval_ms: _builtins.int = ...,
+        sibling_ports: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "node_id", b"node_id", "sibling_ports", b"sibling_ports"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -116,7 +116,7 @@ class Node:
         }
         self.offers: dict[str, ModelOffer] = {}
         self._on_registered = on_registered
-        self._session: WorkerSession | SessionPool | None = None
+        self._session: SessionPool | None = None
         self._loads: dict[str, EngineLoad] = {}
 
     # ---------------------------------------------------------------- advert
@@ -180,7 +180,7 @@ class Node:
             "updated_at": time.time(),
             "node_id": self.identity.node_id,
             "coordinator": self.config.node.coordinator
-            or ", ".join(session.coordinators if isinstance(session, SessionPool) else []),
+            or ", ".join(session.coordinators if session else []),
             "session": session.state if session else "starting",
             "running_jobs": session.running_jobs if session else 0,
             "hardware": self.hardware.summary(),
@@ -262,7 +262,7 @@ class Node:
                         await self._run_discovered(stop, session)
                     else:
                         assert cfg.coordinator is not None
-                        self._session = session(cfg.coordinator)
+                        self._session = SessionPool.for_coordinator(cfg.coordinator, session)
                         await self._session.run(stop)
                 finally:
                     engines_stop.set()

@@ -166,6 +166,8 @@ class WorkerSession:
         # hook to tell those sessions when this one's jobs change
         self.jobs_elsewhere: Callable[[str], int] = lambda _model: 0
         self.on_jobs_changed: Callable[[], None] = lambda: None
+        # set by a SessionPool: the coordinator named other processes of itself to connect to
+        self.on_siblings: Callable[[list[str]], None] = lambda _targets: None
         self._beat_now = asyncio.Event()
         self.state = "starting"  # connecting | connected | reconnecting | draining | stopped | lost
         self.connected_since: float | None = None
@@ -261,6 +263,8 @@ class WorkerSession:
         self.connected_since = time.monotonic()
         if self._on_registered:
             self._on_registered(registered.node_id)
+        host = self._config.coordinator.rpartition(":")[0]
+        self.on_siblings([f"{host}:{port}" for port in registered.sibling_ports])
         return max(0.2, registered.heartbeat_interval_ms / 1000)
 
     async def _expect(self, call: Call, kind: str) -> pb.CoordinatorMessage:
