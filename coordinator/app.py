@@ -342,15 +342,18 @@ class Coordinator:
         await task
 
 
-def print_banner(info: dict[str, Any], processes: int = 1) -> None:
-    """What an operator sees once the coordinator serves (`info` as Coordinator.describe)."""
+def print_banner(info: dict[str, Any]) -> None:
+    """What an operator sees once the coordinator serves (`info` as Coordinator.describe, and a
+    cluster's `processes`)."""
     p2p = "".join(f"\n  p2p          {addr}" for addr in info["p2p_addrs"])
+    processes = info.get("processes", [])
+    ports = ", ".join(str(p["grpc_port"]) for p in processes)
     print(
         f"Agora coordinator {info['coordinator_id']}\n"
         f"  OpenAI API   {info['base_url']}\n"
         f"  workers dial {info['grpc_target']}\n"
         f"  admin token  {info['admin_token_file']}"
         + p2p
-        + (f"\n  processes    {processes}" if processes > 1 else ""),
+        + (f"\n  processes    {len(processes)} (worker gRPC ports {ports})" if processes else ""),
         flush=True,
     )

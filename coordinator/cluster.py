@@ -181,7 +181,7 @@ class ProcessGroup:
             tmp = self._settings.ready_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(info))
             tmp.replace(self._settings.ready_file)
-        print_banner(info, processes=len(self._children))
+        print_banner(info)
 
     def _watch(self, http_port: int, grpc_ports: list[int]) -> None:
         """Start again any child that dies, waiting 1, 2, 4 … 30 s after deaths in a row."""

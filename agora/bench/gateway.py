@@ -53,6 +53,18 @@ def _machine() -> str:
     return f"{os.cpu_count()} vCPU {cpu}, Python {platform.python_version()}"
 
 
+def _wait_for_host(workdir: Path, host: subprocess.Popen[bytes]) -> dict[str, object]:
+    info_file = workdir / "host.json"
+    deadline = time.monotonic() + 120
+    while not info_file.exists():
+        if host.poll() is not None or time.monotonic() > deadline:
+            typer.echo(f"the Agora stack did not start; see {workdir / 'host.log'}", err=True)
+            raise typer.Exit(1)
+        time.sleep(0.2)
+    info: dict[str, object] = json.loads(info_file.read_text())
+    return info
+
+
 def gateway(
     peers: str = typer.Option("vr,ll1", help="Peers to run beside direct and Agora (vr, ll1…)."),
     duration: float = typer.Option(20.0, help="Seconds measured per point."),
@@ -63,6 +75,9 @@ def gateway(
         0.0, help="Upstream's delay between tokens (7: one GPU stream's pace; 0: all at once)."
     ),
     out: Path = typer.Option(Path("bench/results/gateway.jsonl"), help="Results (JSON lines)."),
+    processes: str = typer.Option(
+        "1", help="Coordinator process counts to compare (1,2: `agora` and `agora-p2`)."
+    ),
 ) -> None:
     """Gateway overhead vs direct upstream at several concurrencies (TTFT, total, RPS, CPU/req,
     RSS)."""
@@ -71,38 +86,41 @@ def gateway(
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="agora-bench-gateway-"))
-    host = subprocess.Popen(
-        [sys.executable, "-m", "agora.bench.gateway_host", "--workdir", str(workdir)],
-        stdout=(workdir / "host.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    counts = [int(n) for n in processes.split(",") if n]
+    names = {n: "agora" if n == 1 else f"agora-p{n}" for n in counts}
+    hosts: dict[int, tuple[Path, subprocess.Popen[bytes]]] = {}
     try:
-        info_file = workdir / "host.json"
-        deadline = time.monotonic() + 120
-        while not info_file.exists():
-            if host.poll() is not None or time.monotonic() > deadline:
-                typer.echo(f"the Agora stack did not start; see {workdir / 'host.log'}", err=True)
-                raise typer.Exit(1)
-            time.sleep(0.2)
-        info = json.loads(info_file.read_text())
-        targets = ["direct", *chosen, "agora"]
-        repeat = ["direct", *[p for p in chosen if p == "vr"], "agora"]
+        for n in counts:
+            workdir = Path(tempfile.mkdtemp(prefix=f"agora-bench-gateway-p{n}-"))
+            command = [sys.executable, "-m", "agora.bench.gateway_host", "--workdir",
+                       str(workdir), "--processes", str(n)]  # fmt: skip
+            log = (workdir / "host.log").open("wb")
+            hosts[n] = workdir, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        external: list[str] = []
+        for n, (workdir, host) in hosts.items():
+            info = _wait_for_host(workdir, host)
+            name = names[n]
+            external += ["--external", f"{name}={info['port']}:{host.pid}",
+                         "--key", f"{name}={info['key']}",
+                         "--ready-path", f"{name}=/v1/models/{MODEL}"]  # fmt: skip
+        ours = list(names.values())
+        targets = ["direct", *chosen, *ours]
+        repeat = ["direct", *[p for p in chosen if p == "vr"], *ours]
         command = [
             str(PEERS / "venv-tools" / "bin" / "python"), str(PEERS / "bench.py"),
             "--targets", ",".join(targets), "--repeat-targets", ",".join(repeat),
             "--conc", conc, "--duration", str(duration), "--warmup", str(warmup),
-            "--external", f"agora={info['port']}:{host.pid}", "--key", f"agora={info['key']}",
-            "--ready-path", f"agora=/v1/models/{MODEL}", "--out", str(out),
-            "--tokens", str(tokens), "--itl-ms", str(itl_ms),
+            *external, "--out", str(out), "--tokens", str(tokens), "--itl-ms", str(itl_ms),
         ]  # fmt: skip
         subprocess.run(command, check=True)
     finally:
-        host.send_signal(signal.SIGTERM)
-        try:
-            host.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            host.kill()
+        for _workdir, host in hosts.values():
+            host.send_signal(signal.SIGTERM)
+        for _workdir, host in hosts.values():
+            try:
+                host.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                host.kill()
     report = subprocess.run(
         [str(PEERS / "venv-tools" / "bin" / "python"), str(PEERS / "report.py"), str(out)],
         check=True, capture_output=True, text=True,
@@ -111,7 +129,8 @@ def gateway(
     markdown.write_text(
         f"# Gateway overhead ({time.strftime('%Y-%m-%d')})\n\n{NOTE}\n\nMachine: {_machine()}\n\n"
         f"Command: `agora bench gateway --peers '{peers}' --duration {duration:g} "
-        f"--warmup {warmup:g} --conc {conc} --tokens {tokens} --itl-ms {itl_ms:g}`\n\n"
+        f"--warmup {warmup:g} --conc {conc} --tokens {tokens} --itl-ms {itl_ms:g} "
+        f"--processes {processes}`\n\n"
         f"{report.stdout}"
     )
     typer.echo(report.stdout)

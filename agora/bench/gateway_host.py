@@ -40,13 +40,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--upstream", default="http://127.0.0.1:18001/v1")
     parser.add_argument("--max-concurrency", type=int, default=1024)
+    parser.add_argument("--processes", type=int, default=1, help="coordinator processes")
     args = parser.parse_args()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     workdir: Path = args.workdir
     quiet = ["--log-level", "WARNING"]  # as the peers ran (vllm-router: warning; LiteLLM: off)
-    coordinator = start_coordinator(workdir, ["--http-port", "0", "--grpc-port", "0", *quiet])
+    coordinator = start_coordinator(
+        workdir,
+        ["--http-port", "0", "--grpc-port", "0", "--processes", str(args.processes), *quiet],
+    )
     key = coordinator.create_client("bench", 10**15)
     (workdir / "host.json").write_text(
         json.dumps({"port": int(coordinator.base_url.split(":")[-1].split("/")[0]), "key": key})

@@ -6,7 +6,8 @@
 #   GPU load from heartbeats -> streaming load direct vs through Agora (c=1, c=64, c=256) -> SIGTERM.
 # Output goes to $OUT (logs, worker.toml, workers.json, serving.jsonl, summary.txt), and with py-spy
 # on PATH, profiles of the coordinator and the worker during the loaded Agora runs (SPY_GIL="" samples
-# every thread, not only the GIL holder; C1_N sets the number of c=1 requests, default 8).
+# every thread, not only the GIL holder; C1_N sets the number of c=1 requests, default 8;
+# PROCESSES=N then repeats the loaded runs with `agora coordinator --processes N`).
 set -u
 # the served name (the model in /tmp/model: make_random_model.py --size 8b or 1b)
 export MODEL_NAME=${MODEL_NAME:-llama-8b-random}
@@ -97,10 +98,35 @@ if [ "${RELAYS:-1}" -ge 2 ]; then
   done
   kill -TERM $W2PID; for i in $(seq 1 30); do kill -0 $W2PID 2>/dev/null || break; sleep 1; done
 fi
+# PROCESSES=N: the coordinator again, now `--processes N` on the same ports and database; the
+# node reconnects by itself and opens a session with every process; then the loaded runs again
+if [ "${PROCESSES:-1}" -ge 2 ]; then
+  kill -TERM $CPID; for i in $(seq 1 30); do kill -0 $CPID 2>/dev/null || break; sleep 1; done
+  rm -f $W/ready.json
+  python3 -m agora coordinator --http-port 8080 --grpc-port 50051 --data-dir $W/coord \
+    --ready-file $W/ready.json --processes $PROCESSES > $W/coord-p$PROCESSES.log 2>&1 &
+  python3 - <<'PY' 2>&1 | tee -a $OUT/summary.txt
+import json, os, pathlib, time, httpx
+W = pathlib.Path("/tmp/agora"); t0 = time.time()
+while not (W / "ready.json").exists():
+    if time.time() - t0 > 120: raise SystemExit("coordinator processes never came up")
+    time.sleep(0.2)
+n = int(os.environ["PROCESSES"]); seen = {}
+while len(seen) < n or not all(seen.values()):
+    if time.time() - t0 > 120: raise SystemExit(f"node not on every process: {seen}")
+    h = httpx.get("http://127.0.0.1:8080/health").json(); seen[h["process"]] = h["workers"]
+print(f"{n} coordinator processes, the node on each, {time.time() - t0:.1f} s after restart")
+PY
+  PIDS="$(python3 -c "import json;d=json.load(open('$W/ready.json'));print(' '.join(str(p['pid']) for p in d['processes']))")"
+  for c in "64 256" "256 1024"; do set -- $c
+    timeout 200 python3 -m agora bench serving --url $ENGINE_URL --model $MODEL_NAME --conc $1 --n $2 --label direct-p --out $OUT/serving.jsonl
+    agora_run agora-p$PROCESSES $1 $2 $PIDS $WPID
+  done
+fi
 EPID=$(python3 -c "import json;print(json.load(open('/tmp/agora/state/status.json'))['engines']['$MODEL_NAME']['pid'])")
 kill -TERM $WPID; for i in $(seq 1 60); do kill -0 $WPID 2>/dev/null || break; sleep 1; done
 echo "worker exit: $(kill -0 $WPID 2>/dev/null && echo STILL RUNNING || echo gone); engine pid $EPID: $(kill -0 $EPID 2>/dev/null && echo STILL RUNNING || echo gone)" | tee -a $OUT/summary.txt
 echo "leftover vllm processes: $(pgrep -fc vllm_entry || true)" | tee -a $OUT/summary.txt
-cp $W/coord.log $W/worker*.log $W/state/engines/*.log $OUT/ 2>/dev/null
+cp $W/coord*.log $W/worker*.log $W/state/engines/*.log $OUT/ 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee -a $OUT/summary.txt
 echo "total $(( $(date +%s) - T0 )) s"

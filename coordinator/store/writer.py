@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from coordinator.store.db import for_writes
+from coordinator.store.db import for_writes, writers_turn
 
 log = logging.getLogger("agora.coordinator.ledger")
 T = TypeVar("T")
@@ -106,7 +106,7 @@ class LedgerWriter:
     def _commit(self, batch: list[_Work]) -> None:
         outcomes: list[tuple[_Work, Any, BaseException | None]] = []
         try:
-            with for_writes(self._engine).begin() as conn:
+            with writers_turn(self._engine), for_writes(self._engine).begin() as conn:
                 for work in batch:
                     outcomes.append(self._apply(conn, work))
         except Exception as exc:  # the commit itself failed: nothing of the batch was written
