@@ -22,6 +22,8 @@ A child that dies is started again (with backoff); SIGTERM or SIGINT stops them 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import multiprocessing
@@ -29,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -42,6 +45,7 @@ from coordinator.errors import CoordinatorError
 
 log = logging.getLogger("agora.coordinator.cluster")
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 READY_TIMEOUT_S = 120.0
 STOP_GRACE_S = 20.0
 
@@ -60,13 +64,27 @@ def bind_shared(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_member(settings: dict[str, Any], log_level: str, log_format: str) -> None:
+def _stop_with_parent(parent_pid: int) -> None:
+    """SIGTERM this child when its parent dies, even by SIGKILL (Linux prctl PDEATHSIG), so no
+    orphan keeps the port; elsewhere the parent's own shutdown is all there is."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def serve_member(
+    settings: dict[str, Any], log_level: str, log_format: str, parent_pid: int
+) -> None:
     """A child's whole life: one Coordinator accepting on the shared HTTP port."""
     import uvloop  # imported here: the parent never runs a loop of its own
 
     from coordinator.app import Coordinator
     from coordinator.observability import configure_logging
 
+    _stop_with_parent(parent_pid)
     configure_logging(log_level, log_format)
     member_settings = CoordinatorSettings(**settings)
     sock = bind_shared(member_settings.host, member_settings.http_port)
@@ -146,7 +164,9 @@ class ProcessGroup:
             member=member.model_dump(mode="json"),
         )  # fmt: skip
         process = self._context.Process(
-            target=serve_member, args=(settings, *self._log), name=f"coordinator-{member.index}"
+            target=serve_member,
+            args=(settings, *self._log, os.getpid()),
+            name=f"coordinator-{member.index}",
         )
         process.start()
         return process

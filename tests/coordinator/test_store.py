@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -12,7 +15,7 @@ from billing.errors import InsufficientFunds
 from billing.ledger import check_invariants, client_account, deposit, request_charge
 from billing.pricing import Charge
 from coordinator.store import ledger_store
-from coordinator.store.db import migrate
+from coordinator.store.db import make_engine, migrate, writers_turn
 from coordinator.store.models import LedgerPosting, LedgerTransaction
 
 
@@ -54,3 +57,22 @@ def test_books_balance_after_a_charge(engine: Engine) -> None:
         assert balances[client_account("alice")] == 900
         assert sum(balances.values()) == 0
         assert check_invariants(balances, ledger_store.postings_by_transaction(session)) == []
+
+
+def test_writers_of_a_shared_sqlite_file_take_turns(tmp_path: Path) -> None:
+    """The ledger writers of `--processes N` queue in the kernel for the write lock: a second
+    writer (here a thread with its own lock file handle, as another process has) waits while
+    the first holds its turn and starts as soon as it is given back."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'shared.db'}")
+    entered = threading.Event()
+
+    def second_writer() -> None:
+        with writers_turn(engine):
+            entered.set()
+
+    with writers_turn(engine):
+        other = threading.Thread(target=second_writer)
+        other.start()
+        assert not entered.wait(0.3)  # waits its turn
+    assert entered.wait(5)  # and gets it once the first is done
+    other.join()
