@@ -54,3 +54,19 @@ def test_only_the_named_model_counts() -> None:
     )
     assert parse_vllm_metrics(text, "a") == EngineLoad(3, 0, 0.25, True)
     assert parse_vllm_metrics(text, "b").running == 7
+
+
+def test_only_the_three_gauges_count_whatever_else_the_page_holds() -> None:
+    text = (
+        "# HELP vllm:num_requests_waiting Number of requests waiting.\n"
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        'vllm:num_requests_waiting{engine="0",model_name="a"} 4.0\n'
+        'vllm:num_requests_waiting{engine="1",model_name="a"} 1.0\n'
+        'vllm:num_requests_waiting_by_reason{model_name="a",reason="capacity"} 99.0\n'
+        'vllm:num_requests_running_total{model_name="a"} 50.0\n'
+        "vllm:num_requests_running 2.0\n"  # no labels: counted for the model asked about
+        'vllm:gpu_cache_usage_perc{model_name="a"} 0.5\n'
+        'vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="a"} 12.0\n'
+    )
+    assert parse_vllm_metrics(text, "a") == EngineLoad(2, 5, 0.5, True)
+    assert parse_vllm_metrics("# nothing here\n", "a") == EngineLoad()

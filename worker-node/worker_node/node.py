@@ -39,6 +39,7 @@ from worker_node.session_pool import SessionPool
 
 log = logging.getLogger("agora.worker")
 STATUS_FILE = "status.json"
+LOAD_FRESH_S = 0.25  # heartbeats within this of a reading share it (one per session otherwise)
 GIVE_UP_AFTER = 2  # failed reconnects before a discovered coordinator is dropped for another
 
 
@@ -118,6 +119,9 @@ class Node:
         self._on_registered = on_registered
         self._session: SessionPool | None = None
         self._loads: dict[str, EngineLoad] = {}
+        self._gpus: list[pb.GpuLoad] = []
+        self._reading = asyncio.Lock()
+        self._read_at = float("-inf")  # monotonic time of the last reading
 
     # ---------------------------------------------------------------- advert
     def _offer(self, model: ModelConfig, context: int) -> ModelOffer:
@@ -152,12 +156,17 @@ class Node:
         self.write_status()
 
     async def heartbeat(self, client: httpx.AsyncClient) -> pb.Heartbeat:
+        """The live load every coordinator session reports. Sessions beat at the same moments
+        (a job starting notifies all of them), so one reading serves every beat within
+        LOAD_FRESH_S: the engines' metrics, NVML and the status file once, not once per
+        session."""
+        async with self._reading:
+            if time.monotonic() - self._read_at > LOAD_FRESH_S:
+                await self._read_loads(client)
+                self._read_at = time.monotonic()
         beat = pb.Heartbeat()
         for name, sup in self.supervisors.items():
-            load = EngineLoad()
-            if sup.available:
-                load = await read_engine_load(client, sup.engine.base_url, sup.engine.served_model)
-            self._loads[name] = load
+            load = self._loads.get(name, EngineLoad())
             beat.loads.append(
                 pb.ModelLoad(
                     model=name,
@@ -168,10 +177,17 @@ class Node:
                     reaped_orphan_pid=sup.engine.reaped_pid or 0,
                 )
             )
-        for gpu in await asyncio.to_thread(gpu_loads):
-            beat.gpus.append(pb.GpuLoad(**asdict(gpu)))
-        self.write_status()
+        beat.gpus.extend(self._gpus)
         return beat
+
+    async def _read_loads(self, client: httpx.AsyncClient) -> None:
+        for name, sup in self.supervisors.items():
+            load = EngineLoad()
+            if sup.available:
+                load = await read_engine_load(client, sup.engine.base_url, sup.engine.served_model)
+            self._loads[name] = load
+        self._gpus = [pb.GpuLoad(**asdict(gpu)) for gpu in await asyncio.to_thread(gpu_loads)]
+        self.write_status()
 
     def status(self) -> dict[str, Any]:
         session = self._session
