@@ -13,7 +13,7 @@ from rich.table import Table
 
 from billing.pricing import format_micro
 from coordinator.app import Coordinator
-from coordinator.cluster import ProcessGroup
+from coordinator.cluster import ClusterError, ProcessGroup
 from coordinator.config import CoordinatorSettings
 from coordinator.observability import configure_logging
 
@@ -78,7 +78,11 @@ def coordinator(
         return
     configure_logging(log_level, log_format)
     if settings.processes > 1:
-        ProcessGroup(settings, log_level, log_format).run()
+        try:
+            ProcessGroup(settings, log_level, log_format).run()
+        except ClusterError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(1) from exc
     else:
         uvloop.run(Coordinator(settings).serve())
 

@@ -117,7 +117,8 @@ class ProcessGroup:
         from coordinator.app import prepare_data
 
         s = self._settings
-        prepare_data(s)  # once, before any child: keys, token, migrations, reconciliation
+        _identity, _token, db = prepare_data(s)  # once, first: key, token, schema, reconciliation
+        db.dispose()
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         run_dir = Path(tempfile.mkdtemp(prefix="agora-coordinator-"))
@@ -149,7 +150,10 @@ class ProcessGroup:
             shutil.rmtree(run_dir, ignore_errors=True)
 
     def _reserve(self, port: int) -> int:
-        sock = bind_shared(self._settings.host, port)
+        try:
+            sock = bind_shared(self._settings.host, port)
+        except OSError as exc:
+            raise ClusterError(f"cannot bind {self._settings.host}:{port}: {exc}") from exc
         self._reserved.append(sock)
         bound: int = sock.getsockname()[1]
         return bound
