@@ -88,7 +88,7 @@ class SessionPool:
         self._chores: set[asyncio.Task[None]] = set()
         self._fixed = isinstance(finder, FixedCoordinator)  # no discovery: one named coordinator
         self._fatal: BaseException | None = None  # why a fixed coordinator's session ended
-        self._phase = "discovering"
+        self._phase = "connecting" if self._fixed else "discovering"
 
     @classmethod
     def for_coordinator(
