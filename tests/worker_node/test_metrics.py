@@ -14,26 +14,26 @@ pytestmark = pytest.mark.engine
 
 
 async def test_reads_running_requests_from_the_engine(vllm_engine: VllmEngine) -> None:
+    """While a long job runs, a reading says so. A 480-token job on the tiny model can end
+    between two readings on a loaded machine, so up to three jobs are tried in turn."""
+    seen: list[EngineLoad] = []
     async with httpx.AsyncClient(timeout=60) as client:
         idle = await read_engine_load(client, vllm_engine.base_url, "tiny")
         assert idle.known
-        body = {
-            "model": "tiny",
-            "prompt": "count",
-            "max_tokens": 480,
-            "ignore_eos": True,
-        }
-        long_job = asyncio.create_task(
-            client.post(f"{vllm_engine.base_url}/completions", json=body)
-        )
-        seen: list[EngineLoad] = []
-        while not long_job.done():  # look for as long as the job runs, however fast it is
-            await asyncio.sleep(0.02)
-            seen.append(await read_engine_load(client, vllm_engine.base_url, "tiny"))
-            if seen[-1].running:
+        body = {"model": "tiny", "prompt": "count", "max_tokens": 480, "ignore_eos": True}
+        for _attempt in range(3):
+            long_job = asyncio.create_task(
+                client.post(f"{vllm_engine.base_url}/completions", json=body)
+            )
+            while not long_job.done():  # look for as long as the job runs, however fast it is
+                await asyncio.sleep(0.01)
+                seen.append(await read_engine_load(client, vllm_engine.base_url, "tiny"))
+                if seen[-1].running:
+                    break
+            response = await long_job
+            assert response.status_code == 200
+            if seen and seen[-1].running:
                 break
-        response = await long_job
-    assert response.status_code == 200
     assert any(load.running >= 1 for load in seen)
     assert all(0.0 <= load.kv_cache_usage <= 1.0 for load in seen)
 
