@@ -8,7 +8,8 @@
 # on PATH, profiles of the coordinator and the worker during the loaded Agora runs (SPY_GIL="" samples
 # every thread, not only the GIL holder; C1_N sets the number of c=1 requests, default 8;
 # PROCESSES=N then repeats the loaded runs with `agora coordinator --processes N`; N256 sets the
-# number of c=256 requests, default 1024).
+# number of c=256 requests, default 1024; POINTS / PPOINTS override the conc:requests lists of
+# the first phase and the PROCESSES phase, e.g. POINTS="256:1024").
 set -u
 # the served name (the model in /tmp/model: make_random_model.py --size 8b or 1b)
 export MODEL_NAME=${MODEL_NAME:-llama-8b-random}
@@ -76,7 +77,7 @@ agora_run() { local label=$1 conc=$2 n=$3; shift 3; local spies="" i=0
   [ -n "$spies" ] && wait $spies
   return 0
 }
-for c in "1 ${C1_N:-8}" "64 256" "256 ${N256:-1024}"; do set -- $c
+for c in ${POINTS:-1:${C1_N:-8} 64:256 256:${N256:-1024}}; do set -- ${c%:*} ${c#*:}
   timeout 200 python3 -m agora bench serving --url $ENGINE_URL --model $MODEL_NAME --conc $1 --n $2 --label direct --out $OUT/serving.jsonl
   agora_run agora $1 $2 $CPID $WPID
 done
@@ -119,7 +120,7 @@ while len(seen) < n or not all(seen.values()):
 print(f"{n} coordinator processes, the node on each, {time.time() - t0:.1f} s after restart")
 PY
   PIDS="$(python3 -c "import json;d=json.load(open('$W/ready.json'));print(' '.join(str(p['pid']) for p in d['processes']))")"
-  for c in "64 256" "256 ${N256:-1024}"; do set -- $c
+  for c in ${PPOINTS:-64:256 256:${N256:-1024}}; do set -- ${c%:*} ${c#*:}
     timeout 200 python3 -m agora bench serving --url $ENGINE_URL --model $MODEL_NAME --conc $1 --n $2 --label direct-p --out $OUT/serving.jsonl
     agora_run agora-p$PROCESSES $1 $2 $PIDS $WPID
   done
