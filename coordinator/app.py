@@ -184,6 +184,19 @@ class Coordinator:
             await self._grpc_server.stop(grace=5)
             self._grpc_server = None
 
+    async def _await_rejoin(self, limit_s: float) -> None:
+        """Until workers have come back and no more arrived for a second, at most `limit_s`."""
+        deadline = time.monotonic() + limit_s
+        count, since = 0, time.monotonic()
+        while time.monotonic() < deadline:
+            now_count = len(self.registry.all())
+            if now_count != count:
+                count, since = now_count, time.monotonic()
+            elif count > 0 and time.monotonic() - since >= 1.0:
+                break
+            await asyncio.sleep(0.05)
+        log.info("taking clients with %d worker(s) back", count)
+
     async def _expire_workers(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
@@ -199,6 +212,8 @@ class Coordinator:
         @contextlib.asynccontextmanager
         async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
             await self.start_grpc()
+            if self.member is not None and self.member.rejoin_s > 0:
+                await self._await_rejoin(self.member.rejoin_s)  # before the HTTP port listens
             expiry = asyncio.create_task(self._expire_workers())
             sampler = asyncio.create_task(self._sample_traffic())
             try:

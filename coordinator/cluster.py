@@ -224,6 +224,8 @@ class ProcessGroup:
                 elif child.restart_at is not None and now >= child.restart_at:
                     child.restart_at = None
                     index = child.member.index
+                    rejoin = 2 * self._settings.heartbeat_interval_s + 2.0
+                    child.member = child.member.model_copy(update={"rejoin_s": rejoin})
                     child.process = self._spawn(
                         child.member, child.ready_file, http_port, grpc_ports[index]
                     )

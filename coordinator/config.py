@@ -20,6 +20,9 @@ class ClusterMember(BaseModel):
     index: int  # 0 .. N-1
     sibling_grpc_ports: list[int]  # the others' worker ports, sent to workers at registration
     metrics_dir: Path  # prometheus_client's multiprocess directory: /metrics sums all processes
+    # a process started again after dying waits up to this long for the workers to rejoin it
+    # before it takes client connections (else it answers 404 "no worker" meanwhile)
+    rejoin_s: float = 0.0
 
 
 class CoordinatorSettings(BaseSettings):
