@@ -94,6 +94,7 @@ def serve_member(
 @dataclass
 class _Child:
     member: ClusterMember
+    grpc_port: int  # where workers reach this child
     ready_file: Path
     process: BaseProcess
     started_at: float = 0.0  # monotonic
@@ -111,6 +112,7 @@ class ProcessGroup:
         self._stop = threading.Event()
         self._children: list[_Child] = []
         self._reserved: list[socket.socket] = []
+        self._http_port = 0  # reserved in run()
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT."""
@@ -126,7 +128,7 @@ class ProcessGroup:
         metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # children inherit it
         try:
-            http_port = self._reserve(s.http_port)
+            self._http_port = self._reserve(s.http_port)
             grpc_ports = [self._reserve(s.grpc_port)]
             grpc_ports += [self._reserve(0) for _ in range(s.processes - 1)]
             for index, grpc_port in enumerate(grpc_ports):
@@ -136,13 +138,13 @@ class ProcessGroup:
                     metrics_dir=metrics_dir,
                 )
                 ready = run_dir / f"ready-{index}.json"
-                process = self._spawn(member, ready, http_port, grpc_port)
-                child = _Child(member, ready, process, started_at=time.monotonic())
+                process = self._spawn(member, grpc_port, ready)
+                child = _Child(member, grpc_port, ready, process, started_at=time.monotonic())
                 self._children.append(child)
             infos = self._wait_ready()
             if infos is not None:
-                self._announce(infos, grpc_ports)
-                self._watch(http_port, grpc_ports)
+                self._announce(infos)
+                self._watch()
         finally:
             self._stop_children()
             for sock in self._reserved:
@@ -158,13 +160,11 @@ class ProcessGroup:
         bound: int = sock.getsockname()[1]
         return bound
 
-    def _spawn(
-        self, member: ClusterMember, ready: Path, http_port: int, grpc_port: int
-    ) -> BaseProcess:
+    def _spawn(self, member: ClusterMember, grpc_port: int, ready: Path) -> BaseProcess:
         ready.unlink(missing_ok=True)
         settings = self._settings.model_dump(mode="json")
         settings.update(
-            http_port=http_port, grpc_port=grpc_port, ready_file=str(ready),
+            http_port=self._http_port, grpc_port=grpc_port, ready_file=str(ready),
             member=member.model_dump(mode="json"),
         )  # fmt: skip
         process = self._context.Process(
@@ -190,15 +190,15 @@ class ProcessGroup:
                 return None
         return [json.loads(c.ready_file.read_text()) for c in self._children]
 
-    def _announce(self, infos: list[dict[str, Any]], grpc_ports: list[int]) -> None:
+    def _announce(self, infos: list[dict[str, Any]]) -> None:
         from coordinator.app import print_banner
 
         info = {
             **infos[0],
             "pid": os.getpid(),  # stopping this one stops them all
             "processes": [
-                {"index": i, "pid": c.process.pid, "grpc_port": port}
-                for i, (c, port) in enumerate(zip(self._children, grpc_ports, strict=True))
+                {"index": c.member.index, "pid": c.process.pid, "grpc_port": c.grpc_port}
+                for c in self._children
             ],
         }
         if self._settings.ready_file is not None:
@@ -207,7 +207,7 @@ class ProcessGroup:
             tmp.replace(self._settings.ready_file)
         print_banner(info)
 
-    def _watch(self, http_port: int, grpc_ports: list[int]) -> None:
+    def _watch(self) -> None:
         """Start again any child that dies, waiting 1, 2, 4 … 30 s after deaths in a row."""
         while not self._stop.wait(0.25):
             now = time.monotonic()
@@ -223,12 +223,9 @@ class ProcessGroup:
                     child.restart_at = now + delay
                 elif child.restart_at is not None and now >= child.restart_at:
                     child.restart_at = None
-                    index = child.member.index
                     rejoin = 2 * self._settings.heartbeat_interval_s + 2.0
                     child.member = child.member.model_copy(update={"rejoin_s": rejoin})
-                    child.process = self._spawn(
-                        child.member, child.ready_file, http_port, grpc_ports[index]
-                    )
+                    child.process = self._spawn(child.member, child.grpc_port, child.ready_file)
                     child.started_at = now
 
     def _stop_children(self) -> None:
