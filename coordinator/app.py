@@ -25,7 +25,14 @@ from sqlalchemy import Engine
 from starlette.types import ASGIApp
 
 from coordinator import __version__
-from coordinator.api import admin_routes, dashboard_routes, errors, openai_routes, openapi
+from coordinator.api import (
+    admin_routes,
+    dashboard_routes,
+    errors,
+    model_routes,
+    openai_routes,
+    openapi,
+)
 from coordinator.api.browser_sessions import BrowserSessions
 from coordinator.api.grpc_session import WorkerSessionService
 from coordinator.api.request_id import RequestIdMiddleware
@@ -39,6 +46,7 @@ from coordinator.services.metering import Tokenizers
 from coordinator.services.overview import Overview
 from coordinator.services.payouts import Payouts
 from coordinator.services.registry import Registry
+from coordinator.services.releases.book import ReleaseBook
 from coordinator.services.request_path.dispatch import Dispatcher
 from coordinator.services.request_path.outcomes import AttemptOutcomes
 from coordinator.services.request_path.path import RequestPath
@@ -123,6 +131,10 @@ class Coordinator:
             else None
         )
         rng = random.Random()
+        self.releases = ReleaseBook(
+            self.db, metrics=self.metrics, rng=rng, refresh_s=settings.catalogue_refresh_s
+        )
+        self.releases.load()
         dispatcher = Dispatcher(settings.first_token_timeout_s)
         checks = CheckPolicy(
             rate=settings.spot_check_rate, probation_rate=settings.spot_check_probation_rate
@@ -140,9 +152,12 @@ class Coordinator:
                 self.stats, self.trust, self.metrics, settings.slo_ttft_s, settings.slo_itl_s
             ),
             decisions=self.decisions,
-            spot_checker=SpotChecker(dispatcher, self.registry, self.trust, checks, rng),
+            spot_checker=SpotChecker(
+                dispatcher, self.registry, self.trust, checks, rng, self.releases
+            ),
             trust=self.trust,
             metrics=self.metrics,
+            releases=self.releases,
             elsewhere=self._elsewhere,
         )
         self.traffic = TrafficHistory(settings.traffic_sample_s)
@@ -216,15 +231,18 @@ class Coordinator:
                 await self._await_rejoin(self.member.rejoin_s)  # before the HTTP port listens
             expiry = asyncio.create_task(self._expire_workers())
             sampler = asyncio.create_task(self._sample_traffic())
+            catalogue = asyncio.create_task(self.releases.keep_fresh())
             try:
                 yield
             finally:
                 expiry.cancel()
                 sampler.cancel()
+                catalogue.cancel()
                 if self.network is not None:
                     await self.network.stop()
                 await self.stop_grpc()
                 await self.request_path.drain()
+                await self.releases.drain()
                 if self.shared_holds is not None:
                     await self.shared_holds.drain()
                 await asyncio.to_thread(self.writer.close)
@@ -238,11 +256,13 @@ class Coordinator:
         app.state.max_body_bytes = self.settings.max_body_bytes
         app.state.sessions = self.sessions
         app.state.overview = self.overview
+        app.state.releases = self.releases
         app.state.network_view = self.network_view
         errors.install(app)
         openapi.install(app)
         app.include_router(openai_routes.router)
         app.include_router(admin_routes.router)
+        app.include_router(model_routes.router)
         app.include_router(dashboard_routes.router)
         static = StaticFiles(directory=dashboard_routes.STATIC)
         app.mount("/dashboard/static", static, name="dashboard-static")

@@ -75,6 +75,8 @@ class CoordinatorSettings(BaseSettings):
     processes: int = Field(default=1, ge=1, le=256)
     member: ClusterMember | None = None  # set by coordinator.cluster for each process it runs
     traffic_sample_s: float = Field(default=5.0, gt=0)  # the dashboard's traffic resolution
+    # how often the model catalogue is re-read (other processes and replicas change it too)
+    catalogue_refresh_s: float = Field(default=2.0, gt=0)
     # latency objectives: a job slower than either is SLO-miss evidence against its worker
     slo_ttft_s: float = Field(default=10.0, gt=0)
     slo_itl_s: float = Field(default=0.5, gt=0)  # mean inter-token latency of the job

@@ -69,6 +69,14 @@ class Metrics:
         self.rate_limited = Counter(
             "agora_rate_limited", "Requests refused by per-key limits", registry=r
         )
+        self.release_requests = Counter(
+            "agora_release_requests", "Requests per model version (shadow copies apart)",
+            ["model", "version", "outcome"], registry=r,
+        )  # fmt: skip
+        self.rollbacks = Counter(
+            "agora_release_rollbacks", "Versions rolled back (automatically or by an operator)",
+            ["model", "version", "trigger"], registry=r,
+        )  # fmt: skip
 
     def totals(self) -> Totals:
         """The cumulative counters the dashboard's traffic history is made of."""

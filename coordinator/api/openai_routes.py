@@ -26,6 +26,7 @@ router = APIRouter(prefix="/v1", responses=documented(400, 401, 404, 413, 429, 4
 def _headers(fulfilment: Fulfilment) -> dict[str, str]:
     route = fulfilment.route
     return {
+        "X-Agora-Model": fulfilment.request.model_shown,
         "X-Agora-Worker": fulfilment.worker_id,
         "X-Agora-Route": route.decision.explain() if route else "",
     }
@@ -47,6 +48,7 @@ async def _complete(
         max_tokens=parsed.max_output_tokens,
         prefs=parsed.provider.to_preferences(),
         wants_token_ids=bool(parsed.return_token_ids),
+        fallbacks=tuple(parsed.models),
     )
     fulfilment = await path.begin(principal, request)
     if request.stream:

@@ -67,6 +67,11 @@ class _Common(BaseModel):
     max_tokens: Annotated[int | None, Field(strict=True, ge=1)] = None
     n: Annotated[int, Field(strict=True, ge=1, le=16)] = 1
     provider: ProviderPreferences = Field(default_factory=ProviderPreferences)
+    # OpenRouter's model fallbacks: tried in order when `model` has no capacity or fails
+    # before its first token
+    models: list[Annotated[str, Field(strict=True, min_length=1)]] = Field(
+        default_factory=list, max_length=8
+    )
     return_token_ids: Flag = False
     temperature: Annotated[float | None, Field(strict=True, ge=0, le=2)] = None
     top_p: Annotated[float | None, Field(strict=True, gt=0, le=1)] = None

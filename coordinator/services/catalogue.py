@@ -1,4 +1,5 @@
-"""The model list clients see (GET /v1/models): one card per model, from the live pool."""
+"""The model list clients see (GET /v1/models): one card per served model, from the live pool,
+and one per public model of the release catalogue (its versions and their shares)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,29 @@ from coordinator.services.registry import Registry
 
 
 def model_cards(
-    registry: Registry, fingerprint: Callable[[str], str | None]
-) -> list[dict[str, Any]]:
+    registry: Registry, fingerprint: Callable[[str], str | None],
+    releases: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Each model with its cheapest available price, capacity and pinned tokenizer digest."""
     out = []
-    for name, pool in sorted(registry.models().items()):
+    pools = registry.models()
+    for release in releases or []:
+        serving = [v for v in release["versions"] if v["share"] > 0]
+        up = [s for v in serving for s in pools.get(v["serves"], []) if s.available]
+        out.append(
+            {
+                "id": release["name"], "object": "model", "created": 0, "owned_by": "agora",
+                "versions": [
+                    {"id": v["ref"], "share": v["share"], "stable": v["stable"],
+                     "state": v["state"]}
+                    for v in release["versions"]
+                ],
+                "workers": len({s.node_id for s in up}),
+                "available": bool(up),
+                "available_slots": sum(s.free_slots for s in up),
+            }
+        )  # fmt: skip
+    for name, pool in sorted(pools.items()):
         up = [s for s in pool if s.available]
         cheapest = min(
             up or pool, key=lambda s: (s.price_completion_per_mtok, s.price_prompt_per_mtok)

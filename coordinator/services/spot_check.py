@@ -30,6 +30,7 @@ from coordinator.services.trust import Trust, Verdict
 from protocol.completions import COMPLETIONS, Output
 
 if TYPE_CHECKING:  # the request path uses spot checks, and spot checks its dispatcher
+    from coordinator.services.releases.book import ReleaseBook
     from coordinator.services.request_path.dispatch import Dispatcher
 
 log = logging.getLogger("agora.coordinator.spot_check")
@@ -51,9 +52,10 @@ class CheckCandidate:
 class SpotChecker:
     def __init__(
         self, dispatcher: Dispatcher, registry: Registry, trust: Trust | None,
-        policy: CheckPolicy, rng: random.Random,
+        policy: CheckPolicy, rng: random.Random, releases: ReleaseBook | None = None,
     ) -> None:  # fmt: skip
         self._dispatcher = dispatcher
+        self._releases = releases  # a failed check counts against the versions it serves
         self._registry = registry
         self._trust = trust
         self._policy = policy
@@ -110,3 +112,5 @@ class SpotChecker:
                  verdict.detail)  # fmt: skip
         outcome = Outcome.VERIFIED if verdict.genuine else Outcome.FRAUD
         trust.observe([Verdict(candidate.node_id, outcome, candidate.request_id, verdict.detail)])
+        if self._releases is not None:
+            self._releases.observe_check(candidate.model, genuine=verdict.genuine)

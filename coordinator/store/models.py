@@ -168,3 +168,44 @@ class CreditHold(SQLModel, table=True):
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
     expires_at: datetime = Field(index=True)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class ModelRelease(SQLModel, table=True):
+    """A public model name clients ask for, and the policy that picks which of its versions
+    serves a request (weights are on the versions)."""
+
+    name: str = Field(primary_key=True, max_length=200)
+    stable: str = Field(max_length=100)  # the version rollbacks fall back to
+    sticky: bool = False  # A/B: the same API key always sees the same version
+    shadow_version: str | None = Field(default=None, max_length=100)
+    shadow_share: float = 0.0  # of requests copied to the shadow version (never billed)
+    rollback: str = Field(default="{}", sa_column=Column(Text, nullable=False))  # JSON policy
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class ModelVersion(SQLModel, table=True):
+    """One version of a public model: what workers serve for it, and its share of traffic."""
+
+    model: str = Field(primary_key=True, max_length=200)
+    version: str = Field(primary_key=True, max_length=100)
+    serves: str = Field(max_length=200)  # the served-model name workers advertise
+    adapter_sha256: str | None = Field(default=None, max_length=64)
+    tokenizer_sha256: str | None = Field(default=None, max_length=64)  # pinned, if set
+    max_price_prompt_per_mtok: int | None = Field(default=None, sa_column=Column(BigInteger))
+    max_price_completion_per_mtok: int | None = Field(default=None, sa_column=Column(BigInteger))
+    weight: int = 0  # relative share of the model's traffic
+    state: str = Field(default="active", max_length=20)  # active | rolled_back
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ReleaseEvent(SQLModel, table=True):
+    """What happened to a model's release: created, released, promoted, rolled back (by an
+    operator or automatically, and why)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    model: str = Field(index=True, max_length=200)
+    version: str = Field(default="", max_length=100)
+    kind: str = Field(max_length=40)
+    actor: str = Field(max_length=200)
+    detail: str = Field(default="{}", sa_column=Column(Text, nullable=False))  # JSON
+    at: datetime = Field(default_factory=utcnow, index=True)

@@ -14,10 +14,13 @@ from coordinator.store.models import (
     LedgerPosting,
     LedgerTransaction,
     MeteringMismatch,
+    ModelRelease,
+    ModelVersion,
     PayoutEpoch,
     PayoutStatement,
     PendingPosting,
     Quarantine,
+    ReleaseEvent,
     StoredReceipt,
     TrustEvent,
     UnsignedSegment,
@@ -37,3 +40,6 @@ EVENTS: Table = TrustEvent.__table__  # type: ignore[attr-defined]
 QUARANTINE: Table = Quarantine.__table__  # type: ignore[attr-defined]
 HOLDS: Table = CreditHold.__table__  # type: ignore[attr-defined]
 UNSIGNED: Table = UnsignedSegment.__table__  # type: ignore[attr-defined]
+RELEASES: Table = ModelRelease.__table__  # type: ignore[attr-defined]
+VERSIONS: Table = ModelVersion.__table__  # type: ignore[attr-defined]
+RELEASE_EVENTS: Table = ReleaseEvent.__table__  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ from coordinator.errors import (
 )
 from coordinator.services.accounts import Principal
 from coordinator.services.decisions import RouteRecord
+from coordinator.services.releases.book import Target
 from coordinator.services.request_path.attempt import Attempt, error_from_job
 from coordinator.services.request_path.continuation import (
     continuation_body,
@@ -65,6 +66,8 @@ class Fulfilment:
         request_id: str,
         max_tokens: int,
         admitted_tokens: int,
+        target: Target | None = None,
+        job_prefix: str = "",  # job ids start with this (a fallback's differ from the first)
     ) -> None:
         self._path = path
         self.principal = principal
@@ -83,9 +86,14 @@ class Fulfilment:
         self._first: pb.JobEvent | None = None  # the current attempt's first event, unrelayed
         self._tried: set[str] = set()  # workers already sent a job of this request
         self._sent = 0  # jobs sent (each attempt's job id is unique)
+        self._job_prefix = job_prefix or request_id
         self._settlement: asyncio.Task[Settled | None] | None = None
         self.settled: Settled | None = None
         self._released = False
+        self.target = target  # the release version it serves, if the client asked for one
+        self.failed_attempts = 0  # attempts that failed through a worker's fault
+        self.began_at = time.monotonic()
+        self.ended = asyncio.Event()  # set once released
 
     # ---------------------------------------------------------------- attempts
     @property
@@ -150,7 +158,8 @@ class Fulfilment:
                     continue
                 self._hold = hold
                 segment = len(self.attempts)  # its place among the segments that ran
-                job_id = self.request_id if not self._sent else f"{self.request_id}~{self._sent}"
+                prefix = self._job_prefix
+                job_id = prefix if not self._sent else f"{prefix}~{self._sent}"
                 self._sent += 1
                 attempt = path.dispatcher.open(
                     slot, job_id=job_id, client=self.principal.client, model=request.model,
@@ -183,7 +192,7 @@ class Fulfilment:
                 if not error.retryable:  # a 4xx is the request's fault, not the worker's
                     raise last_error
                 if not error.overloaded:  # a full worker is back-pressure, not a failure
-                    path.outcomes.finished(attempt, ok=False)
+                    self._worker_failed(attempt)
                 path.count_failover(request.model)
                 if self._sent >= MAX_ATTEMPTS or not request.prefs.allow_fallbacks:
                     raise last_error
@@ -247,8 +256,12 @@ class Fulfilment:
             "stalled" if event is None else event.error.message[:300],
         )
         if workers_fault:
-            self._path.outcomes.finished(attempt, ok=False)
+            self._worker_failed(attempt)
         return workers_fault
+
+    def _worker_failed(self, attempt: Attempt) -> None:
+        self.failed_attempts += 1
+        self._path.outcomes.finished(attempt, ok=False)
 
     # ---------------------------------------------------------------- relay
     async def stream(self) -> AsyncGenerator[tuple[bytes, bool]]:
@@ -257,7 +270,7 @@ class Fulfilment:
         error event, then `[DONE]`."""
         request = self.request
         render = StreamRenderer(request.endpoint, self.response_id, self.created,
-                                request.model, request.wants_token_ids)  # fmt: skip
+                                request.model_shown, request.wants_token_ids)  # fmt: skip
         out: list[bytes] = []
         status = "error"
         try:
@@ -341,7 +354,7 @@ class Fulfilment:
                     request = self.request
                     value = decode_json(event.response)
                     attempt.observed.add(attempt.endpoint, value, streamed=False)
-                    result = whole_response(value, self.response_id, request.model,
+                    result = whole_response(value, self.response_id, request.model_shown,
                                             request.wants_token_ids)  # fmt: skip
                     attempt.first_token_at = attempt.last_token_at = time.monotonic()
                 elif kind == "receipt" and result is not None:
@@ -353,7 +366,7 @@ class Fulfilment:
                 elif kind == "error":
                     attempt.end()
                     if event.error.retryable and not event.error.overloaded:
-                        self._path.outcomes.finished(attempt, ok=False)
+                        self._worker_failed(attempt)
                     raise error_from_job(event.error, self._path.settings.retry_after_s)
                 else:
                     raise UpstreamFailed(f"unexpected {kind} event")
@@ -365,6 +378,17 @@ class Fulfilment:
         if isinstance(result.get("usage"), dict):
             result["usage"].update(self.usage())  # what was billed
         return result
+
+    def ttft_s(self) -> float | None:
+        """From admission to the first token the client got."""
+        first = self.attempts[0].first_token_at if self.attempts else None
+        return None if first is None else first - self.began_at
+
+    def text(self) -> str:
+        """What the client got as its first choice's text, every segment together."""
+        return "".join(
+            c.text for a in self.attempts if (c := a.observed.choices.get(0)) is not None
+        )
 
     # ---------------------------------------------------------------- usage and settlement
     def usage(self) -> dict[str, int]:
@@ -457,3 +481,4 @@ class Fulfilment:
                 self._free_hold()
         unused = self._admitted_tokens - self.usage()["total_tokens"]
         self._path.request_finished(self, status, unused)
+        self.ended.set()

@@ -15,7 +15,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from coordinator.config import CoordinatorSettings
-from coordinator.errors import CoordinatorError, InvalidRequest, ModelNotFound, NoCapacity
+from coordinator.errors import (
+    CoordinatorError,
+    InvalidRequest,
+    ModelNotFound,
+    NoCapacity,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
 from coordinator.observability import Metrics, request_id_var
 from coordinator.services.accounts import Principal
 from coordinator.services.admission import RateLimiter
@@ -23,10 +30,12 @@ from coordinator.services.catalogue import model_cards
 from coordinator.services.decisions import DecisionLog, RouteRecord
 from coordinator.services.metering import Count
 from coordinator.services.registry import ModelSlot, Registry
+from coordinator.services.releases.book import ReleaseBook, Target
 from coordinator.services.request_path.dispatch import Dispatcher
 from coordinator.services.request_path.fulfilment import Fulfilment
 from coordinator.services.request_path.outcomes import AttemptOutcomes
 from coordinator.services.request_path.request import CompletionRequest, prompt_token_bound
+from coordinator.services.request_path.shadow import shadow_copy
 from coordinator.services.reservations import HoldBook
 from coordinator.services.router import Router
 from coordinator.services.routing import Decision
@@ -53,6 +62,7 @@ class RequestPath:
         spot_checker: SpotChecker | None = None,
         trust: Trust | None = None,
         metrics: Metrics | None = None,
+        releases: ReleaseBook | None = None,
         # other coordinators' API URLs for a model (the p2p market's view), for 404 hints
         elsewhere: Callable[[str], list[str]] = lambda _model: [],
     ) -> None:
@@ -68,13 +78,65 @@ class RequestPath:
         self._spot_checker = spot_checker
         self._trust = trust
         self._metrics = metrics
+        self.releases = releases
         self._elsewhere = elsewhere
         self._background: set[asyncio.Future[Any]] = set()
 
     # ---------------------------------------------------------------- the entry point
     async def begin(self, principal: Principal, request: CompletionRequest) -> Fulfilment:
         """Admit a request and dispatch it until a worker answers (raises the client's error
-        if none can); the returned Fulfilment then relays and settles it."""
+        if none can); the returned Fulfilment then relays and settles it.
+
+        The client's `model` may be a release (`name` or `name@version`): its policy picks
+        the version, and a canary that fails before its first token hands the request to
+        the stable version. Then each of the client's fallback `models`, in order."""
+        last: CoordinatorError | None = None
+        tries = 0
+        for model in (request.model, *request.fallbacks):
+            try:
+                targets = self._targets(model, principal)
+            except ModelNotFound as exc:
+                last = exc
+                continue
+            for target in targets:
+                caps = target.version
+                prefs = request.prefs
+                if caps is not None and (caps.max_price_prompt or caps.max_price_completion):
+                    prefs = dataclasses.replace(
+                        prefs,
+                        max_price_prompt=_lower(prefs.max_price_prompt, caps.max_price_prompt),
+                        max_price_completion=_lower(
+                            prefs.max_price_completion, caps.max_price_completion
+                        ),
+                    )
+                one = dataclasses.replace(
+                    request, model=target.serves, shown_model=target.shown, prefs=prefs,
+                    fallbacks=(),
+                )  # fmt: skip
+                tries += 1
+                try:
+                    fulfilment = await self._begin(principal, one, target, tries)
+                except (ModelNotFound, NoCapacity, UpstreamFailed, UpstreamTimeout) as exc:
+                    if self.releases is not None and isinstance(
+                        exc, UpstreamFailed | UpstreamTimeout
+                    ):
+                        self.releases.observe(target, failed=True, ttft_s=None)
+                    last = exc
+                    continue
+                shadow = self.releases.shadow_for(target) if self.releases else None
+                if shadow is not None and self.releases is not None:
+                    self.in_background(shadow_copy(self, fulfilment, shadow, self.releases))
+                return fulfilment
+        assert last is not None
+        raise last
+
+    def _targets(self, model: str, principal: Principal) -> list[Target]:
+        targets = self.releases.targets(model, str(principal.key_id)) if self.releases else None
+        return targets or [Target(model, model)]
+
+    async def _begin(
+        self, principal: Principal, request: CompletionRequest, target: Target, tries: int
+    ) -> Fulfilment:
         pool = self.registry.pool(request.model)
         if not pool:
             others = self._elsewhere(request.model)
@@ -108,7 +170,9 @@ class RequestPath:
                 self._metrics.rate_limited.inc()
             raise
         request_id = request_id_var.get() or uuid.uuid4().hex
-        fulfilment = Fulfilment(self, principal, request, request_id, max_tokens, admitted)
+        prefix = request_id if tries == 1 else f"{request_id}~f{tries - 1}"
+        fulfilment = Fulfilment(self, principal, request, request_id, max_tokens, admitted,
+                                target, prefix)  # fmt: skip
         await fulfilment.begin()
         return fulfilment
 
@@ -163,6 +227,9 @@ class RequestPath:
         self.limiter.refund(str(principal.key_id), principal.limits, unused_tokens)
         if status == "refused":  # never dispatched: the client got an error status
             return
+        if self.releases is not None and fulfilment.target is not None:
+            failed = status != "ok" or fulfilment.failed_attempts > 0
+            self.releases.observe(fulfilment.target, failed=failed, ttft_s=fulfilment.ttft_s())
         if self._metrics:
             self._metrics.requests.labels(request.model, request.endpoint, status).inc()
         if status == "ok":
@@ -198,7 +265,8 @@ class RequestPath:
 
     # ---------------------------------------------------------------- views
     def list_models(self) -> list[dict[str, Any]]:
-        return model_cards(self.registry, self.settlement.tokenizer_fingerprint)
+        releases = self.releases.describe() if self.releases else []
+        return model_cards(self.registry, self.settlement.tokenizer_fingerprint, releases)
 
     def routing_record(self, request_id: str) -> RouteRecord | None:
         return self.decisions.get(request_id)
@@ -207,3 +275,7 @@ class RequestPath:
         """Wait for background work (at shutdown)."""
         while self._background:  # work started by work (a check that then posts) too
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _lower(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)

@@ -23,6 +23,12 @@ class CompletionRequest:
     max_tokens: int | None
     prefs: Preferences = field(default_factory=Preferences)
     wants_token_ids: bool = False  # the client itself asked for return_token_ids
+    fallbacks: tuple[str, ...] = ()  # models to try in order if `model` cannot serve it
+    shown_model: str = ""  # the name responses carry (a release's `name@version`)
+
+    @property
+    def model_shown(self) -> str:
+        return self.shown_model or self.model
 
     @property
     def prompt(self) -> Any:
