@@ -8,6 +8,7 @@ from agora import demo, keys, receipts, simulate
 from agora.bench.cli import app as bench_app
 from coordinator.cli import app as coordinator_app
 from coordinator.ledger_cli import app as ledger_app
+from coordinator.models_cli import app as models_app
 from coordinator.payouts_cli import app as payouts_app
 from coordinator.status_cli import status
 from worker_node.cli import app as worker_app
@@ -22,6 +23,7 @@ app.add_typer(receipts.app, name="receipt")
 app.add_typer(bench_app, name="bench")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(payouts_app, name="payouts")
+app.add_typer(models_app, name="models")
 app.command("demo")(demo.demo)
 app.command("status")(status)
 app.command("simulate")(simulate.simulate)

@@ -18,7 +18,7 @@ console = Console()
 SLOTS = ("workers", "total", "in_use", "free")
 
 
-def _token(token: str | None, data_dir: Path) -> str:
+def admin_token_of(token: str | None, data_dir: Path) -> str:
     if token:
         return token
     path = data_dir / "admin_token"
@@ -76,7 +76,7 @@ def status(
     data_dir: Path = typer.Option(default_data_dir(), help="The coordinator's data directory."),
 ) -> None:
     """The market at a glance: capacity, workers, money, top clients."""
-    token = _token(admin_token, data_dir)
+    token = admin_token_of(admin_token, data_dir)
     try:
         response = httpx.get(f"{url.rstrip('/')}/admin/v1/overview", timeout=30,
                              headers={"Authorization": f"Bearer {token}"})  # fmt: skip

@@ -47,6 +47,7 @@ class FaultProxy:
         self.first_byte_delay_s = 0.0  # hold the response this long before its first byte
         self.event_delay_s = 0.0  # pause after each stream event (a slower engine)
         self.fail_status: int | None = None  # answer every request with this HTTP status
+        self.fail_jobs_status: int | None = None  # … only completions (probes still pass)
         self.stall_after_events: int | None = None  # stop sending (connection open) after N
         self.cut_after_events: int | None = None  # drop the connection after N events
         self.inflate_usage = 0  # add this to the engine's reported prompt and completion tokens
@@ -59,6 +60,7 @@ class FaultProxy:
         self.first_byte_delay_s = 0.0
         self.event_delay_s = 0.0
         self.fail_status = None
+        self.fail_jobs_status = None
         self.stall_after_events = None
         self.cut_after_events = None
         self.inflate_usage = 0
@@ -71,9 +73,10 @@ class FaultProxy:
         if request.method == "POST":
             self.requests += 1  # completions only, not the worker's health and metrics probes
         body = await request.body()
-        if self.fail_status is not None:
+        failing = self.fail_jobs_status if request.method == "POST" else None
+        if self.fail_status is not None or failing is not None:
             error = {"error": {"message": "injected failure", "type": "server_error"}}
-            return JSONResponse(error, status_code=self.fail_status)
+            return JSONResponse(error, status_code=self.fail_status or failing or 500)
         url = f"{self.upstream}{request.url.path}"
         client = httpx.AsyncClient(timeout=None)
         upstream = await client.send(
