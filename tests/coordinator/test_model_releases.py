@@ -119,13 +119,15 @@ def test_a_failing_candidate_is_rolled_back_while_clients_see_no_error(
     after = [served(ask(fleet, key, name)) for _ in range(10)]
     assert set(after) == {f"{name}@v1"}
     versions = {v["version"]: v for v in admin(fleet, "GET", f"/{name}")["versions"]}
-    assert versions["v3"]["weight"] == 0 and versions["v3"]["window"]["failed"] >= 3
+    assert versions["v3"]["weight"] == 0
+    assert versions["v3"]["window"]["failed"] >= 3
     metric = f'agora_release_rollbacks_total{{model="{name}",trigger="automatic",version="v3"}}'
     assert scrape(fleet).get(metric) == 1
     result = CliRunner().invoke(cli, ["models", "history", name, "--json", *_cli_args(fleet)])
     assert result.exit_code == 0, result.output
     events = json.loads(result.output)
-    assert events[0]["kind"] == "rolled_back" and events[0]["actor"] == "auto-rollback"
+    assert events[0]["kind"] == "rolled_back"
+    assert events[0]["actor"] == "auto-rollback"
     assert "error rate 100.0%" in events[0]["detail"]["reason"]
     with fleet.coordinator.admin() as client:
         audit = client.get("/audit", params={"limit": 20}).json()["events"]
@@ -156,7 +158,8 @@ def test_shadow_copies_reach_neither_the_client_nor_the_ledger(
         receipt = httpx.get(f"{fleet.coordinator.base_url}/receipts/{r.json()['id']}",
                             headers={"Authorization": f"Bearer {key}"}).json()  # fmt: skip
         assert receipt["receipt"]["worker_id"] == r.headers["x-agora-worker"]
-        assert receipt["continuations"] == [] and receipt["unsigned_segments"] == []
+        assert receipt["continuations"] == []
+        assert receipt["unsigned_segments"] == []
     assert client
 
 
@@ -172,9 +175,11 @@ def test_fallback_models_are_tried_in_order_and_billed_at_their_price(
     assert receipt["receipt"]["model"] == "tiny-v2"
     assert receipt["receipt"]["request_id"].endswith("~f2")  # the third model tried
     none = ask(fleet, key, "nobody-serves-this", models=["nor-this"])
-    assert none.status_code == 404 and none.json()["error"]["code"] == "model_not_found"
+    assert none.status_code == 404
+    assert none.json()["error"]["code"] == "model_not_found"
     bad = ask(fleet, key, "tiny", models="tiny-v2")
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "models"
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "models"
 
 
 def test_a_pinned_version_and_the_catalogue_in_the_model_list(
@@ -185,7 +190,10 @@ def test_a_pinned_version_and_the_catalogue_in_the_model_list(
     assert served(ask(fleet, key, f"{name}@v2")) == f"{name}@v2"  # weight 0, asked for by name
     missing = ask(fleet, key, f"{name}@v9")
     assert (
-        missing.status_code == 404 and "has no version `v9`" in missing.json()["error"]["message"]
+        missing.status_code == 404
+    )
+    assert (
+        "has no version `v9`" in missing.json()["error"]["message"]
     )
     listed = httpx.get(f"{fleet.coordinator.base_url}/models",
                        headers={"Authorization": f"Bearer {key}"}).json()["data"]  # fmt: skip
