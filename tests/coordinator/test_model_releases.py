@@ -190,12 +190,8 @@ def test_a_pinned_version_and_the_catalogue_in_the_model_list(
     _client, key = fleet.client()
     assert served(ask(fleet, key, f"{name}@v2")) == f"{name}@v2"  # weight 0, asked for by name
     missing = ask(fleet, key, f"{name}@v9")
-    assert (
-        missing.status_code == 404
-    )
-    assert (
-        "has no version `v9`" in missing.json()["error"]["message"]
-    )
+    assert missing.status_code == 404
+    assert "has no version `v9`" in missing.json()["error"]["message"]
     listed = httpx.get(f"{fleet.coordinator.base_url}/models",
                        headers={"Authorization": f"Bearer {key}"}).json()["data"]  # fmt: skip
     card = next(m for m in listed if m["id"] == name)
