@@ -273,3 +273,23 @@ def test_operator_dashboard_shows_the_p2p_market(dash: Dash, page: Page) -> None
     expect(page.get_by_test_id(f"coord-{peer_id}-api")).to_have_text(dash.peer.base_url,
                                                                       timeout=30_000)  # fmt: skip
     assert text(page, f"coord-{peer_id}-workers") == "0"
+
+
+def test_the_operator_sees_each_release_and_its_rollback(dash: Dash, page: Page) -> None:
+    with dash.coordinator.admin() as admin:
+        versions = [{"version": "v1", "serves": MODEL}, {"version": "v2", "serves": MODEL}]
+        admin.post("/models", json={"name": "assistant", "versions": versions}).raise_for_status()
+        release = {"weights": {"v1": 90, "v2": 10}}
+        admin.post("/models/assistant/release", json=release).raise_for_status()
+    sign_in_operator(page, dash)
+    expect(page.get_by_test_id("release-state-assistant-v2")).to_have_text("active")
+    expect(page.get_by_test_id("release-share-assistant-v2")).to_have_text("10 %")
+    with dash.coordinator.admin() as admin:
+        body = {"version": "v2", "reason": "answers in the wrong language"}
+        admin.post("/models/assistant/rollback", json=body).raise_for_status()
+    # live: the page shows the rollback and why without a reload
+    expect(page.get_by_test_id("release-state-assistant-v2")).to_have_text("rolled_back",
+                                                                           timeout=15_000)  # fmt: skip
+    expect(page.get_by_test_id("release-share-assistant-v1")).to_have_text("100 %")
+    expect(page.get_by_test_id("release-note-assistant-v2")).to_contain_text("wrong language")
+    shot(page, "dashboard-releases")

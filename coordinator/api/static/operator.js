@@ -43,6 +43,24 @@ function workers(list) {
     ["ITL", "num"], ["Reputation"], ["Missed (full)", "num"], ["Last seen", "num"]], rows, "no workers connected"));
 }
 
+function releases(models) {  // GET /admin/v1/models: versions, shares, how each is doing
+  const rows = [];
+  for (const m of models) {
+    for (const v of m.versions) {
+      const state = el("span", { class: "pill " + (v.state === "active" ? "idle" : "quarantined") }, v.state);
+      const w = v.window, s = v.shadow;
+      const shadow = s ? `${s.requests} copies, ${s.failed} failed, ${s.agreed}/${s.compared} same text` : "—";
+      rows.push([[m.name + (m.sticky ? " (A/B)" : "")], [v.version + (v.stable ? " ★" : ""), "", `release-${m.name}-${v.version}`],
+        [v.serves, "mono"], [(v.share * 100).toFixed(0) + " %", "num", `release-share-${m.name}-${v.version}`],
+        [state, "", `release-state-${m.name}-${v.version}`],
+        [w.requests, "num"], [(w.error_rate * 100).toFixed(1) + " %", "num"],
+        [w.ttft_p95_ms == null ? "—" : w.ttft_p95_ms.toFixed(0) + " ms", "num"], [shadow], [v.note || "", "wrap", `release-note-${m.name}-${v.version}`]]);
+    }
+  }
+  fill("releases", table([["Model"], ["Version"], ["Serves"], ["Share", "num"], ["State"], ["Requests", "num"],
+    ["Errors", "num"], ["TTFT p95", "num"], ["Shadow"], ["Last change"]], rows, "no models in the catalogue (agora models create)"));
+}
+
 function network(n) {  // GET /admin/v1/network: the other coordinators this one hears on gossip
   if (!n.enabled) {
     fill("network", el("p", { class: "empty", "data-testid": "network-off" },
@@ -96,8 +114,9 @@ function routing(records) {
 }
 
 Agora.every(2000, async () => {
-  const [o, n] = await Promise.all([Agora.getJson("/admin/v1/overview"), Agora.getJson("/admin/v1/network")]);
+  const [o, n, r] = await Promise.all([Agora.getJson("/admin/v1/overview"), Agora.getJson("/admin/v1/network"),
+    Agora.getJson("/admin/v1/models")]);
   kpis(o); capacity(o.capacity.by_model, "model", "capacity-model"); capacity(o.capacity.by_gpu, "gpu", "capacity-gpu");
-  workers(o.workers); network(n); traffic(o.traffic); money(o); routing(o.routing);
+  workers(o.workers); releases(r.models); network(n); traffic(o.traffic); money(o); routing(o.routing);
   document.getElementById("updated").textContent = "updated " + new Date(o.at * 1000).toLocaleTimeString();
 });

@@ -72,6 +72,7 @@ class ReleaseBook:
         self._releases: dict[str, Release] = {}
         self._windows: dict[tuple[str, str], Window] = {}
         self._shadows: dict[tuple[str, str], ShadowTally] = {}
+        self._notes: dict[tuple[str, str], str] = {}  # the last change of a version, and why
         self._changes = asyncio.Lock()  # operators' changes, one at a time
         self._generation = 0  # bumped by every change made here
         self._writes: set[asyncio.Task[None]] = set()  # rollbacks being written
@@ -211,6 +212,7 @@ class ReleaseBook:
         """Take the version out of traffic at once; the database learns in the background."""
         rolled = _with_versions(release, {version: dict(weight=0, state=ROLLED_BACK)})
         self._releases[release.name] = rolled
+        self._notes[(release.name, version)] = f"rolled back automatically: {reason}"
         self._generation += 1
         log.warning("model %s: version %s rolled back: %s", release.name, version, reason)
         if self._metrics:
@@ -249,6 +251,7 @@ class ReleaseBook:
                     "max_price": {"prompt_per_mtok": v.max_price_prompt,
                                   "completion_per_mtok": v.max_price_completion},
                     "window": self._window(release, v.version).stats(now).as_dict(),
+                    "note": self._notes.get((release.name, v.version), ""),
                 }  # fmt: skip
                 tally = self._shadows.get((release.name, v.version))
                 if tally is not None:
@@ -381,6 +384,8 @@ class ReleaseBook:
                 v.version for v in release.versions if v.version != release.stable
             ]  # fmt: skip
             changes = {v: {"weight": 0, "state": ROLLED_BACK} for v in targets}
+            for v in targets:
+                self._notes[(name, v)] = f"rolled back by {actor}: {reason}"
             changes.setdefault(release.stable, {})
             if not any(v.weight for v in release.versions if v.version not in targets):
                 changes[release.stable]["weight"] = 100  # the stable version takes it all
