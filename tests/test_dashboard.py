@@ -288,8 +288,8 @@ def test_the_operator_sees_each_release_and_its_rollback(dash: Dash, page: Page)
         body = {"version": "v2", "reason": "answers in the wrong language"}
         admin.post("/models/assistant/rollback", json=body).raise_for_status()
     # live: the page shows the rollback and why without a reload
-    expect(page.get_by_test_id("release-state-assistant-v2")).to_have_text("rolled_back",
-                                                                           timeout=15_000)  # fmt: skip
+    state = page.get_by_test_id("release-state-assistant-v2")
+    expect(state).to_have_text("rolled_back", timeout=15_000)
     expect(page.get_by_test_id("release-share-assistant-v1")).to_have_text("100 %")
     expect(page.get_by_test_id("release-note-assistant-v2")).to_contain_text("wrong language")
     shot(page, "dashboard-releases")
