@@ -18,6 +18,7 @@ from rich.table import Table
 from simulations.fleet import make_fleet
 from simulations.market import simulate as run_market
 from simulations.policies import POLICIES
+from simulations.release import ReleaseScenario, simulate_release
 from simulations.report import metrics, oracle, plot
 from simulations.workload import mean_job_tokens, requests
 
@@ -38,8 +39,20 @@ def simulate(
     utilization: float = typer.Option(0.6, help="Offered load as a share of fleet slots."),
     seed: int = typer.Option(1, help="Seed of the fleet and the workload."),
     out: Path = typer.Option(Path("bench/results/simulation"), help="Results folder."),
-) -> None:
-    """Compare routing policies on the same seeded market; table, JSON and PNG plots."""
+    scenario: str = typer.Option(
+        "routing", help="routing: policies compared; release: a bad canary, with and without "
+        "automatic rollback.",
+    ),
+    canary: float = typer.Option(0.05, help="release: the candidate's share of requests."),
+    fail_rate: float = typer.Option(0.2, help="release: the share of its jobs a bad build fails."),
+) -> None:  # fmt: skip
+    """Compare routing policies on the same seeded market (table, JSON and PNG plots), or play
+    a model release (`--scenario release`)."""
+    if scenario == "release":
+        release_report(workers, duration, utilization, seed, out, canary, fail_rate)
+        return
+    if scenario != "routing":
+        raise typer.BadParameter("--scenario is routing or release")
     sizes = [int(s) for s in workers.split(",") if s.strip()]
     spans = [float(d) for d in duration.split(",") if d.strip()]
     if len(spans) not in (1, len(sizes)):
@@ -98,3 +111,39 @@ def simulate(
                       f(r["earnings_gini"], ".2f"))  # fmt: skip
     console.print(table)
     console.print(f"written: {out / 'results.json'}, {', '.join(map(str, charts))}")
+
+
+def release_report(
+    workers: str, duration: str, utilization: float, seed: int, out: Path, canary: float,
+    fail_rate: float,
+) -> None:  # fmt: skip
+    """A bad candidate at a canary share: what it fails before the rollback rule acts, how
+    long that takes, against the same traffic with no rollback."""
+    scenario = ReleaseScenario(canary_share=canary, candidate_fail_rate=fail_rate)
+    rows = []
+    span = float(duration.split(",")[0])
+    for size in [int(s) for s in workers.split(",") if s.strip()]:
+        probe = make_fleet(size, random.Random(seed))
+        prompt, output = mean_job_tokens()
+        prefill = statistics.fmean(prompt / w.gpu.prefill_tok_s for w in probe)
+        decode = statistics.fmean(output * w.gpu.itl_s * 1.3 for w in probe)
+        rate = arrival_rate(sum(w.gpu.slots for w in probe), utilization, prefill, decode)
+        arrivals = list(requests(rate, span, random.Random(seed + 1)))
+        for rollback in (True, False):
+            fleet = make_fleet(size, random.Random(seed))
+            run = simulate_release(fleet, arrivals, span, scenario, rollback=rollback,
+                                   seed=seed + 3)  # fmt: skip
+            rows.append({"workers": size, "rate_per_s": rate, "duration_s": span,
+                         "canary_share": canary, "candidate_fail_rate": fail_rate,
+                         **run.as_dict()})  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "release.json").write_text(json.dumps({"seed": seed, "rows": rows}, indent=2) + "\n")
+    table = Table("workers", "rollback", "requests", "to candidate", "candidate failed",
+                  "client errors", "rolled back at", title="A bad canary")  # fmt: skip
+    for r in rows:
+        at = r["rolled_back_at_s"]
+        table.add_row(f"{r['workers']:,}", "on" if r["rollback"] else "off", f"{r['requests']:,}",
+                      f"{r['candidate_requests']:,}", f"{r['candidate_failures']:,}",
+                      f"{r['client_errors']:,}", "—" if at is None else f"{at:.1f} s")  # fmt: skip
+    console.print(table)
+    console.print(f"written: {out / 'release.json'}")

@@ -54,6 +54,8 @@ class RollbackSpec(BaseModel):
     ttft_ratio: float = Field(default=2.0, ge=1)
     window_s: float = Field(default=300.0, gt=0)
     min_requests: int = Field(default=20, ge=1)
+    alpha: float = Field(default=0.001, gt=0, lt=1)
+    latency_min_requests: int = Field(default=100, ge=1)
 
     def value(self) -> RollbackPolicy:
         return RollbackPolicy(**self.model_dump())

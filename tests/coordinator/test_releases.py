@@ -66,12 +66,15 @@ def stats(requests: int, failed: int, p95: float | None = 0.1) -> WindowStats:
     ("candidate", "stable", "rolled"),
     [
         (stats(19, 19), stats(100, 0), False),  # below the minimum sample
-        (stats(20, 1), stats(100, 0), True),  # 5 % > 1 %, stable 0 %
+        (stats(20, 4), stats(100, 0), True),  # 20 % > 1 %, stable 0 %
+        (stats(20, 1), stats(100, 0), False),  # 5 %, but 1 in 20 may be chance at 1 %
         (stats(100, 1), stats(100, 0), False),  # 1 % is not above 1 %
         (stats(100, 5), stats(100, 3), False),  # 5 % < 2 x 3 %
-        (stats(100, 6), stats(100, 3), True),
-        (stats(20, 0, 0.5), stats(20, 0, 0.2), True),  # TTFT p95 2.5x stable
-        (stats(20, 0, 0.5), stats(5, 0, 0.2), False),  # stable's sample too small to compare
+        (stats(100, 12), stats(100, 3), True),
+        (stats(20, 3), stats(200, 9), False),  # 15 % vs 4.5 %: 3 in 20 happens by chance
+        (stats(100, 0, 0.5), stats(100, 0, 0.2), True),  # TTFT p95 2.5x stable
+        (stats(99, 0, 0.5), stats(200, 0, 0.2), False),  # a p95 of 99 samples is too noisy
+        (stats(100, 0, 0.5), stats(50, 0, 0.2), False),  # and so is the stable's
     ],
 )
 def test_rollback_rule(candidate: WindowStats, stable: WindowStats, rolled: bool) -> None:

@@ -34,12 +34,17 @@ class RollbackPolicy:
     ttft_ratio: float = 2.0  # or with a TTFT p95 this many times the stable version's,
     window_s: float = 300.0  # over this sliding window,
     min_requests: int = 20  # with at least this many requests in it, is rolled back
+    # the error rule must hold beyond chance: at most this probability that a version as
+    # good as the stable one shows that many failures (the rule looks after every request)
+    alpha: float = 0.001
+    latency_min_requests: int = 100  # a p95 needs more samples than an error rate
 
     def as_dict(self) -> dict[str, float | int]:
         return {
             "error_rate": self.error_rate, "error_ratio": self.error_ratio,
             "ttft_ratio": self.ttft_ratio, "window_s": self.window_s,
-            "min_requests": self.min_requests,
+            "min_requests": self.min_requests, "alpha": self.alpha,
+            "latency_min_requests": self.latency_min_requests,
         }  # fmt: skip
 
 
