@@ -96,7 +96,7 @@ def test_a_bad_canary_is_rolled_back_in_seconds_and_a_good_one_is_left_alone() -
     runs = {
         rollback: simulate_release(
             make_fleet(200, random.Random(1)), arrivals, 30, scenario, rollback=rollback, seed=3
-        )  # fmt: skip
+        )
         for rollback in (True, False)
     }
     rolled, baseline = runs[True], runs[False]
