@@ -19,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine
-
 from coordinator.errors import InvalidRequest, ModelNotFound, NotFound
 from coordinator.observability import Metrics
 from coordinator.services.releases.health import Window, WindowStats, rollback_reason
@@ -36,6 +34,7 @@ from coordinator.services.releases.policy import (
     sticky_draw,
 )
 from coordinator.store import releases_store
+from coordinator.store.db import Engine
 
 log = logging.getLogger("agora.coordinator.releases")
 AUTO = "auto-rollback"
