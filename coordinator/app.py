@@ -132,8 +132,9 @@ class Coordinator:
         )
         rng = random.Random()
         self.releases = ReleaseBook(
-            self.db, metrics=self.metrics, rng=rng, refresh_s=settings.catalogue_refresh_s
-        )
+            self.db, metrics=self.metrics, rng=rng, refresh_s=settings.catalogue_refresh_s,
+            tokenizer_of=self.settlement.tokenizer_fingerprint,
+        )  # fmt: skip
         self.releases.load()
         dispatcher = Dispatcher(settings.first_token_timeout_s)
         checks = CheckPolicy(

@@ -160,6 +160,20 @@ async def test_operators_changes_are_checked(book: ReleaseBook) -> None:
     assert book.targets("tiny", "k") is None  # not a catalogue name: served as asked
 
 
+async def test_a_pinned_tokenizer_must_be_the_one_the_network_recounts_with(
+    engine: Engine,
+) -> None:
+    digest = "a" * 64
+    book = ReleaseBook(engine, tokenizer_of=lambda served: digest if served == "tiny-v1" else None)
+    pinned = [Version("", "v1", "tiny-v1", tokenizer_sha256=digest)]
+    await book.create("chat", pinned, "v1", "test")
+    with pytest.raises(InvalidRequest, match="recounts `tiny-v2` with none"):
+        await book.add_version("chat", Version("", "v2", "tiny-v2", tokenizer_sha256=digest), "t")
+    wrong = [Version("", "v1", "tiny-v1", tokenizer_sha256="b" * 64)]
+    with pytest.raises(InvalidRequest, match="pins tokenizer"):
+        await book.create("other", wrong, "v1", "test")
+
+
 async def test_promotion_moves_all_traffic_and_keeps_history(book: ReleaseBook) -> None:
     await book.create("chat", versions(95, 5), "v1", "test")
     await book.promote("chat", "v2", "test")

@@ -62,8 +62,12 @@ class ReleaseBook:
     def __init__(
         self, db: Engine, *, metrics: Metrics | None = None, rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic, refresh_s: float = 2.0,
+        tokenizer_of: Callable[[str], str | None] = lambda _served: None,
     ) -> None:  # fmt: skip
         self._db = db
+        self._tokenizer_of = (
+            tokenizer_of  # the digest of the tokenizer a served model recounts with
+        )
         self._metrics = metrics
         self._rng = rng or random.Random()
         self._clock = clock
@@ -286,6 +290,8 @@ class ReleaseBook:
                     "Versions must have distinct names and include the stable one.",
                     param="versions",
                 )
+            for v in versions:
+                self._check_tokenizer(v)
             versions = [dataclasses.replace(v, model=name, state=ACTIVE) for v in versions]
             if not any(v.weight for v in versions):  # the stable version takes everything
                 versions = [dataclasses.replace(v, weight=100 if v.version == stable else 0)
@@ -300,6 +306,7 @@ class ReleaseBook:
             if release.version(version.version) is not None:
                 raise InvalidRequest(f"`{name}` already has a version `{version.version}`.",
                                      param="version")  # fmt: skip
+            self._check_tokenizer(version)
             added = dataclasses.replace(version, model=name, weight=0, state=ACTIVE)
             changed = dataclasses.replace(release, versions=(*release.versions, added))
             await self._save(changed, "version_added", added.version, actor,
@@ -400,6 +407,20 @@ class ReleaseBook:
         self._existing(name)
         await self.drain()  # an automatic rollback just decided is in the history
         return await asyncio.to_thread(releases_store.history, self._db, name, limit)
+
+    def _check_tokenizer(self, version: Version) -> None:
+        """A version that pins a tokenizer is metered with exactly that one."""
+        pinned = version.tokenizer_sha256
+        if pinned is None:
+            return
+        actual = self._tokenizer_of(version.serves)
+        if actual != pinned:
+            found = f"`{actual}`" if actual else "none (AGORA_COORDINATOR_TOKENIZERS)"
+            raise InvalidRequest(
+                f"Version `{version.version}` pins tokenizer {pinned}, but the coordinator "
+                f"recounts `{version.serves}` with {found}.",
+                param="tokenizer_sha256",
+            )
 
     def _existing(self, name: str) -> Release:
         release = self._releases.get(name)
