@@ -74,6 +74,13 @@ class RateLimiter:
         for _what, bucket, amount in checks:
             bucket.level -= amount
 
+    def refund_request(self, key: str, limits: Limits) -> None:
+        """Give back the request taken at admission (it is tried again as another model, and
+        counts once)."""
+        if limits.rpm is not None:
+            bucket = self._bucket(key, "rpm", limits.rpm)
+            bucket.level = min(bucket.capacity, bucket.level + 1.0)
+
     def refund(self, key: str, limits: Limits, tokens: int) -> None:
         """Give back tokens charged at admission but not used."""
         if limits.tpm is not None and tokens > 0:

@@ -178,6 +178,10 @@ def test_fallback_models_are_tried_in_order_and_billed_at_their_price(
     none = ask(fleet, key, "nobody-serves-this", models=["nor-this"])
     assert none.status_code == 404
     assert none.json()["error"]["code"] == "model_not_found"
+    _client, limited = fleet.client(rpm_limit=2)  # a request tried as three models counts once
+    assert served(ask(fleet, limited, "nobody-serves-this", models=["tiny-bad", "tiny-v2"]))
+    assert served(ask(fleet, limited, "tiny-v2")) == "tiny-v2"
+    assert ask(fleet, limited, "tiny-v2").status_code == 429
     bad = ask(fleet, key, "tiny", models="tiny-v2")
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "models"

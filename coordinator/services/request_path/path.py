@@ -92,6 +92,7 @@ class RequestPath:
         the stable version. Then each of the client's fallback `models`, in order."""
         last: CoordinatorError | None = None
         tries = 0
+        admitted = False  # an earlier try took the request from the key's per-minute limit
         for model in (request.model, *request.fallbacks):
             try:
                 targets = self._targets(model, principal)
@@ -99,28 +100,19 @@ class RequestPath:
                 last = exc
                 continue
             for target in targets:
-                caps = target.version
-                prefs = request.prefs
-                if caps is not None and (caps.max_price_prompt or caps.max_price_completion):
-                    prefs = dataclasses.replace(
-                        prefs,
-                        max_price_prompt=_lower(prefs.max_price_prompt, caps.max_price_prompt),
-                        max_price_completion=_lower(
-                            prefs.max_price_completion, caps.max_price_completion
-                        ),
-                    )
-                one = dataclasses.replace(
-                    request, model=target.serves, shown_model=target.shown, prefs=prefs,
-                    fallbacks=(),
-                )  # fmt: skip
                 tries += 1
+                if admitted:  # the last try was admitted: this one counts the request instead
+                    self.limiter.refund_request(str(principal.key_id), principal.limits)
+                    admitted = False
                 try:
+                    one = _as_target(request, target)
                     fulfilment = await self._begin(principal, one, target, tries)
                 except (ModelNotFound, NoCapacity, UpstreamFailed, UpstreamTimeout) as exc:
                     if self.releases is not None and isinstance(
                         exc, UpstreamFailed | UpstreamTimeout
                     ):
                         self.releases.observe(target, failed=True, ttft_s=None)
+                    admitted = not isinstance(exc, ModelNotFound)
                     last = exc
                     continue
                 shadow = self.releases.shadow_for(target) if self.releases else None
@@ -275,6 +267,21 @@ class RequestPath:
         """Wait for background work (at shutdown)."""
         while self._background:  # work started by work (a check that then posts) too
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _as_target(request: CompletionRequest, target: Target) -> CompletionRequest:
+    """The request as one target serves it: its served model, the name the client sees, and
+    the version's price caps over the client's own."""
+    prefs, version = request.prefs, target.version
+    if version is not None and (version.max_price_prompt or version.max_price_completion):
+        prefs = dataclasses.replace(
+            prefs,
+            max_price_prompt=_lower(prefs.max_price_prompt, version.max_price_prompt),
+            max_price_completion=_lower(prefs.max_price_completion, version.max_price_completion),
+        )
+    return dataclasses.replace(
+        request, model=target.serves, shown_model=target.shown, prefs=prefs, fallbacks=()
+    )
 
 
 def _lower(a: int | None, b: int | None) -> int | None:
