@@ -24,6 +24,11 @@ class ModelOffer:
     quantization: str = ""  # e.g. "awq", "fp8"; "" = none
     lora_adapters: tuple[str, ...] = ()  # adapter names servable as models too
     engine: str = ""  # e.g. "vllm 0.24.0"
+    # registered adapters (by sha256) the node loads on demand: how many it holds at once
+    # (0: none), and what a job with one costs (None: the base model's prices)
+    max_loras: int = 0
+    adapter_price_prompt_per_mtok: int | None = None
+    adapter_price_completion_per_mtok: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -32,6 +37,22 @@ class ModelOffer:
             raise MalformedMessage("max_concurrency must be at least 1")
         if self.price_prompt_per_mtok < 0 or self.price_completion_per_mtok < 0:
             raise MalformedMessage("prices cannot be negative")
+        if self.max_loras < 0:
+            raise MalformedMessage("max_loras cannot be negative")
+        adapter_prices = (self.adapter_price_prompt_per_mtok, self.adapter_price_completion_per_mtok)
+        if any(p is not None and p < 0 for p in adapter_prices):
+            raise MalformedMessage("prices cannot be negative")
+
+    def prices(self, adapter: str = "") -> tuple[int, int]:
+        """(prompt, completion) per 1M tokens for a job, with a LoRA adapter or without."""
+        if not adapter:
+            return self.price_prompt_per_mtok, self.price_completion_per_mtok
+        prompt = self.adapter_price_prompt_per_mtok
+        completion = self.adapter_price_completion_per_mtok
+        return (
+            self.price_prompt_per_mtok if prompt is None else prompt,
+            self.price_completion_per_mtok if completion is None else completion,
+        )
 
 
 @dataclass(frozen=True)
@@ -45,7 +66,7 @@ class Advert:
 
     def to_bytes(self) -> bytes:
         value = asdict(self)
-        value["models"] = [asdict(m) for m in self.models]
+        value["models"] = [_offer_fields(m) for m in self.models]
         return canonical_json(value)
 
     @classmethod
@@ -62,6 +83,23 @@ class Advert:
 
     def offer(self, model: str) -> ModelOffer | None:
         return next((m for m in self.models if m.name == model), None)
+
+
+_LORA_DEFAULTS = {
+    "max_loras": 0,
+    "adapter_price_prompt_per_mtok": None,
+    "adapter_price_completion_per_mtok": None,
+}
+
+
+def _offer_fields(offer: ModelOffer) -> dict[str, Any]:
+    """An offer's signed fields; the LoRA ones only when set, so offers without adapters keep
+    the form every earlier coordinator reads."""
+    value = asdict(offer)
+    for name, default in _LORA_DEFAULTS.items():
+        if value[name] == default:
+            del value[name]
+    return value
 
 
 def registration_message(nonce: bytes, advert_bytes: bytes) -> bytes:

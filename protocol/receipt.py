@@ -40,14 +40,23 @@ class Receipt:
     finished_at_ms: int
     finish_reason: str
     version: int = RECEIPT_VERSION
+    # SHA-256 of the LoRA adapter the job ran with; "" (and absent from the signed bytes, so
+    # receipts of base-model jobs keep their form) when it ran the base model
+    adapter_sha256: str = ""
 
     def to_bytes(self) -> bytes:
-        return canonical_json(asdict(self))
+        value = asdict(self)
+        if not self.adapter_sha256:
+            del value["adapter_sha256"]
+        return canonical_json(value)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Receipt:
         value = parse_canonical(data)
         expected = {f.name for f in fields(cls)}
+        if "adapter_sha256" in value and not value["adapter_sha256"]:
+            raise MalformedMessage("receipt field adapter_sha256 is present but empty")
+        value.setdefault("adapter_sha256", "")
         if set(value) != expected:
             missing, extra = expected - set(value), set(value) - expected
             raise MalformedMessage(f"receipt fields differ: missing {missing}, extra {extra}")

@@ -209,3 +209,15 @@ class ReleaseEvent(SQLModel, table=True):
     actor: str = Field(max_length=200)
     detail: str = Field(default="{}", sa_column=Column(Text, nullable=False))  # JSON
     at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class LoraAdapter(SQLModel, table=True):
+    """A LoRA adapter registered for workers to fetch: its canonical archive
+    (protocol.adapter), addressed by the archive's SHA-256."""
+
+    sha256: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=200)  # what operators call it (not unique: versions differ)
+    base_model: str = Field(max_length=200)  # the served model it applies to
+    size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
+    archive: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)

@@ -13,6 +13,7 @@ from coordinator.store.models import (
     CreditHold,
     LedgerPosting,
     LedgerTransaction,
+    LoraAdapter,
     MeteringMismatch,
     ModelRelease,
     ModelVersion,
@@ -43,3 +44,4 @@ UNSIGNED: Table = UnsignedSegment.__table__  # type: ignore[attr-defined]
 RELEASES: Table = ModelRelease.__table__  # type: ignore[attr-defined]
 VERSIONS: Table = ModelVersion.__table__  # type: ignore[attr-defined]
 RELEASE_EVENTS: Table = ReleaseEvent.__table__  # type: ignore[attr-defined]
+ADAPTERS: Table = LoraAdapter.__table__  # type: ignore[attr-defined]

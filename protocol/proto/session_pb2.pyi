@@ -62,6 +62,7 @@ class WorkerMessage(_message.Message):
     JOB_EVENT_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     JOB_EVENTS_FIELD_NUMBER: _builtins.int
+    ADAPTER_WANTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -76,6 +77,12 @@ class WorkerMessage(_message.Message):
     def job_events(self) -> Global___JobEventBatch:
         """several events sent together (under load, one gRPC"""
 
+    @_builtins.property
+    def adapter_wanted(self) -> Global___AdapterWanted:
+        """message carries many jobs' tokens)
+        send me this registered LoRA adapter
+        """
+
     def __init__(
         self,
         *,
@@ -85,12 +92,13 @@ class WorkerMessage(_message.Message):
         job_event: Global___JobEvent | None = ...,
         drain: Global___Drain | None = ...,
         job_events: Global___JobEventBatch | None = ...,
+        adapter_wanted: Global___AdapterWanted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "job_events", b"job_events", "kind", b"kind", "register", b"register"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter_wanted", b"adapter_wanted", "drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "job_events", b"job_events", "kind", b"kind", "register", b"register"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "job_events", b"job_events", "kind", b"kind", "register", b"register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_wanted", b"adapter_wanted", "drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "job_events", b"job_events", "kind", b"kind", "register", b"register"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "register", "heartbeat", "job_event", "drain", "job_events"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "register", "heartbeat", "job_event", "drain", "job_events", "adapter_wanted"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -104,6 +112,7 @@ class CoordinatorMessage(_message.Message):
     REGISTERED_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    ADAPTER_PART_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def challenge(self) -> Global___Challenge: ...
     @_builtins.property
@@ -112,6 +121,10 @@ class CoordinatorMessage(_message.Message):
     def job(self) -> Global___Job: ...
     @_builtins.property
     def cancel(self) -> Global___CancelJob: ...
+    @_builtins.property
+    def adapter_part(self) -> Global___AdapterPart:
+        """a piece of an adapter a worker asked for"""
+
     def __init__(
         self,
         *,
@@ -119,16 +132,72 @@ class CoordinatorMessage(_message.Message):
         registered: Global___Registered | None = ...,
         job: Global___Job | None = ...,
         cancel: Global___CancelJob | None = ...,
+        adapter_part: Global___AdapterPart | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "challenge", b"challenge", "job", b"job", "kind", b"kind", "registered", b"registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter_part", b"adapter_part", "cancel", b"cancel", "challenge", b"challenge", "job", b"job", "kind", b"kind", "registered", b"registered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "challenge", b"challenge", "job", b"job", "kind", b"kind", "registered", b"registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_part", b"adapter_part", "cancel", b"cancel", "challenge", b"challenge", "job", b"job", "kind", b"kind", "registered", b"registered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["challenge", "registered", "job", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["challenge", "registered", "job", "cancel", "adapter_part"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___CoordinatorMessage: _TypeAlias = CoordinatorMessage  # noqa: Y015
+
+@_typing.final
+class AdapterWanted(_message.Message):
+    """LoRA adapters travel over this authenticated session, content-addressed: the worker asks
+    by SHA-256 of the adapter's canonical archive (protocol.adapter) and checks the bytes it
+    got against that hash before it unpacks or loads anything.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterWanted: _TypeAlias = AdapterWanted  # noqa: Y015
+
+@_typing.final
+class AdapterPart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    data: _builtins.bytes
+    """the next piece of the archive (up to 1 MiB)"""
+    last: _builtins.bool
+    """the archive is complete after this piece"""
+    error: _builtins.str
+    """set (and last) when the coordinator cannot send it"""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        last: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "error", b"error", "last", b"last", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterPart: _TypeAlias = AdapterPart  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -275,6 +344,7 @@ class ModelLoad(_message.Message):
     JOBS_FIELD_NUMBER: _builtins.int
     JOBS_ELSEWHERE_FIELD_NUMBER: _builtins.int
     REAPED_ORPHAN_PID_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     running: _builtins.int
     """requests the engine is running (its own metrics)"""
@@ -290,6 +360,10 @@ class ModelLoad(_message.Message):
     """jobs for the model the node runs for its other coordinators"""
     reaped_orphan_pid: _builtins.int
     """an engine a dead node left running, killed at start (0: none)"""
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """SHA-256 of the LoRA adapters loaded in the engine now"""
+
     def __init__(
         self,
         *,
@@ -301,10 +375,11 @@ class ModelLoad(_message.Message):
         jobs: _builtins.int = ...,
         jobs_elsewhere: _builtins.int = ...,
         reaped_orphan_pid: _builtins.int = ...,
+        adapters: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "jobs", b"jobs", "jobs_elsewhere", b"jobs_elsewhere", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "reaped_orphan_pid", b"reaped_orphan_pid", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "available", b"available", "jobs", b"jobs", "jobs_elsewhere", b"jobs_elsewhere", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "reaped_orphan_pid", b"reaped_orphan_pid", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,6 +442,7 @@ class Job(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
     DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     """the advertised model name"""
@@ -377,6 +453,8 @@ class Job(_message.Message):
     """coordinator nonce the receipt must carry"""
     deadline_ms: _builtins.int
     """unix ms after which the coordinator has given up"""
+    adapter_sha256: _builtins.str
+    """run with this LoRA adapter on `model` ("" = the base model)"""
     def __init__(
         self,
         *,
@@ -386,10 +464,11 @@ class Job(_message.Message):
         body: _builtins.bytes = ...,
         nonce: _builtins.bytes = ...,
         deadline_ms: _builtins.int = ...,
+        adapter_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "deadline_ms", b"deadline_ms", "endpoint", b"endpoint", "model", b"model", "nonce", b"nonce", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "body", b"body", "deadline_ms", b"deadline_ms", "endpoint", b"endpoint", "model", b"model", "nonce", b"nonce", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

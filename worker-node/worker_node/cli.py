@@ -95,6 +95,11 @@ def worker(
     max_model_len: int | None = typer.Option(None, help="vLLM --max-model-len."),
     dtype: str = typer.Option("auto", help="vLLM --dtype."),
     enforce_eager: bool = typer.Option(False, help="vLLM --enforce-eager (faster start)."),
+    max_loras: int = typer.Option(
+        0, min=0, help="Registered LoRA adapters loaded at once, fetched by hash (0: none)."
+    ),
+    adapter_price_in: int | None = typer.Option(None, help="Prompt price with an adapter."),
+    adapter_price_out: int | None = typer.Option(None, help="Completion price with an adapter."),
     key: Path = typer.Option(default_key_path, help="Node key file (created if missing)."),
     state_dir: Path | None = typer.Option(None, help="Engine logs and status file."),
     drain_timeout: float = typer.Option(60.0, help="On SIGTERM, seconds running jobs may take."),
@@ -127,6 +132,9 @@ def worker(
         "max_model_len": max_model_len,
         "dtype": dtype,
         "enforce_eager": enforce_eager,
+        "max_loras": max_loras,
+        "adapter_price_in": adapter_price_in,
+        "adapter_price_out": adapter_price_out,
     }
     node: dict[str, Any] = {
         "coordinator": coordinator,

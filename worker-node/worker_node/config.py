@@ -63,6 +63,12 @@ class ModelConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
     enforce_eager: bool = False
     lora_adapters: dict[str, str] = Field(default_factory=dict)  # adapter name -> path
+    # registered adapters the coordinators send by hash, loaded at run time: at most this many
+    # at once (0: none; vLLM runs with --enable-lora --max-loras N), of rank up to max_lora_rank
+    max_loras: int = Field(default=0, ge=0, le=256)
+    max_lora_rank: int = Field(default=16, ge=1, le=512)
+    adapter_price_in: int | None = Field(default=None, ge=0)  # None: price_in
+    adapter_price_out: int | None = Field(default=None, ge=0)  # None: price_out
     extra_args: list[str] = Field(default_factory=list)  # passed to `vllm serve` verbatim
     env: dict[str, str] = Field(default_factory=dict)  # extra environment for the engine
 

@@ -4,6 +4,9 @@ WorkerError
 ├── EngineError            the engine could not start, died, or answered badly
 │   └── EngineStartTimeout the engine did not become healthy in time
 ├── EngineFull             every engine slot stayed busy (back-pressure, not a fault)
+├── AdapterError           a LoRA adapter could not be had or loaded
+│   ├── AdapterRefused     its bytes are not the ones its hash names (never loaded)
+│   └── AdapterSlotsFull   every adapter slot is in use by running jobs (back-pressure)
 ├── RegistrationRefused    the coordinator refused our identity or advert
 ├── ProtocolMismatch       the coordinator speaks another protocol version
 └── ConfigError            the node's configuration is unusable
@@ -35,4 +38,16 @@ class ConfigError(WorkerError):
 
 
 class ProtocolMismatch(WorkerError):
+    pass
+
+
+class AdapterError(WorkerError):
+    pass
+
+
+class AdapterRefused(AdapterError):
+    pass
+
+
+class AdapterSlotsFull(AdapterError):
     pass

@@ -12,8 +12,9 @@ hash, the engine's usage for the counts it claims.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,10 @@ from protocol.advert import ModelOffer
 from protocol.completions import CHAT, Output, prompt_of
 from protocol.identity import Identity
 from protocol.receipt import Receipt, SignedReceipt, output_digest, prompt_digest, sign_receipt
+from worker_node.adapters import AdapterSlots, Fetch
 from worker_node.engine_client import EngineClients
 from worker_node.engines.base import Engine
-from worker_node.errors import EngineFull
+from worker_node.errors import AdapterError, AdapterRefused, AdapterSlotsFull, EngineFull
 from worker_node.faults import Fault
 from worker_node.frames import FrameBuffer
 
@@ -48,6 +50,15 @@ class JobSpec:
     endpoint: str  # CHAT or COMPLETIONS
     body: dict[str, Any]
     nonce: bytes
+    adapter: str = ""  # sha256 of the LoRA adapter to run with ("" = the base model)
+    fetch_adapter: Fetch | None = None  # how to get it if the node lacks it
+
+
+def _adapter_failure(exc: AdapterError) -> Failed:
+    if isinstance(exc, AdapterSlotsFull):
+        return Failed(503, str(exc), "adapter_slots_full", retryable=True, overloaded=True)
+    kind = "adapter_refused" if isinstance(exc, AdapterRefused) else "adapter_unavailable"
+    return Failed(502, str(exc), kind, retryable=True)
 
 
 @dataclass(frozen=True)
@@ -167,7 +178,9 @@ class JobRunner:
         clients: EngineClients,
         is_available: Callable[[str], bool] = lambda _model: True,
         fault: Fault | None = None,
+        adapters: Mapping[str, AdapterSlots] | None = None,
     ) -> None:
+        self._adapters = adapters or {}  # per model whose engine loads adapters
         self._fault = fault  # a misbehaving mode, for tests only (see worker_node.faults)
         self._identity = identity
         self._engines = engines
@@ -184,7 +197,28 @@ class JobRunner:
         if not self._is_available(job.model):
             yield Failed(503, f"the engine for {job.model!r} is restarting", "engine_down", True)
             return
-        body = dict(job.body, model=engine.served_model)
+        slots = self._adapters.get(job.model)
+        if job.adapter and slots is None:
+            yield Failed(404, f"this node loads no adapters for {job.model!r}",
+                         "adapter_unavailable", True)  # fmt: skip
+            return
+        async with contextlib.AsyncExitStack() as held:
+            served = engine.served_model
+            if job.adapter and slots is not None:
+                try:  # the adapter stays loaded until the job ends
+                    served = await held.enter_async_context(
+                        slots.use(job.adapter, job.fetch_adapter)
+                    )
+                except AdapterError as exc:
+                    yield _adapter_failure(exc)
+                    return
+            async for out in self._run(job, offer, engine, served):
+                yield out
+
+    async def _run(
+        self, job: JobSpec, offer: ModelOffer, engine: Engine, served: str
+    ) -> AsyncIterator[JobOutput]:
+        body = dict(job.body, model=served)
         url = f"{engine.base_url}/{'chat/completions' if job.endpoint == CHAT else 'completions'}"
         meter = _Meter()
         if body.get("stream"):
@@ -275,6 +309,7 @@ class JobRunner:
 
     def _sign(self, job: JobSpec, offer: ModelOffer, meter: _Meter) -> SignedReceipt:
         finished = now_ms()
+        price_prompt, price_completion = offer.prices(job.adapter)
         receipt = Receipt(
             request_id=job.request_id,
             model=job.model,
@@ -284,12 +319,13 @@ class JobRunner:
             output_sha256=output_digest(meter.output.texts()),
             prompt_tokens=meter.output.prompt_tokens or 0,
             completion_tokens=meter.output.completion_tokens or 0,
-            price_prompt_per_mtok=offer.price_prompt_per_mtok,
-            price_completion_per_mtok=offer.price_completion_per_mtok,
+            price_prompt_per_mtok=price_prompt,
+            price_completion_per_mtok=price_completion,
             started_at_ms=meter.started_ms,
             ttft_ms=max(0, (meter.first_token_ms or finished) - meter.started_ms),
             finished_at_ms=finished,
             finish_reason=meter.output.finish_reason(),
+            adapter_sha256=job.adapter,
         )
         if self._fault is not None:
             return self._fault.sign(self._identity, receipt)

@@ -23,6 +23,7 @@ from protocol.identity import Identity
 from protocol.market import record_version
 from protocol.proto import session_pb2 as pb
 from worker_node import __version__
+from worker_node.adapters import AdapterSlots
 from worker_node.config import ModelConfig, WorkerConfig
 from worker_node.discovery import CoordinatorFinder
 from worker_node.engine_client import EngineClients
@@ -60,8 +61,14 @@ def make_engine(
         return AttachedEngine(model.url, model.served_name or model.name)
     assert model.model is not None
     extra = list(model.extra_args)
+    env = dict(model.env)
+    if model.lora_adapters or model.max_loras:
+        extra += ["--enable-lora", "--max-lora-rank", str(model.max_lora_rank)]
+    if model.max_loras:  # adapters loaded and unloaded at run time, by hash
+        extra += ["--max-loras", str(model.max_loras), "--max-cpu-loras", str(model.max_loras)]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if model.lora_adapters:
-        extra += ["--enable-lora", "--lora-modules"]
+        extra += ["--lora-modules"]
         extra += [f"{name}={path}" for name, path in model.lora_adapters.items()]
     if model.quantization:
         extra += ["--quantization", model.quantization]
@@ -75,7 +82,7 @@ def make_engine(
             tensor_parallel_size=model.tensor_parallel_size,
             enforce_eager=model.enforce_eager,
             extra_args=tuple(extra),
-            env=dict(model.env),
+            env=env,
             log_path=state_dir / "engines" / f"{_safe(model.name)}.log",
             pid_path=state_dir / "engines" / f"{_safe(model.name)}.pid",
         ),
@@ -116,6 +123,11 @@ class Node:
             for m in config.models
         }
         self.offers: dict[str, ModelOffer] = {}
+        self.adapters = {  # per model whose engine loads registered adapters at run time
+            m.name: AdapterSlots(self.supervisors[m.name].engine,
+                                 self.state_dir / "adapters", m.max_loras, self._adapters_changed)
+            for m in config.models if m.max_loras
+        }  # fmt: skip
         self._on_registered = on_registered
         self._session: SessionPool | None = None
         self._loads: dict[str, EngineLoad] = {}
@@ -135,6 +147,9 @@ class Node:
             dtype=model.dtype,
             quantization=model.quantization or "",
             lora_adapters=tuple(sorted(model.lora_adapters)),
+            max_loras=model.max_loras,
+            adapter_price_prompt_per_mtok=model.adapter_price_in,
+            adapter_price_completion_per_mtok=model.adapter_price_out,
             engine="attached OpenAI-compatible server" if attached else engine_version(),
         )
 
@@ -149,8 +164,15 @@ class Node:
         )
 
     # ---------------------------------------------------------------- live state
+    def _adapters_changed(self) -> None:
+        if self._session is not None:
+            self._session.notify()
+
     def _changed(self, name: str, status: EngineStatus) -> None:
         log.info("engine %s: %s", name, status.state)
+        slots = self.adapters.get(name)
+        if slots is not None and not self.supervisors[name].available:
+            slots.forget()  # a restarted engine has none loaded
         if self._session is not None:
             self._session.notify()
         self.write_status()
@@ -175,6 +197,7 @@ class Node:
                     kv_cache_usage=load.kv_cache_usage,
                     available=sup.available,
                     reaped_orphan_pid=sup.engine.reaped_pid or 0,
+                    adapters=self.adapters[name].held() if name in self.adapters else (),
                 )
             )
         beat.gpus.extend(self._gpus)
@@ -211,6 +234,7 @@ class Node:
                     if sup.status.last_error
                     else "",
                     "load": asdict(self._loads.get(name, EngineLoad())),
+                    "adapters": self.adapters[name].held() if name in self.adapters else [],
                 }
                 for name, sup in self.supervisors.items()
             },
@@ -255,6 +279,7 @@ class Node:
                     engines_http,
                     is_available=lambda name: self.supervisors[name].available,
                     fault=self.fault,
+                    adapters=self.adapters,
                 )
                 cfg = self.config.node
                 root_certs = cfg.tls_ca.read_bytes() if cfg.tls_ca else None

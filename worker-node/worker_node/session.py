@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -27,7 +28,7 @@ from protocol.identity import Identity
 from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
 from worker_node import __version__
-from worker_node.errors import ProtocolMismatch, RegistrationRefused
+from worker_node.errors import AdapterError, ProtocolMismatch, RegistrationRefused
 from worker_node.frames import FrameBuffer, merge_frames
 from worker_node.jobs import (
     Failed,
@@ -71,6 +72,8 @@ def backoff_delays(initial: float, ceiling: float) -> AsyncIterator[float]:
 
 
 MAX_BATCH = 256  # job events per gRPC message
+ADAPTER_FETCH_TIMEOUT_S = 120.0  # an adapter asked for must have come by then
+MAX_ADAPTER_BYTES = 4 << 30  # an archive larger than this is refused while it arrives
 MIN_BEAT_GAP_S = 0.5  # early heartbeats (job counts, engine state) come at most this often
 
 
@@ -168,6 +171,8 @@ class WorkerSession:
         self.on_jobs_changed: Callable[[], None] = lambda: None
         # set by a SessionPool: the coordinator named other processes of itself to connect to
         self.on_siblings: Callable[[list[str]], None] = lambda _targets: None
+        # adapters asked of the coordinator: hash -> (the bytes so far, the whole archive)
+        self._fetches: dict[str, tuple[bytearray, asyncio.Future[bytes]]] = {}
         self._beat_now = asyncio.Event()
         self.state = "starting"  # connecting | connected | reconnecting | draining | stopped | lost
         self.connected_since: float | None = None
@@ -242,6 +247,7 @@ class WorkerSession:
             finally:
                 outbox.put_nowait(None)
                 call.cancel()
+                self._fail_fetches("the session with the coordinator ended")
 
     async def _handshake(self, call: Call, outbox: Outbox) -> float:
         hello = pb.Hello(
@@ -333,6 +339,46 @@ class WorkerSession:
                 task = self._jobs.get(msg.cancel.request_id)
                 if task:
                     task.cancel()
+            elif kind == "adapter_part":
+                self._adapter_part(msg.adapter_part)
+
+    # ---------------------------------------------------------------- adapters
+    async def _fetch_adapter(self, outbox: Outbox, sha256: str) -> bytes:
+        """An adapter's archive from the coordinator (one request per hash, however many
+        jobs wait for it). The caller checks its hash."""
+        pending = self._fetches.get(sha256)
+        if pending is None:
+            pending = self._fetches[sha256] = (bytearray(), asyncio.get_running_loop().create_future())
+            outbox.put_nowait(pb.WorkerMessage(adapter_wanted=pb.AdapterWanted(sha256=sha256)))
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending[1]), ADAPTER_FETCH_TIMEOUT_S)
+        except TimeoutError as exc:
+            self._fetches.pop(sha256, None)
+            raise AdapterError(f"adapter {sha256[:12]} did not come from the coordinator") from exc
+
+    def _adapter_part(self, part: pb.AdapterPart) -> None:
+        pending = self._fetches.get(part.sha256)
+        if pending is None:
+            return
+        data, future = pending
+        data += part.data
+        error = part.error or ("too large" if len(data) > MAX_ADAPTER_BYTES else "")
+        if error or part.last:
+            del self._fetches[part.sha256]
+            if future.done():
+                return
+            if error:
+                future.set_exception(AdapterError(f"adapter {part.sha256[:12]}: {error}"))
+                future.exception()  # retrieved here: a waiter that gave up never reads it
+            else:
+                future.set_result(bytes(data))
+
+    def _fail_fetches(self, why: str) -> None:
+        for sha256, (_data, future) in list(self._fetches.items()):
+            if not future.done():
+                future.set_exception(AdapterError(f"adapter {sha256[:12]}: {why}"))
+                future.exception()
+        self._fetches.clear()
 
     def _start_job(self, job: pb.Job, outbox: Outbox) -> None:
         if self.state == "draining":
@@ -345,6 +391,8 @@ class WorkerSession:
             endpoint=_ENDPOINTS.get(job.endpoint, CHAT),
             body=_json_object(job.body),
             nonce=job.nonce,
+            adapter=job.adapter_sha256,
+            fetch_adapter=functools.partial(self._fetch_adapter, outbox),
         )
         task = asyncio.create_task(self._run_job(spec, outbox))
         self._jobs[spec.request_id] = task

@@ -63,8 +63,10 @@ class ReleaseBook:
         self, db: Engine, *, metrics: Metrics | None = None, rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic, refresh_s: float = 2.0,
         tokenizer_of: Callable[[str], str | None] = lambda _served: None,
+        adapter_base_of: Callable[[str], str | None] = lambda _sha256: None,
     ) -> None:  # fmt: skip
         self._db = db
+        self._adapter_base_of = adapter_base_of  # a registered adapter's base model
         self._tokenizer_of = (
             tokenizer_of  # the digest of the tokenizer a served model recounts with
         )
@@ -291,7 +293,7 @@ class ReleaseBook:
                     param="versions",
                 )
             for v in versions:
-                self._check_tokenizer(v)
+                self._check_version(v)
             versions = [dataclasses.replace(v, model=name, state=ACTIVE) for v in versions]
             if not any(v.weight for v in versions):  # the stable version takes everything
                 versions = [dataclasses.replace(v, weight=100 if v.version == stable else 0)
@@ -306,7 +308,7 @@ class ReleaseBook:
             if release.version(version.version) is not None:
                 raise InvalidRequest(f"`{name}` already has a version `{version.version}`.",
                                      param="version")  # fmt: skip
-            self._check_tokenizer(version)
+            self._check_version(version)
             added = dataclasses.replace(version, model=name, weight=0, state=ACTIVE)
             changed = dataclasses.replace(release, versions=(*release.versions, added))
             await self._save(changed, "version_added", added.version, actor,
@@ -408,8 +410,18 @@ class ReleaseBook:
         await self.drain()  # an automatic rollback just decided is in the history
         return await asyncio.to_thread(releases_store.history, self._db, name, limit)
 
-    def _check_tokenizer(self, version: Version) -> None:
-        """A version that pins a tokenizer is metered with exactly that one."""
+    def _check_version(self, version: Version) -> None:
+        """A version's adapter is registered for the model it serves; a version that pins a
+        tokenizer is metered with exactly that one."""
+        if version.adapter_sha256 is not None:
+            base = self._adapter_base_of(version.adapter_sha256)
+            if base != version.serves:
+                raise InvalidRequest(
+                    f"Adapter {version.adapter_sha256} is not registered"
+                    + (f" for `{version.serves}` (it applies to `{base}`)." if base else
+                       " (POST /admin/v1/adapters first)."),
+                    param="adapter_sha256",
+                )  # fmt: skip
         pinned = version.tokenizer_sha256
         if pinned is None:
             return
