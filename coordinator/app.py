@@ -26,6 +26,7 @@ from starlette.types import ASGIApp
 
 from coordinator import __version__
 from coordinator.api import (
+    adapter_routes,
     admin_routes,
     dashboard_routes,
     errors,
@@ -40,6 +41,7 @@ from coordinator.config import CoordinatorSettings
 from coordinator.errors import AuthenticationFailed
 from coordinator.observability import Metrics
 from coordinator.services.accounts import Accounts
+from coordinator.services.adapters import AdapterLibrary
 from coordinator.services.admission import Limits, RateLimiter
 from coordinator.services.decisions import DecisionLog
 from coordinator.services.metering import Tokenizers
@@ -131,9 +133,12 @@ class Coordinator:
             else None
         )
         rng = random.Random()
+        self.adapters = AdapterLibrary(self.db, settings.adapter_max_bytes)
+        self.adapters.load()
         self.releases = ReleaseBook(
             self.db, metrics=self.metrics, rng=rng, refresh_s=settings.catalogue_refresh_s,
             tokenizer_of=self.settlement.tokenizer_fingerprint,
+            adapter_base_of=self.adapters.base_of,
         )  # fmt: skip
         self.releases.load()
         dispatcher = Dispatcher(settings.first_token_timeout_s)
@@ -144,7 +149,16 @@ class Coordinator:
         self.request_path = RequestPath(
             settings=settings,
             registry=self.registry,
-            router=Router(self.registry, self.stats, self.trust, RoutingPolicy(), rng),
+            router=Router(
+                self.registry,
+                self.stats,
+                self.trust,
+                RoutingPolicy(
+                    adapter_affinity=settings.adapter_affinity,
+                    cold_load_s=settings.adapter_cold_load_s,
+                ),
+                rng,
+            ),
             reservations=self.shared_holds or Reservations(self.accounts.balance),
             limiter=RateLimiter(),
             settlement=self.settlement,
@@ -182,6 +196,7 @@ class Coordinator:
         service = WorkerSessionService(
             self.registry, self.identity, self.settings.heartbeat_interval_s,
             tuple(self.member.sibling_grpc_ports) if self.member else (),
+            adapters=self.adapters,
         )  # fmt: skip
         pb_grpc.add_WorkerSessionServicer_to_server(service, server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
@@ -258,12 +273,14 @@ class Coordinator:
         app.state.sessions = self.sessions
         app.state.overview = self.overview
         app.state.releases = self.releases
+        app.state.adapters = self.adapters
         app.state.network_view = self.network_view
         errors.install(app)
         openapi.install(app)
         app.include_router(openai_routes.router)
         app.include_router(admin_routes.router)
         app.include_router(model_routes.router)
+        app.include_router(adapter_routes.router)
         app.include_router(dashboard_routes.router)
         static = StaticFiles(directory=dashboard_routes.STATIC)
         app.mount("/dashboard/static", static, name="dashboard-static")

@@ -77,6 +77,13 @@ class CoordinatorSettings(BaseSettings):
     traffic_sample_s: float = Field(default=5.0, gt=0)  # the dashboard's traffic resolution
     # how often the model catalogue is re-read (other processes and replicas change it too)
     catalogue_refresh_s: float = Field(default=2.0, gt=0)
+    # LoRA adapters: the largest archive an operator may register (kept in the database), and
+    # routing by who holds an adapter loaded (off: any worker that can load it, at random
+    # among equals; the baseline of `agora bench adapters`), with what a cold load is assumed
+    # to cost in time to first token
+    adapter_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    adapter_affinity: bool = True
+    adapter_cold_load_s: float = Field(default=1.0, ge=0)
     # latency objectives: a job slower than either is SLO-miss evidence against its worker
     slo_ttft_s: float = Field(default=10.0, gt=0)
     slo_itl_s: float = Field(default=0.5, gt=0)  # mean inter-token latency of the job

@@ -1,6 +1,6 @@
 """`agora models …`: the model catalogue of a running coordinator, through its admin API
 (/admin/v1/models): list, create, add a version, release (canary, A/B, shadow), promote,
-roll back, history."""
+roll back, history; and the LoRA adapters versions run with (/admin/v1/adapters)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from rich.table import Table
 
 from coordinator.config import default_data_dir
 from coordinator.status_cli import admin_token_of
+from protocol.adapter import pack
+from protocol.errors import MalformedMessage
 
 app = typer.Typer(help="Public models, their versions and releases.", no_args_is_help=True)
 console = Console()
@@ -27,13 +29,17 @@ DataDir = typer.Option(default_data_dir(), help="The coordinator's data director
 
 def _call(
     method: str, url: str, token: str | None, data_dir: Path, path: str,
-    body: dict[str, Any] | None = None,
+    body: dict[str, Any] | None = None, *, base: str = "/admin/v1/models",
+    content: bytes | None = None, params: dict[str, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     secret = admin_token_of(token, data_dir)
+    headers = {"Authorization": f"Bearer {secret}"}
+    if content is not None:
+        headers["Content-Type"] = "application/x-tar"
     try:
         response = httpx.request(
-            method, f"{url.rstrip('/')}/admin/v1/models{path}", json=body, timeout=30,
-            headers={"Authorization": f"Bearer {secret}"},
+            method, f"{url.rstrip('/')}{base}{path}", json=body, content=content,
+            params=params, timeout=300, headers=headers,
         )  # fmt: skip
     except httpx.HTTPError as exc:
         console.print(f"[red]error:[/] cannot reach the coordinator at {url}: {exc}")
@@ -90,26 +96,30 @@ def list_models(url: str = Url, admin_token: str | None = Token, data_dir: Path 
 @app.command("create")
 def create(
     name: str = typer.Argument(..., help="The public name clients ask for."),
-    versions: list[str] = typer.Argument(..., help="VERSION=SERVED_MODEL, the first is stable."),
+    versions: list[str] = typer.Argument(
+        ..., help="VERSION=SERVED_MODEL[+ADAPTER_SHA256], the first is stable."
+    ),
     url: str = Url, admin_token: str | None = Token, data_dir: Path = DataDir,
 ) -> None:  # fmt: skip
     """A public model whose first version takes all traffic."""
     specs = []
     for item in versions:
-        version, sep, serves = item.partition("=")
-        if not sep or not version or not serves:
+        version, sep, served = item.partition("=")
+        serves, plus, adapter = served.partition("+")
+        if not sep or not version or not serves or (plus and not adapter):
             raise typer.BadParameter(f"`{item}`: give VERSION=SERVED_MODEL, e.g. v1=llama-3-8b")
-        specs.append({"version": version, "serves": serves})
+        specs.append({"version": version, "serves": serves, **_adapter(adapter or None)})
     _show(_call("POST", url, admin_token, data_dir, "", {"name": name, "versions": specs}))
 
 
 @app.command("add-version")
 def add_version(
     name: str, version: str, serves: str = typer.Option(..., help="The served-model name."),
+    adapter: str | None = typer.Option(None, help="SHA-256 of a registered LoRA adapter."),
     url: str = Url, admin_token: str | None = Token, data_dir: Path = DataDir,
 ) -> None:  # fmt: skip
     """A new version at weight 0 (release it to give it traffic)."""
-    body = {"version": version, "serves": serves}
+    body = {"version": version, "serves": serves, **_adapter(adapter)}
     _show(_call("POST", url, admin_token, data_dir, f"/{name}/versions", body))
 
 
@@ -170,4 +180,38 @@ def history(
     for e in events:
         detail = e["detail"].get("reason") or json.dumps(e["detail"], sort_keys=True)
         table.add_row(e["at"][:19], e["kind"], e["version"], e["actor"], detail)
+    console.print(table)
+
+
+def _adapter(sha256: str | None) -> dict[str, str]:
+    return {"adapter_sha256": sha256} if sha256 else {}
+
+
+@app.command("add-adapter")
+def add_adapter(
+    folder: Path = typer.Argument(..., help="The adapter folder (adapter_config.json, …)."),
+    name: str = typer.Option(..., help="What to call it."),
+    base: str = typer.Option(..., help="The served model it applies to."),
+    url: str = Url, admin_token: str | None = Token, data_dir: Path = DataDir,
+) -> None:  # fmt: skip
+    """Register a LoRA adapter: its canonical archive goes to the coordinator, which names it
+    by SHA-256 (use that hash in a version: `create NAME v1=BASE+SHA256`)."""
+    try:
+        archive = pack(folder)
+    except MalformedMessage as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    card = _call("POST", url, admin_token, data_dir, "", base="/admin/v1/adapters",
+                 content=archive, params={"name": name, "base_model": base})  # fmt: skip
+    console.print(f"{card['sha256']}  {card['name']} on {card['base_model']}, "
+                  f"{card['size_bytes']} bytes")  # fmt: skip
+
+
+@app.command("adapters")
+def adapters(url: str = Url, admin_token: str | None = Token, data_dir: Path = DataDir) -> None:
+    """The registered LoRA adapters."""
+    cards = _call("GET", url, admin_token, data_dir, "", base="/admin/v1/adapters")["adapters"]
+    table = Table("sha256", "name", "base model", "bytes", "registered", title="LoRA adapters")
+    for c in cards:
+        table.add_row(c["sha256"], c["name"], c["base_model"], str(c["size_bytes"]),
+                      c["created_at"])  # fmt: skip
     console.print(table)

@@ -39,14 +39,21 @@ class ModelOffer:
             raise MalformedMessage("prices cannot be negative")
         if self.max_loras < 0:
             raise MalformedMessage("max_loras cannot be negative")
-        adapter_prices = (self.adapter_price_prompt_per_mtok, self.adapter_price_completion_per_mtok)
+        adapter_prices = (
+            self.adapter_price_prompt_per_mtok,
+            self.adapter_price_completion_per_mtok,
+        )
         if any(p is not None and p < 0 for p in adapter_prices):
             raise MalformedMessage("prices cannot be negative")
 
     def prices(self, adapter: str = "") -> tuple[int, int]:
         """(prompt, completion) per 1M tokens for a job, with a LoRA adapter or without."""
-        if not adapter:
-            return self.price_prompt_per_mtok, self.price_completion_per_mtok
+        if adapter:
+            return self.adapter_prices()
+        return self.price_prompt_per_mtok, self.price_completion_per_mtok
+
+    def adapter_prices(self) -> tuple[int, int]:
+        """What a job with any LoRA adapter costs: the adapter price, else the base price."""
         prompt = self.adapter_price_prompt_per_mtok
         completion = self.adapter_price_completion_per_mtok
         return (

@@ -67,6 +67,18 @@ class SimWorker:
     def available(self) -> bool:
         return not self.quarantined
 
+    # the simulated market serves base models only: no LoRA adapters
+    adapters: frozenset[str] = frozenset()
+    max_loras: int = 0
+
+    @property
+    def adapter_price_prompt_per_mtok(self) -> int:
+        return self.price_prompt_per_mtok
+
+    @property
+    def adapter_price_completion_per_mtok(self) -> int:
+        return self.price_completion_per_mtok
+
     @property
     def free(self) -> bool:
         return self.available and self.in_flight < self.gpu.slots

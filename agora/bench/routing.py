@@ -34,6 +34,10 @@ class Offer:
     engine_waiting: int = 0
     kv_cache_usage: float = 0.3
     available: bool = True
+    adapters: frozenset[str] = frozenset()  # base models only here
+    max_loras: int = 0
+    adapter_price_prompt_per_mtok: int = 0
+    adapter_price_completion_per_mtok: int = 0
 
 
 def market(size: int, rng: random.Random) -> tuple[list[Offer], dict[str, WorkerStats]]:

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from coordinator.errors import CoordinatorError
+from coordinator.services.adapters import AdapterLibrary
 from coordinator.services.registry import Registry, WorkerConnection
 from coordinator.services.request_path.link import SessionLink
 from protocol.advert import PROTOCOL_VERSION, Advert, verify_registration
@@ -31,11 +33,14 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         identity: Identity,
         heartbeat_interval_s: float,
         sibling_ports: tuple[int, ...] = (),
+        adapters: AdapterLibrary | None = None,
     ) -> None:
+        self._adapters = adapters  # archives workers may ask for by hash
         self._registry = registry
         self._identity = identity
         self._heartbeat_ms = int(heartbeat_interval_s * 1000)
         self._sibling_ports = sibling_ports  # this coordinator's other processes (cluster)
+        self._sending: set[asyncio.Task[None]] = set()  # adapters on their way to workers
 
     async def Connect(  # noqa: N802 - gRPC method name
         self,
@@ -134,8 +139,32 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
                     link.deliver(msg.job_event)
                 elif kind == "heartbeat":
                     conn.heartbeat(msg.heartbeat)
+                elif kind == "adapter_wanted":
+                    task = asyncio.create_task(self._send_adapter(link, msg.adapter_wanted.sha256))
+                    self._sending.add(task)
+                    task.add_done_callback(self._sending.discard)
                 elif kind == "drain":
                     conn.draining = True
                     log.info("worker %s draining: %s", conn.node_id, msg.drain.reason)
         finally:
             link.outbox.put_nowait(None)  # ends the response stream
+
+    async def _send_adapter(self, link: SessionLink, sha256: str) -> None:
+        """An adapter's archive down the worker's own session, in pieces (or why not)."""
+        if self._adapters is None:
+            link.outbox.put_nowait(
+                pb.CoordinatorMessage(
+                    adapter_part=pb.AdapterPart(sha256=sha256, error="no adapters here", last=True)
+                )
+            )
+            return
+        try:
+            async for piece in self._adapters.parts(sha256):
+                link.outbox.put_nowait(
+                    pb.CoordinatorMessage(adapter_part=pb.AdapterPart(sha256=sha256, data=piece))
+                )
+        except CoordinatorError as exc:
+            part = pb.AdapterPart(sha256=sha256, error=exc.message, last=True)
+        else:
+            part = pb.AdapterPart(sha256=sha256, last=True)
+        link.outbox.put_nowait(pb.CoordinatorMessage(adapter_part=part))

@@ -35,6 +35,26 @@ class ModelSlot:
     engine_up: bool = True  # per the last heartbeat (registration proved it up)
     reaped_orphan_pid: int = 0  # an engine a dead node left, which this one killed at start
     load_reported: bool = False  # a heartbeat has carried the engine's own load numbers
+    # LoRA adapters (sha256) loaded in the engine, per the last heartbeat, plus those sent a
+    # job since (loading now: the next request for one finds it here, not a cold worker)
+    adapters: set[str] = field(default_factory=set)
+    adapter_price: Price | None = None  # what a client pays with an adapter (None: base price)
+
+    @property
+    def max_loras(self) -> int:
+        return self.offer.max_loras
+
+    @property
+    def adapter_price_prompt_per_mtok(self) -> int:
+        return (self.adapter_price or self.client_price).prompt_per_mtok
+
+    @property
+    def adapter_price_completion_per_mtok(self) -> int:
+        return (self.adapter_price or self.client_price).completion_per_mtok
+
+    def worker_price(self, adapter: str = "") -> Price:
+        """What the worker charges for a job (before the network fee)."""
+        return Price(*self.offer.prices(adapter))
 
     @property
     def node_id(self) -> str:
@@ -92,7 +112,10 @@ class WorkerConnection:
 
     def open_job(self, job: pb.Job) -> JobStream:
         """Send a job down the link; the caller reports `job_ended` when it lets go."""
-        self.slots[job.model].own_jobs += 1
+        slot = self.slots[job.model]
+        slot.own_jobs += 1
+        if job.adapter_sha256:
+            slot.adapters.add(job.adapter_sha256)
         return self.link.open_job(job)
 
     def job_ended(self, model: str) -> None:
@@ -112,6 +135,8 @@ class WorkerConnection:
                 slot.jobs_elsewhere = max(0, load.jobs_elsewhere)
                 slot.reaped_orphan_pid = load.reaped_orphan_pid
                 slot.load_reported = True
+                if slot.offer.max_loras:
+                    slot.adapters = set(load.adapters)
         self.gpus = list(beat.gpus)
         self.on_slot_freed()  # an engine may be back: queued requests look again
 
@@ -158,6 +183,8 @@ class Registry:
         for offer in conn.advert.models:
             price = Price(offer.price_prompt_per_mtok, offer.price_completion_per_mtok)
             slot = ModelSlot(conn, offer, price.with_fee(self._fee_bps))
+            if offer.max_loras:
+                slot.adapter_price = Price(*offer.adapter_prices()).with_fee(self._fee_bps)
             conn.slots[offer.name] = slot
             pool = self._pools.setdefault(offer.name, [])
             pool.append(slot)

@@ -38,6 +38,14 @@ class CandidateView(Protocol):
     def kv_cache_usage(self) -> float: ...
     @property
     def available(self) -> bool: ...
+    @property
+    def adapters(self) -> Container[str]: ...  # LoRA adapters (sha256) loaded now
+    @property
+    def max_loras(self) -> int: ...  # adapters it can hold loaded (0: it loads none)
+    @property
+    def adapter_price_prompt_per_mtok(self) -> int: ...  # client price with an adapter
+    @property
+    def adapter_price_completion_per_mtok(self) -> int: ...
 
 
 class StatsView(Protocol):
@@ -58,6 +66,7 @@ class RouteRequest:
     model: str
     prompt_tokens: int  # upper bound
     max_tokens: int  # upper bound of completion tokens
+    adapter: str = ""  # sha256 of the LoRA adapter it runs with ("" = the base model)
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,12 @@ class RoutingPolicy:
     reputation_weight: float = 1.0  # 1 - reputation (0..1)
     default_ttft_s: float = 0.5  # TTFT assumed for a worker never measured
     default_itl_s: float = 0.05  # inter-token latency assumed for a worker never measured
+    # a request with a LoRA adapter: workers holding it loaded are looked at first, and one
+    # that would have to load it pays `cold_load_s` of expected time to first token (off: no
+    # preference, every worker that can load it is equal: the baseline affinity is measured
+    # against)
+    adapter_affinity: bool = True
+    cold_load_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -132,28 +147,34 @@ def _matches(node_id: str, names: Sequence[str] | frozenset[str]) -> bool:
     return any(node_id == n or (len(n) >= 6 and node_id.endswith(n)) for n in names)
 
 
+def _prices(request: RouteRequest, c: CandidateView) -> tuple[int, int]:
+    """The client's (prompt, completion) price per 1M tokens for this request on `c`."""
+    if request.adapter:
+        return c.adapter_price_prompt_per_mtok, c.adapter_price_completion_per_mtok
+    return c.price_prompt_per_mtok, c.price_completion_per_mtok
+
+
 def _cost(request: RouteRequest, c: CandidateView) -> int:
-    return (
-        request.prompt_tokens * c.price_prompt_per_mtok
-        + request.max_tokens * c.price_completion_per_mtok
-    )
+    prompt, completion = _prices(request, c)
+    return request.prompt_tokens * prompt + request.max_tokens * completion
 
 
 def _exclusion(
-    c: CandidateView, prefs: Preferences, stats: StatsView | None, now: float
-) -> str | None:
+    request: RouteRequest, c: CandidateView, prefs: Preferences, stats: StatsView | None,
+    now: float,
+) -> str | None:  # fmt: skip
     if not c.available:
         return "unavailable"
+    if request.adapter and request.adapter not in c.adapters and c.max_loras < 1:
+        return "no_adapter"
     if c.in_flight >= c.max_concurrency:
         return "at_capacity"
     if prefs.ignore and _matches(c.node_id, prefs.ignore):
         return "ignored"
-    if prefs.max_price_prompt is not None and c.price_prompt_per_mtok > prefs.max_price_prompt:
+    prompt, completion = _prices(request, c)
+    if prefs.max_price_prompt is not None and prompt > prefs.max_price_prompt:
         return "over_max_price"
-    if (
-        prefs.max_price_completion is not None
-        and c.price_completion_per_mtok > prefs.max_price_completion
-    ):
+    if prefs.max_price_completion is not None and completion > prefs.max_price_completion:
         return "over_max_price"
     if stats is not None and stats.cooldown_until > now:
         return "cooling_down"
@@ -183,6 +204,10 @@ def _score(
         "fail": failure,
         "rep": reputation,
     }
+    if request.adapter:  # the adapter loaded (0) or to load first (its assumed cost)
+        terms["cold"] = 0.0 if request.adapter in c.adapters else policy.cold_load_s
+        if policy.adapter_affinity:
+            ttft += terms["cold"]
     if sort == "price":
         score = cost / 1e6 + 1e-6 * (ttft + load)  # cheapest first; ties by speed and load
     elif sort == "latency":
@@ -251,7 +276,7 @@ def route(
             return
         seen.add(index)
         c = pool[index]
-        why = _exclusion(c, prefs, stats.get(c.node_id), now)
+        why = _exclusion(request, c, prefs, stats.get(c.node_id), now)
         if why:
             excluded[why] = excluded.get(why, 0) + 1
             if why == "at_capacity":
@@ -270,7 +295,15 @@ def route(
         first, picked = picked, []
     if prefs.allow_fallbacks or not prefs.order:
         n = len(pool)
-        if (prefs.sort == "price" or prefs.max_price_completion is not None) and price_sorted:
+        if request.adapter and policy.adapter_affinity:  # those holding it loaded first
+            for i in range(n):
+                if len(picked) >= policy.sample_size:
+                    break
+                if request.adapter in pool[i].adapters:
+                    consider(i)
+        # the pool is sorted by base price: a request with an adapter (its own prices) samples
+        by_price = price_sorted and not request.adapter
+        if (prefs.sort == "price" or prefs.max_price_completion is not None) and by_price:
             for i in range(n):  # cheapest first: stop once enough eligible ones are found
                 if len(picked) >= policy.sample_size:
                     break

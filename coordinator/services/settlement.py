@@ -70,6 +70,7 @@ class JobFacts:
     prompt: Any = None  # what it was given: messages, a prompt, or token ids
     tools: Any = None
     max_completion_tokens: int | None = None  # what the job may generate, every choice together
+    adapter_sha256: str = ""  # the LoRA adapter the job ran with ("" = the base model)
 
 
 @dataclass
@@ -133,6 +134,7 @@ def check_receipt(facts: JobFacts, signed: SignedReceipt, observed: Output) -> R
         "output_sha256": output_digest(observed.texts()),
         "price_prompt_per_mtok": facts.price.prompt_per_mtok,
         "price_completion_per_mtok": facts.price.completion_per_mtok,
+        "adapter_sha256": facts.adapter_sha256,
     }
     if observed.prompt_tokens is not None:
         expected["prompt_tokens"] = observed.prompt_tokens

@@ -47,6 +47,7 @@ class CheckCandidate:
     node_id: str  # the worker that produced the first segment
     observed: Output  # what it produced
     segments: int
+    adapter: str = ""  # the LoRA adapter it ran with: the check runs with the same one
 
 
 class SpotChecker:
@@ -76,19 +77,29 @@ class SpotChecker:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    def _reference_for(self, trust: Trust, model: str, checked: str) -> ModelSlot | None:
+    def _reference_for(
+        self, trust: Trust, model: str, checked: str, adapter: str
+    ) -> ModelSlot | None:
         """The most trusted other worker with a free slot, if it is more trusted than the
-        checked one or past probation (an unproven reference could accuse an honest worker)."""
+        checked one or past probation (an unproven reference could accuse an honest worker).
+        With an adapter: one that holds it loaded, else one that can load it."""
         mine = trust.score(checked)
         candidates = [
             s for s in self._registry.pool(model)
             if s.node_id != checked and s.available and s.free_slots > 0
             and (trust.score(s.node_id) > mine or not trust.on_probation(s.node_id))
+            and (not adapter or adapter in s.adapters or s.max_loras > 0)
         ]  # fmt: skip
-        return max(candidates, key=lambda s: trust.score(s.node_id), default=None)
+        return max(
+            candidates,
+            key=lambda s: (not adapter or adapter in s.adapters, trust.score(s.node_id)),
+            default=None,
+        )
 
     async def _check(self, candidate: CheckCandidate, trust: Trust, temperature: float) -> None:
-        reference = self._reference_for(trust, candidate.model, candidate.node_id)
+        reference = self._reference_for(
+            trust, candidate.model, candidate.node_id, candidate.adapter
+        )
         if reference is None:
             return
         observed = candidate.observed
@@ -96,7 +107,7 @@ class SpotChecker:
         body = check_body(observed.prompt_token_ids or [], output_ids, self._policy.top_k)
         attempt = self._dispatcher.open(
             reference, job_id=f"{candidate.request_id}~check", client=candidate.client,
-            model=candidate.model, endpoint=COMPLETIONS, body=body,
+            model=candidate.model, endpoint=COMPLETIONS, body=body, adapter=candidate.adapter,
         )  # fmt: skip
         try:
             event = await self._dispatcher.first_event(attempt)

@@ -33,6 +33,10 @@ class Offer:
     engine_waiting: int = 0
     kv_cache_usage: float = 0.0
     available: bool = True
+    adapters: frozenset[str] = frozenset()  # LoRA adapters loaded
+    max_loras: int = 0
+    adapter_price_prompt_per_mtok: int = 0
+    adapter_price_completion_per_mtok: int = 0
 
 
 def pool(*offers: Offer) -> list[Offer]:

@@ -348,7 +348,10 @@ class WorkerSession:
         jobs wait for it). The caller checks its hash."""
         pending = self._fetches.get(sha256)
         if pending is None:
-            pending = self._fetches[sha256] = (bytearray(), asyncio.get_running_loop().create_future())
+            pending = self._fetches[sha256] = (
+                bytearray(),
+                asyncio.get_running_loop().create_future(),
+            )
             outbox.put_nowait(pb.WorkerMessage(adapter_wanted=pb.AdapterWanted(sha256=sha256)))
         try:
             return await asyncio.wait_for(asyncio.shield(pending[1]), ADAPTER_FETCH_TIMEOUT_S)

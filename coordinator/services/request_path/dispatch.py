@@ -9,7 +9,6 @@ from typing import Any
 
 import msgspec
 
-from billing.pricing import Price
 from coordinator.services.registry import ModelSlot
 from coordinator.services.request_path.attempt import Attempt
 from coordinator.services.settlement import JobFacts
@@ -37,6 +36,7 @@ class Dispatcher:
         segment: int = 0,
         continuation: bool = False,
         completion_bound: int | None = None,
+        adapter: str = "",
     ) -> Attempt:
         prompt = prompt_of(endpoint, body)
         facts = JobFacts(
@@ -46,11 +46,12 @@ class Dispatcher:
             model=model,
             nonce_hex=os.urandom(16).hex(),
             prompt_sha256=prompt_digest(prompt),
-            price=Price(slot.offer.price_prompt_per_mtok, slot.offer.price_completion_per_mtok),
+            price=slot.worker_price(adapter),
             endpoint=endpoint,
             prompt=prompt,
             tools=body.get("tools"),
             max_completion_tokens=completion_bound,
+            adapter_sha256=adapter,
         )
         job = pb.Job(
             request_id=job_id,
@@ -59,6 +60,7 @@ class Dispatcher:
             body=_encode(body),
             nonce=bytes.fromhex(facts.nonce_hex),
             deadline_ms=int((time.time() + self._timeout_s) * 1000),
+            adapter_sha256=adapter,
         )
         events = slot.conn.open_job(job)
         return Attempt(slot, facts, events, endpoint, segment, continuation)

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
-from billing.pricing import Price, charge_for
+from billing.pricing import charge_for
 from coordinator.errors import (
     CoordinatorError,
     InsufficientCredit,
@@ -77,7 +77,9 @@ class Fulfilment:
         self._admitted_tokens = admitted_tokens  # held against the key's per-minute limit
         # every choice of every prompt may run to max_tokens: that is what holds must cover
         completion_bound = max_tokens * request.choices
-        self._bound = RouteRequest(request.model, path.prompt_bound(request), completion_bound)
+        self._bound = RouteRequest(
+            request.model, path.prompt_bound(request), completion_bound, request.adapter
+        )
         self.response_id = f"{request.response_prefix}-{request_id}"
         self.created = int(time.time())
         self.attempts: list[Attempt] = []  # the segments that ran (failed dispatches aside)
@@ -143,9 +145,7 @@ class Fulfilment:
                 self._tried.add(scored.node_id)
                 if slot is None:  # left or went down since routing looked
                     continue
-                price = Price(
-                    slot.offer.price_prompt_per_mtok, slot.offer.price_completion_per_mtok
-                )
+                price = slot.worker_price(request.adapter)
                 worst = charge_for(price, self._bound.prompt_tokens, self._bound.max_tokens,
                                    path.settlement.fee_bps)  # fmt: skip
                 try:  # a dearer worker may carry on only if the client can still afford it
@@ -164,7 +164,7 @@ class Fulfilment:
                 attempt = path.dispatcher.open(
                     slot, job_id=job_id, client=self.principal.client, model=request.model,
                     endpoint=endpoint, body=body, segment=segment, continuation=continuation,
-                    completion_bound=self._remaining_bound(),
+                    completion_bound=self._remaining_bound(), adapter=request.adapter,
                 )  # fmt: skip
                 try:
                     first = await path.dispatcher.first_event(attempt)
@@ -456,7 +456,7 @@ class Fulfilment:
         return CheckCandidate(
             request_id=self.request_id, model=self.request.model, client=self.principal.client,
             body=self.request.body, node_id=first.node_id, observed=first.observed,
-            segments=len(self.attempts),
+            segments=len(self.attempts), adapter=self.request.adapter,
         )  # fmt: skip
 
     # ---------------------------------------------------------------- release

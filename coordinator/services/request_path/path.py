@@ -280,7 +280,12 @@ def _as_target(request: CompletionRequest, target: Target) -> CompletionRequest:
             max_price_completion=_lower(prefs.max_price_completion, version.max_price_completion),
         )
     return dataclasses.replace(
-        request, model=target.serves, shown_model=target.shown, prefs=prefs, fallbacks=()
+        request,
+        model=target.serves,
+        shown_model=target.shown,
+        prefs=prefs,
+        fallbacks=(),
+        adapter=(version.adapter_sha256 or "") if version is not None else "",
     )
 
 

@@ -25,6 +25,7 @@ class CompletionRequest:
     wants_token_ids: bool = False  # the client itself asked for return_token_ids
     fallbacks: tuple[str, ...] = ()  # models to try in order if `model` cannot serve it
     shown_model: str = ""  # the name responses carry (a release's `name@version`)
+    adapter: str = ""  # sha256 of the LoRA adapter its version runs ("" = the base model)
 
     @property
     def model_shown(self) -> str:

@@ -32,8 +32,9 @@ async def shadow_copy(
     request = primary.request
     body = {k: v for k, v in request.body.items() if k not in ("stream", "stream_options")}
     body["model"] = version.serves
+    adapter = version.adapter_sha256 or ""
     bound = RouteRequest(version.serves, path.prompt_bound(request),
-                         primary.max_tokens * request.choices)  # fmt: skip
+                         primary.max_tokens * request.choices, adapter)  # fmt: skip
     decision = path.router.decide(bound, Preferences(), set())
     slot = next(
         (s for scored in decision.ranked if (s := path.slot(scored.node_id, version.serves))),
@@ -44,7 +45,7 @@ async def shadow_copy(
         return
     attempt = path.dispatcher.open(
         slot, job_id=f"{primary.request_id}~shadow", client=primary.principal.client,
-        model=version.serves, endpoint=request.endpoint, body=body,
+        model=version.serves, endpoint=request.endpoint, body=body, adapter=adapter,
     )  # fmt: skip
     started = time.monotonic()
     try:
