@@ -78,6 +78,7 @@ def worker_row(
             "ttft_s": measured.ttft_s, "itl_s": measured.itl_s,
             "missed_for_capacity": measured.missed_for_capacity,
             "reaped_orphan_pid": slot.reaped_orphan_pid or None,
+            "max_loras": slot.max_loras, "adapters": sorted(slot.adapters),
         }  # fmt: skip
     standing = trust.standing(conn.node_id).as_dict() if trust else None
     return {
@@ -182,6 +183,8 @@ class Overview:
                         "price_prompt_per_mtok": slot.offer.price_prompt_per_mtok,
                         "price_completion_per_mtok": slot.offer.price_completion_per_mtok,
                         "context_length": slot.offer.context_length,
+                        "max_loras": slot.max_loras,  # LoRA adapters loaded on demand, at once
+                        "adapters": sorted(slot.adapters),  # loaded now (sha256)
                         "ttft_ewma_s": self._stats.get(w.node_id, name).ttft_s,
                         "itl_ewma_s": self._stats.get(w.node_id, name).itl_s,
                         "failure_rate": self._stats.get(w.node_id, name).failure_rate(),

@@ -38,8 +38,11 @@ class AdapterSlots:
         capacity: int,
         on_change: Callable[[], None] = lambda: None,
         timeout_s: float = 60.0,
+        tag: str = "",
     ) -> None:
         self._engine = engine
+        # the engine knows an adapter as `tag-sha256`: nodes sharing one engine keep theirs apart
+        self._tag = tag
         self._folder = folder  # one sub-folder per hash
         self.capacity = capacity
         self._on_change = on_change  # the loaded set changed: tell the coordinators
@@ -70,7 +73,7 @@ class AdapterSlots:
             self._loaded.move_to_end(sha256)
             self._in_use[sha256] += 1
         try:
-            yield sha256
+            yield self._name(sha256)
         finally:
             self._in_use[sha256] -= 1
             if self._in_use[sha256] <= 0:
@@ -109,8 +112,8 @@ class AdapterSlots:
             )
         async with self._room:
             await self._make_room()
-            await self._engine_call("load_lora_adapter",
-                                    {"lora_name": sha256, "lora_path": str(path)})  # fmt: skip
+            body = {"lora_name": self._name(sha256), "lora_path": str(path)}
+            await self._engine_call("load_lora_adapter", body)
             self._loaded[sha256] = None
         self.cold_loads += 1
         log.info("adapter %s loaded (%d of %d slots)", sha256[:12], len(self._loaded),
@@ -124,8 +127,11 @@ class AdapterSlots:
                 raise AdapterSlotsFull(
                     f"all {self.capacity} adapter slots are in use by running jobs"
                 )
-            await self._engine_call("unload_lora_adapter", {"lora_name": idle})
+            await self._engine_call("unload_lora_adapter", {"lora_name": self._name(idle)})
             del self._loaded[idle]
+
+    def _name(self, sha256: str) -> str:
+        return f"{self._tag}-{sha256}" if self._tag else sha256
 
     async def _engine_call(self, action: str, body: dict[str, str]) -> None:
         try:

@@ -124,8 +124,9 @@ class Node:
         }
         self.offers: dict[str, ModelOffer] = {}
         self.adapters = {  # per model whose engine loads registered adapters at run time
-            m.name: AdapterSlots(self.supervisors[m.name].engine,
-                                 self.state_dir / "adapters", m.max_loras, self._adapters_changed)
+            m.name: AdapterSlots(self.supervisors[m.name].engine, self.state_dir / "adapters",
+                                 m.max_loras, self._adapters_changed,
+                                 tag=self.identity.node_id[-8:])
             for m in config.models if m.max_loras
         }  # fmt: skip
         self._on_registered = on_registered
