@@ -159,8 +159,10 @@ def test_two_adapters_on_two_nodes_route_to_the_holder_differ_from_the_base_and_
     sha1, sha2 = folder_digest(stage.adapters["l1"]), folder_digest(stage.adapters["l2"])
     # first use, pinned: node A fetches and loads l1, node B l2 (each a cold load)
     first1, first2 = chat(stage, m1, [a], False), chat(stage, m2, [b], False)
-    assert first1.headers["X-Agora-Worker"] == a and first2.headers["X-Agora-Worker"] == b
-    assert held(stage, a, [sha1]) == [sha1] and held(stage, b, [sha2]) == [sha2]
+    assert first1.headers["X-Agora-Worker"] == a
+    assert first2.headers["X-Agora-Worker"] == b
+    assert held(stage, a, [sha1]) == [sha1]
+    assert held(stage, b, [sha2]) == [sha2]
     # from now on every request lands where its adapter is loaded, with no cold-load cost
     for _ in range(4):
         for model, holder in ((m1, a), (m2, b)):
@@ -203,11 +205,13 @@ def test_a_tampered_adapter_is_refused_by_the_node_and_the_request_served_elsewh
     assert response.headers["X-Agora-Worker"] == b  # served by B, which fetched a clean copy
     route = client_get(stage, f"routing/{response.json()['id']}")
     refused = route["attempts"][0]
-    assert refused["worker"] == a and "does not match its hash" in refused["outcome"], route
+    assert refused["worker"] == a, route
+    assert "does not match its hash" in refused["outcome"], route
     assert not copy.exists()  # the node deleted what it refused
     # A fetches a clean copy next time and serves it
     again = chat(stage, m3, [a], False)
-    assert again.headers["X-Agora-Worker"] == a and text(again) == text(response)
+    assert again.headers["X-Agora-Worker"] == a
+    assert text(again) == text(response)
 
 
 def test_the_coordinator_refuses_what_is_not_an_adapter_or_not_registered(stage: Stage) -> None:
@@ -227,8 +231,9 @@ def test_the_coordinator_refuses_what_is_not_an_adapter_or_not_registered(stage:
         sha = first.json()["sha256"]
         assert sha == folder_digest(stage.adapters["l2"])
         if first.status_code == 201:  # registered here for `other`: a version of tiny refuses it
-            response = admin.post("/models", json={"name": f"x-{uuid.uuid4().hex[:4]}",
-                "versions": [{"version": "v1", "serves": MODEL, "adapter_sha256": sha}]})  # fmt: skip
+            version = {"version": "v1", "serves": MODEL, "adapter_sha256": sha}
+            name = f"x-{uuid.uuid4().hex[:4]}"
+            response = admin.post("/models", json={"name": name, "versions": [version]})
             assert response.status_code == 400
         listed = admin.get("/adapters").json()["adapters"]
         assert sha in {c["sha256"] for c in listed}
