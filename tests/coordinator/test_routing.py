@@ -204,3 +204,69 @@ def test_a_market_of_new_nodes_stops_searching_for_established_ones() -> None:
     for _ in range(50):
         budget.record("m", True)
     assert budget.over_budget("m")  # looks again after the rest
+
+
+# ---------------------------------------------------------------- LoRA adapters
+SHA = "ab" * 32
+WITH_ADAPTER = RouteRequest("m", prompt_tokens=100, max_tokens=100, adapter=SHA)
+
+
+def lora(name: str, holds: bool = False, max_loras: int = 2, price_out: int = 200) -> Offer:
+    held = frozenset({SHA} if holds else ())
+    return Offer(
+        name,
+        100,
+        200,
+        adapters=held,
+        max_loras=max_loras,
+        adapter_price_prompt_per_mtok=100,
+        adapter_price_completion_per_mtok=price_out,
+    )
+
+
+def test_a_worker_that_cannot_load_the_adapter_is_excluded() -> None:
+    decision = route(WITH_ADAPTER, [lora("plain", max_loras=0), lora("able")], {}, Preferences(),
+                     random.Random(0), now=1000.0)  # fmt: skip
+    assert [s.node_id for s in decision.ranked] == ["able"]
+    assert decision.excluded == {"no_adapter": 1}
+    assert decision.ranked[0].terms["cold"] == RoutingPolicy().cold_load_s
+
+
+def test_the_worker_holding_the_adapter_is_found_among_many_and_ranked_first() -> None:
+    fleet = [lora(f"cold-{i:03}") for i in range(500)] + [lora("holder", holds=True)]
+    policy = RoutingPolicy(sample_size=8)
+    for seed in range(20):
+        decision = route(WITH_ADAPTER, fleet, {}, Preferences(), random.Random(seed), 1000.0,
+                         policy)  # fmt: skip
+        assert decision.ranked[0].node_id == "holder"
+        assert decision.ranked[0].terms["cold"] == 0.0
+    blind = RoutingPolicy(sample_size=8, adapter_affinity=False)  # the baseline: no preference
+    found = sum(
+        any(s.node_id == "holder" for s in route(WITH_ADAPTER, fleet, {}, Preferences(),
+                                                  random.Random(seed), 1000.0, blind).ranked)
+        for seed in range(20)
+    )  # fmt: skip
+    assert found <= 2  # sampled 8 of 501 at random: rarely seen at all
+
+
+def test_a_cold_worker_wins_when_the_holder_is_much_dearer_or_full() -> None:
+    dear_holder = lora("holder", holds=True, price_out=2_000)
+    decision = route(WITH_ADAPTER, [dear_holder, lora("cold")], {}, Preferences(),
+                     random.Random(0), 1000.0)  # fmt: skip
+    assert decision.ranked[0].node_id == "cold"  # 1 s of cold load beats paying 10x
+    full = Offer("holder", 100, 200, in_flight=4, adapters=frozenset({SHA}), max_loras=2)
+    decision = route(WITH_ADAPTER, [full, lora("cold")], {}, Preferences(), random.Random(0),
+                     1000.0)  # fmt: skip
+    assert [s.node_id for s in decision.ranked] == ["cold"]
+
+
+def test_adapter_prices_are_what_caps_and_costs_compare() -> None:
+    cheap_base_dear_adapter = lora("a", price_out=900)
+    decision = route(WITH_ADAPTER, [cheap_base_dear_adapter, lora("b", price_out=300)], {},
+                     Preferences(max_price_completion=500), random.Random(0), 1000.0,
+                     price_sorted=True)  # fmt: skip
+    assert [s.node_id for s in decision.ranked] == ["b"]
+    assert decision.excluded == {"over_max_price": 1}
+    base = route(REQUEST, [cheap_base_dear_adapter], {}, Preferences(max_price_completion=500),
+                 random.Random(0), 1000.0, price_sorted=True)  # fmt: skip
+    assert [s.node_id for s in base.ranked] == ["a"]  # without the adapter, its base price

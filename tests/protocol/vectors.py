@@ -49,7 +49,11 @@ def cases() -> list[Receipt]:
             "finish_reason": "length",
         }
     )
-    return [base, unicode]
+    # a job run with a LoRA adapter: the one receipt form that carries `adapter_sha256`
+    adapter = Receipt(
+        **{**asdict(base), "adapter_sha256": "ab" * 32, "price_completion_per_mtok": 350_000}
+    )
+    return [base, unicode, adapter]
 
 
 def build() -> dict[str, object]:
