@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from agora.bench.adapters import adapters
 from agora.bench.gateway import gateway
 from agora.bench.holds import holds
 from agora.bench.resilience import resilience
@@ -12,6 +13,7 @@ from agora.bench.serving import serving
 from agora.bench.trust import trust
 
 app = typer.Typer(help="Benchmarks; each writes its numbers to a file.", no_args_is_help=True)
+app.command("adapters")(adapters)
 app.command("gateway")(gateway)
 app.command("holds")(holds)
 app.command("resilience")(resilience)

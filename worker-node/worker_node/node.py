@@ -236,6 +236,7 @@ class Node:
                     else "",
                     "load": asdict(self._loads.get(name, EngineLoad())),
                     "adapters": self.adapters[name].held() if name in self.adapters else [],
+                    "adapter_loads": self.adapters[name].cold_loads if name in self.adapters else 0,
                 }
                 for name, sup in self.supervisors.items()
             },
