@@ -93,20 +93,12 @@ def run_mode(
            "AGORA_COORDINATOR_SPOT_CHECK_PROBATION_RATE": "0"}  # fmt: skip
     coordinator = start_coordinator(workdir, env=env)
     model_dir = ensure_tiny_model("tiny")
-    workers = [
-        start_worker(
-            workdir,
-            coordinator,
-            WorkerSpec(
-                f"node-{i}",
-                MODEL,
-                model=str(model_dir),
-                max_concurrency=8,
-                extra_args=[*TINY_ENGINE_ARGS, "--max-loras", str(max_loras)],
-            ),
-        )  # fmt: skip
+    specs = [
+        WorkerSpec(f"node-{i}", MODEL, model=str(model_dir), max_concurrency=8,
+                   extra_args=[*TINY_ENGINE_ARGS, "--max-loras", str(max_loras)])
         for i in range(nodes)
-    ]
+    ]  # fmt: skip
+    workers = [start_worker(workdir, coordinator, spec) for spec in specs]
     try:
         key = coordinator.create_client("bench", 10**15)
         wait_for_workers(coordinator, key, MODEL, nodes, workers, timeout_s=900)
