@@ -148,13 +148,15 @@ def adapters(
     conc: int = typer.Option(4, min=1, help="Requests in flight at once."),
     max_tokens: int = typer.Option(16, min=1, help="Tokens per request."),
     seed: int = typer.Option(0, help="The request sequence's seed."),
+    keep: Path | None = typer.Option(None, help="Work (and keep logs) in this folder."),
 ) -> None:
     """TTFT and cold loads with adapter-affinity routing vs routing that ignores adapters."""
     rng = random.Random(seed)
     sequence = [rng.randrange(count) for _ in range(requests)]  # each request's adapter
     base = ensure_tiny_model("tiny")
     modes = []
-    with tempfile.TemporaryDirectory(prefix="agora-bench-adapters-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="agora-bench-adapters-") as scratch:
+        tmp = str(keep or scratch)
         folders = [build_lora(base, Path(tmp) / f"adapter-{i}", seed=i + 1) for i in range(count)]
         for affinity in (True, False):
             workdir = Path(tmp) / ("affinity" if affinity else "random")

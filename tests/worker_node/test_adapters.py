@@ -5,8 +5,10 @@ records load and unload calls (the real vLLM path is tests/test_lora_adapters.py
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -29,10 +31,14 @@ class Engine:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
         self.url = ""
+        self.unload_delay_s = 0.0
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self.calls.append((request.path.rsplit("/", 1)[-1], body["lora_name"]))
+        action = request.path.rsplit("/", 1)[-1]
+        self.calls.append((action, body["lora_name"]))  # when it arrives
+        if action.startswith("unload"):
+            await asyncio.sleep(self.unload_delay_s)
         return web.Response(text="ok")
 
 
@@ -100,3 +106,30 @@ async def test_the_least_recently_used_idle_adapter_makes_room_and_busy_ones_nev
         with pytest.raises(AdapterSlotsFull):
             async with slots.use(two, fetch):
                 pass
+
+
+async def test_a_job_arriving_while_its_adapter_is_unloaded_gets_it_loaded_again(
+    tmp_path: Path, engine: Engine
+) -> None:
+    slots = AdapterSlots(AttachedEngine(engine.url, "m"), tmp_path / "adapters", 2)
+    archives = {digest(a): a for a in (archive(tmp_path, i) for i in (1, 2, 3))}
+    one, two, three = archives
+
+    async def fetch(sha: str) -> bytes:
+        return archives[sha]
+
+    for sha in (one, two):
+        async with slots.use(sha, fetch):
+            pass
+    engine.unload_delay_s = 0.3  # `one` is being unloaded to make room for `three` …
+    making_room = asyncio.create_task(_hold(slots, three, fetch))
+    await asyncio.sleep(0.1)
+    async with slots.use(one, fetch):  # … when a job for `one` arrives
+        last = [action for action, name in engine.calls if name == one][-1]
+        assert last == "load_lora_adapter"  # the engine knows the name the job will send
+    await making_room
+
+
+async def _hold(slots: AdapterSlots, sha: str, fetch: Any) -> None:
+    async with slots.use(sha, fetch):
+        pass

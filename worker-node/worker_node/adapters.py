@@ -127,8 +127,11 @@ class AdapterSlots:
                 raise AdapterSlotsFull(
                     f"all {self.capacity} adapter slots are in use by running jobs"
                 )
-            await self._engine_call("unload_lora_adapter", {"lora_name": self._name(idle)})
+            # not loaded from now on: a job arriving during the unload call loads it again
+            # (after this one, under the same lock) instead of sending the engine a name it
+            # is about to forget
             del self._loaded[idle]
+            await self._engine_call("unload_lora_adapter", {"lora_name": self._name(idle)})
 
     def _name(self, sha256: str) -> str:
         return f"{self._tag}-{sha256}" if self._tag else sha256
