@@ -49,12 +49,15 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int)
         if response.status_code != 200:
             return {"error": f"{response.status_code}: {(await response.aread())[:200]!r}"}
         worker = response.headers.get("X-Agora-Worker", "")
+        chosen = response.headers.get("X-Agora-Route", "").split("ranked=")[-1].split(";")[0]
+        cold = not chosen.endswith("cold=0)")  # the chosen worker had to load the adapter
         async for line in response.aiter_lines():
             first = ttft is None and line.startswith("data:") and '"text":"' in line
             if first and json.loads(line[5:])["choices"][0].get("text"):
                 ttft = time.perf_counter() - started
     total = time.perf_counter() - started
-    return {"ttft_s": ttft if ttft is not None else total, "total_s": total, "worker": worker}
+    ttft = ttft if ttft is not None else total
+    return {"ttft_s": ttft, "total_s": total, "worker": worker, "cold": cold}
 
 
 async def _drive(url: str, key: str, sequence: list[str], conc: int, max_tokens: int) -> Any:
@@ -75,6 +78,10 @@ async def _drive(url: str, key: str, sequence: list[str], conc: int, max_tokens:
         started = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(conc)))
         return results, time.perf_counter() - started
+
+
+def _p50(seconds: list[float]) -> float | None:
+    return round(statistics.median(seconds) * 1000, 1) if seconds else None
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -135,6 +142,10 @@ def run_mode(
         "ttft_ms_p95": round(_pct(ttfts, 0.95), 1),
         "ttft_ms_p99": round(_pct(ttfts, 0.99), 1),
         "requests_per_s": round(len(results) / wall, 2),
+        # by what the coordinator knew when it routed: the chosen worker held the adapter or not
+        "routed_to_holder": sum(1 for r in ok if not r["cold"]),
+        "ttft_ms_p50_routed_to_holder": _p50([r["ttft_s"] for r in ok if not r["cold"]]),
+        "ttft_ms_p50_routed_cold": _p50([r["ttft_s"] for r in ok if r["cold"]]),
         "nodes_used": len({r["worker"] for r in ok}),
     }  # fmt: skip
 
