@@ -78,9 +78,9 @@ class CoordinatorSettings(BaseSettings):
     # how often the model catalogue is re-read (other processes and replicas change it too)
     catalogue_refresh_s: float = Field(default=2.0, gt=0)
     # LoRA adapters: the largest archive an operator may register (kept in the database), and
-    # routing by who holds an adapter loaded (off: any worker that can load it, at random
-    # among equals; the baseline of `agora bench adapters`), with what a cold load is assumed
-    # to cost in time to first token
+    # routing by who holds an adapter loaded (off: any worker that can run it, at random; the
+    # baseline of `agora bench adapters`), with what a cold load is assumed to cost in time to
+    # first token (twice that on a worker whose adapter slots are all taken)
     adapter_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     adapter_affinity: bool = True
     adapter_cold_load_s: float = Field(default=1.0, ge=0)

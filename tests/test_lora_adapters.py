@@ -51,47 +51,74 @@ class Stage:
 
 
 @pytest.fixture(scope="module")
-def stage(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
-    workdir = tmp_path_factory.mktemp("lora")
+def lora_engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One LoRA-enabled vLLM engine with run-time adapter loading; its base URL."""
+    log = tmp_path_factory.mktemp("lora-engine") / "engine.log"
     engine = VllmEngine(
         VllmConfig(
             model=str(tiny_model), served_model=MODEL, max_model_len=512, dtype="float32",
-            enforce_eager=True, log_path=workdir / "engine.log", startup_timeout_s=600,
+            enforce_eager=True, log_path=log, startup_timeout_s=600,
             extra_args=("--enable-lora", "--max-lora-rank", "8", "--max-loras", "4",
                         "--max-cpu-loras", "4"),
             env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
         )
     )  # fmt: skip
     asyncio.run(engine.start())
-    pinned = json.dumps({MODEL: str(tiny_model)})
+    try:
+        yield engine.base_url
+    finally:
+        asyncio.run(engine.stop())
+
+
+def make_stage(
+    workdir: Path, tiny_model: Path, engine_url: str, nodes: dict[str, list[str]],
+    spot_checks: bool = False,
+) -> Stage:  # fmt: skip
+    rate = "1" if spot_checks else "0"
     coordinator = start_coordinator(workdir, env={
-        "AGORA_COORDINATOR_TOKENIZERS": pinned, "AGORA_COORDINATOR_HEARTBEAT_INTERVAL_S": "1",
-        "AGORA_COORDINATOR_SPOT_CHECK_RATE": "0",
-        "AGORA_COORDINATOR_SPOT_CHECK_PROBATION_RATE": "0",
+        "AGORA_COORDINATOR_TOKENIZERS": json.dumps({MODEL: str(tiny_model)}),
+        "AGORA_COORDINATOR_HEARTBEAT_INTERVAL_S": "1",
+        "AGORA_COORDINATOR_SPOT_CHECK_RATE": rate,
+        "AGORA_COORDINATOR_SPOT_CHECK_PROBATION_RATE": rate,
     })  # fmt: skip
     workers: dict[str, Process] = {}
     try:
-        for name, extra in (
-            ("lora-a", ["--max-loras", "1", "--adapter-price-out", str(ADAPTER_PRICE_OUT)]),
-            ("lora-b", ["--max-loras", "1"]),
-        ):
+        for name, extra in nodes.items():
             workers[name] = start_worker(workdir, coordinator, WorkerSpec(
-                name=name, served_model=MODEL, engine_url=engine.base_url, engine_model=MODEL,
+                name=name, served_model=MODEL, engine_url=engine_url, engine_model=MODEL,
                 extra_args=extra,
             ))  # fmt: skip
         key = coordinator.create_client("lora-client", 10**12)
-        wait_for_workers(coordinator, key, MODEL, 2, list(workers.values()), timeout_s=120)
-        node_ids = {name: _node_id(workdir, name) for name in workers}
+        wait_for_workers(coordinator, key, MODEL, len(nodes), list(workers.values()), 120)
         folders = {
             f"l{seed}": build_lora(tiny_model, workdir / f"adapter-l{seed}", seed=seed)
             for seed in (1, 2, 3)
         }
-        yield Stage(coordinator, workers, node_ids, folders, workdir, key)
-    finally:
-        for w in workers.values():
-            w.stop()
-        coordinator.process.stop()
-        asyncio.run(engine.stop())
+        node_ids = {name: _node_id(workdir, name) for name in workers}
+        return Stage(coordinator, workers, node_ids, folders, workdir, key)
+    except BaseException:
+        stop(workers, coordinator)
+        raise
+
+
+def stop(workers: dict[str, Process], coordinator: CoordinatorHandle) -> None:
+    for w in workers.values():
+        w.stop()
+    coordinator.process.stop()
+
+
+@pytest.fixture(scope="module")
+def stage(
+    tiny_model: Path, lora_engine: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stage]:
+    """Two nodes with one adapter slot each: A charges more for adapter jobs, B inherits."""
+    nodes = {
+        "lora-a": ["--max-loras", "1", "--adapter-price-out", str(ADAPTER_PRICE_OUT)],
+        "lora-b": ["--max-loras", "1"],
+    }
+    built = make_stage(tmp_path_factory.mktemp("lora"), tiny_model, lora_engine, nodes)
+    yield built
+    stop(built.workers, built.coordinator)
 
 
 def _node_id(workdir: Path, name: str) -> str:
@@ -116,9 +143,10 @@ def register(stage: Stage, adapter: str) -> str:
 
 
 def chat(
-    stage: Stage, model: str, order: list[str] | None = None, fallbacks: bool = True
-) -> httpx.Response:
-    body: dict[str, Any] = {"model": model, "messages": PROMPT, "max_tokens": 12,
+    stage: Stage, model: str, order: list[str] | None = None, fallbacks: bool = True,
+    max_tokens: int = 12,
+) -> httpx.Response:  # fmt: skip
+    body: dict[str, Any] = {"model": model, "messages": PROMPT, "max_tokens": max_tokens,
                             "temperature": 0}  # fmt: skip
     if order:
         body["provider"] = {"order": order, "allow_fallbacks": fallbacks}
@@ -237,3 +265,35 @@ def test_the_coordinator_refuses_what_is_not_an_adapter_or_not_registered(stage:
             assert response.status_code == 400
         listed = admin.get("/adapters").json()["adapters"]
         assert sha in {c["sha256"] for c in listed}
+
+
+def test_a_spot_check_of_an_adapter_job_runs_on_another_node_with_the_same_adapter(
+    tiny_model: Path, lora_engine: str, tmp_path: Path
+) -> None:
+    """Every job is checked here: the adapter's greedy tokens are genuine only when the
+    reference scores them with the same adapter (the base model would call them made up)."""
+    nodes = {"reference": ["--max-loras", "1"], "checked": ["--max-loras", "1"]}
+    checked = make_stage(tmp_path, tiny_model, lora_engine, nodes, spot_checks=True)
+    try:
+        ref, node = checked.node_ids["reference"], checked.node_ids["checked"]
+        for _ in range(4):  # the reference earns more trust than the node it will check
+            assert chat(checked, MODEL, [ref], False).status_code == 200
+        model = register(checked, "l1")
+        response = chat(checked, model, [node], False, max_tokens=24)
+        assert response.headers["X-Agora-Worker"] == node
+        request_id = response.json()["id"].rsplit("-", 1)[-1]
+        deadline, events = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            with checked.coordinator.admin() as admin:
+                trace = admin.get("/trust/events", params={"node_id": node}).json()
+            events = [e for e in trace["events"] if e["request_id"] == request_id]
+            if any(e["outcome"] in ("verified", "fraud") for e in events):
+                break
+            time.sleep(0.5)
+        outcomes = [e["outcome"] for e in events]
+        assert "verified" in outcomes, trace
+        assert "fraud" not in outcomes
+        sha = folder_digest(checked.adapters["l1"])
+        assert held(checked, ref, [sha]) == [sha]  # the reference loaded l1 to check it
+    finally:
+        stop(checked.workers, checked.coordinator)

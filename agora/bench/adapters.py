@@ -133,7 +133,7 @@ def run_mode(
     ttfts = [r["ttft_s"] * 1000 for r in ok] or [0.0]
     errors = [r["error"] for r in results if "error" in r]
     return {
-        "routing": "adapter affinity" if affinity else "ignores adapters (random among equals)",
+        "routing": "adapter affinity" if affinity else "random",
         "requests": len(results), "ok": len(ok), "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "cold_loads": loads, "cold_loads_per_request": round(loads / max(1, len(results)), 3),

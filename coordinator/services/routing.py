@@ -11,7 +11,7 @@ something that needs an order over all of them (sort by price: the pool is kept 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -39,7 +39,7 @@ class CandidateView(Protocol):
     @property
     def available(self) -> bool: ...
     @property
-    def adapters(self) -> Container[str]: ...  # LoRA adapters (sha256) loaded now
+    def adapters(self) -> Collection[str]: ...  # LoRA adapters (sha256) loaded now
     @property
     def max_loras(self) -> int: ...  # adapters it can hold loaded (0: it loads none)
     @property
@@ -93,9 +93,9 @@ class RoutingPolicy:
     default_ttft_s: float = 0.5  # TTFT assumed for a worker never measured
     default_itl_s: float = 0.05  # inter-token latency assumed for a worker never measured
     # a request with a LoRA adapter: workers holding it loaded are looked at first, and one
-    # that would have to load it pays `cold_load_s` of expected time to first token (off: no
-    # preference, every worker that can load it is equal: the baseline affinity is measured
-    # against)
+    # that would have to load it pays `cold_load_s` of expected time to first token, twice
+    # when its slots are full (off: the workers that can run it, in random order: the
+    # baseline affinity is measured against)
     adapter_affinity: bool = True
     cold_load_s: float = 1.0
 
@@ -181,6 +181,16 @@ def _exclusion(
     return None
 
 
+def _cold_load(adapter: str, c: CandidateView, policy: RoutingPolicy) -> float:
+    """Expected seconds before the adapter can run on `c`: none when loaded; a load; and a
+    second one's worth when every slot is taken (the adapter it evicts is loaded again for
+    someone else later): so new adapters spread over workers with room."""
+    if adapter in c.adapters:
+        return 0.0
+    full = len(c.adapters) >= c.max_loras
+    return policy.cold_load_s * (2.0 if full else 1.0)
+
+
 def _score(
     request: RouteRequest,
     c: CandidateView,
@@ -204,8 +214,8 @@ def _score(
         "fail": failure,
         "rep": reputation,
     }
-    if request.adapter:  # the adapter loaded (0) or to load first (its assumed cost)
-        terms["cold"] = 0.0 if request.adapter in c.adapters else policy.cold_load_s
+    if request.adapter:  # the adapter loaded (0) or to load first (its assumed cost) …
+        terms["cold"] = _cold_load(request.adapter, c, policy)
         if policy.adapter_affinity:
             ttft += terms["cold"]
     if sort == "price":
@@ -349,6 +359,8 @@ def route(
         return out
 
     rest = scored(picked)
+    if request.adapter and not policy.adapter_affinity:
+        rng.shuffle(rest)  # the baseline affinity is measured against: random routing
     if probation_over_budget:
         new = [s for s in rest if s.node_id in probation]
         if len(new) < len(rest):  # someone established can serve: they go first

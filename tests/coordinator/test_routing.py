@@ -270,3 +270,20 @@ def test_adapter_prices_are_what_caps_and_costs_compare() -> None:
     base = route(REQUEST, [cheap_base_dear_adapter], {}, Preferences(max_price_completion=500),
                  random.Random(0), 1000.0, price_sorted=True)  # fmt: skip
     assert [s.node_id for s in base.ranked] == ["a"]  # without the adapter, its base price
+
+
+def test_a_new_adapter_goes_to_a_worker_with_a_free_slot_before_one_that_must_evict() -> None:
+    others = frozenset({"cd" * 32, "ef" * 32})
+    full = Offer("full", 100, 200, adapters=others, max_loras=2)  # loading means evicting
+    room = Offer("room", 100, 200, adapters=frozenset({"cd" * 32}), max_loras=2, in_flight=1)
+    decision = route(WITH_ADAPTER, [full, room], {}, Preferences(), random.Random(0), 1000.0)
+    assert [s.node_id for s in decision.ranked] == ["room", "full"]
+    assert decision.ranked[1].terms["cold"] == 2 * decision.ranked[0].terms["cold"]
+
+
+def test_without_affinity_adapter_requests_go_anywhere_they_can_run_at_random() -> None:
+    fleet = [lora("holder", holds=True), lora("a"), lora("b"), lora("c")]
+    blind = RoutingPolicy(adapter_affinity=False)
+    firsts = {route(WITH_ADAPTER, fleet, {}, Preferences(), random.Random(seed), 1000.0,
+                    blind).ranked[0].node_id for seed in range(40)}  # fmt: skip
+    assert firsts == {"holder", "a", "b", "c"}
