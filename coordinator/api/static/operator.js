@@ -36,11 +36,18 @@ function workers(list) {
       if (rep && rep.probation) trust.append(el("span", { class: "pill probation" }, "probation"));
       rows.push([[el("span", { class: "mono", title: w.node_id }, short(w.node_id)), "", `worker-${w.node_id}`], [status],
         [model], [w.gpu], [credits(s.price_completion_per_mtok), "num"], [`${s.in_flight}/${s.max_concurrency}`, "num"],
-        [ms(s.ttft_s), "num"], [ms(s.itl_s), "num"], [trust], [s.missed_for_capacity, "num"], [w.last_seen_s + " s", "num"]]);
+        [ms(s.ttft_s), "num"], [ms(s.itl_s), "num"], [lora(s), "num"], [trust], [s.missed_for_capacity, "num"],
+        [w.last_seen_s + " s", "num"]]);
     }
   }
   fill("workers", table([["Node"], ["Status"], ["Model"], ["GPU"], ["Price /1M out", "num"], ["Load", "num"], ["TTFT", "num"],
-    ["ITL", "num"], ["Reputation"], ["Missed (full)", "num"], ["Last seen", "num"]], rows, "no workers connected"));
+    ["ITL", "num"], ["LoRA", "num"], ["Reputation"], ["Missed (full)", "num"], ["Last seen", "num"]], rows,
+    "no workers connected"));
+}
+
+function lora(s) {  // adapters loaded / slots, the hashes on hover; "—" for a worker that loads none
+  if (!s.max_loras) return "—";
+  return el("span", { class: "mono", title: s.adapters.map(short).join(" ") }, `${s.adapters.length}/${s.max_loras}`);
 }
 
 function releases(models) {  // GET /admin/v1/models: versions, shares, how each is doing
