@@ -47,6 +47,7 @@ from coordinator.services.decisions import DecisionLog
 from coordinator.services.metering import Tokenizers
 from coordinator.services.overview import Overview
 from coordinator.services.payouts import Payouts
+from coordinator.services.prefixes import PrefixIndex
 from coordinator.services.registry import Registry
 from coordinator.services.releases.book import ReleaseBook
 from coordinator.services.request_path.dispatch import Dispatcher
@@ -156,8 +157,13 @@ class Coordinator:
                 RoutingPolicy(
                     adapter_affinity=settings.adapter_affinity,
                     cold_load_s=settings.adapter_cold_load_s,
+                    cache_weight=settings.prefix_cache_weight,
+                    cache_balance_load=settings.prefix_balance_load,
                 ),
                 rng,
+                PrefixIndex(settings.prefix_index_blocks, settings.prefix_ttl_s)
+                if settings.prefix_routing
+                else None,
             ),
             reservations=self.shared_holds or Reservations(self.accounts.balance),
             limiter=RateLimiter(),

@@ -84,6 +84,15 @@ class CoordinatorSettings(BaseSettings):
     adapter_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     adapter_affinity: bool = True
     adapter_cold_load_s: float = Field(default=1.0, ge=0)
+    # prefix-aware routing: remember which workers were sent which prompt prefixes (at most
+    # `prefix_index_blocks` blocks, forgotten after `prefix_ttl_s`, an engine's likely eviction)
+    # and prefer the one holding the longest, by `prefix_cache_weight` x the cached share, while
+    # its slots are less than `prefix_balance_load` full (a hot prefix spreads past that)
+    prefix_routing: bool = True
+    prefix_index_blocks: int = Field(default=200_000, ge=1)
+    prefix_ttl_s: float = Field(default=600.0, gt=0)
+    prefix_cache_weight: float = Field(default=1.0, ge=0)
+    prefix_balance_load: float = Field(default=0.75, gt=0, le=1)
     # latency objectives: a job slower than either is SLO-miss evidence against its worker
     slo_ttft_s: float = Field(default=10.0, gt=0)
     slo_itl_s: float = Field(default=0.5, gt=0)  # mean inter-token latency of the job

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
@@ -21,6 +21,16 @@ from coordinator.services.request_path.request import CompletionRequest
 from protocol.completions import CHAT, COMPLETIONS
 
 router = APIRouter(prefix="/v1", responses=documented(400, 401, 404, 413, 429, 431, 503))
+
+
+SessionDep = Annotated[
+    str,
+    Header(
+        alias="X-Agora-Session",
+        description="A conversation's key: its turns go to the worker holding its context "
+        "(default: the body's `user`).",
+    ),
+]  # fmt: skip
 
 
 def _headers(fulfilment: Fulfilment) -> dict[str, str]:
@@ -38,6 +48,7 @@ async def _complete(
     endpoint: str,
     parsed: ChatCompletionBody | CompletionBody,
     body: dict[str, Any],
+    session: str = "",
 ) -> Response:
     request = CompletionRequest(
         endpoint=endpoint,
@@ -49,6 +60,8 @@ async def _complete(
         prefs=parsed.provider.to_preferences(),
         wants_token_ids=bool(parsed.return_token_ids),
         fallbacks=tuple(parsed.models),
+        # a routing hint only: any length is accepted, the first 200 characters are the key
+        session=(session or (body["user"] if isinstance(body.get("user"), str) else ""))[:200],
     )
     fulfilment = await path.begin(principal, request)
     if request.stream:
@@ -64,16 +77,18 @@ async def _complete(
     responses=documented(402),
 )
 async def chat_completions(
-    principal: PrincipalDep, body: BodyDep, path: RequestPathDep
+    principal: PrincipalDep, body: BodyDep, path: RequestPathDep, session: SessionDep = ""
 ) -> Response:
     parsed = validated(ChatCompletionBody, body)
-    return await _complete(path, principal, CHAT, parsed, body)
+    return await _complete(path, principal, CHAT, parsed, body, session)
 
 
 @router.post("/completions", openapi_extra=body_doc(CompletionBody), responses=documented(402))
-async def completions(principal: PrincipalDep, body: BodyDep, path: RequestPathDep) -> Response:
+async def completions(
+    principal: PrincipalDep, body: BodyDep, path: RequestPathDep, session: SessionDep = ""
+) -> Response:
     parsed = validated(CompletionBody, body)
-    return await _complete(path, principal, COMPLETIONS, parsed, body)
+    return await _complete(path, principal, COMPLETIONS, parsed, body, session)
 
 
 class ModelList(BaseModel):

@@ -8,18 +8,22 @@ import dataclasses
 import random
 import time
 
+from coordinator.services.prefixes import Chain, PrefixIndex
 from coordinator.services.probation import ProbationShare
 from coordinator.services.registry import Registry
 from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy, route
 from coordinator.services.stats import StatsBook
 from coordinator.services.trust import Trust
 
+SESSION_SHARE = 0.5  # the cached share assumed for the worker that served a session last
+
 
 class Router:
     def __init__(
         self, registry: Registry, stats: StatsBook, trust: Trust | None, policy: RoutingPolicy,
-        rng: random.Random,
+        rng: random.Random, prefixes: PrefixIndex | None = None,
     ) -> None:  # fmt: skip
+        self._prefixes = prefixes  # None: prefix-aware routing is off
         self._registry = registry
         self._stats = stats
         self._trust = trust
@@ -27,16 +31,25 @@ class Router:
         self._rng = rng
         self.probation_share = ProbationShare(trust.policy.probation_share if trust else 1.0)
 
-    def decide(self, bound: RouteRequest, prefs: Preferences, excluded: set[str]) -> Decision:
+    @property
+    def prefix_aware(self) -> bool:
+        return self._prefixes is not None
+
+    def decide(
+        self, bound: RouteRequest, prefs: Preferences, excluded: set[str], chain: Chain = (),
+        session: str = "",
+    ) -> Decision:  # fmt: skip
         if excluded:
             prefs = dataclasses.replace(prefs, ignore=prefs.ignore | frozenset(excluded))
         trust, model = self._trust, bound.model
         capped = self.probation_share.over_budget(model)
+        cached = self._cached(model, chain, session)
         decision = route(
             bound, self._registry.pool(model), self._stats.for_model(model), prefs, self._rng,
             time.monotonic(), self._policy,
             reputation=trust.scores if trust else None, price_sorted=True,
             probation=trust.probation if trust else frozenset(), probation_over_budget=capped,
+            cached=cached,
         )  # fmt: skip
         if decision.ranked and trust is not None:
             to_new = trust.on_probation(decision.ranked[0].node_id)
@@ -46,3 +59,18 @@ class Router:
         for node_id in decision.at_capacity:
             self._stats.get(node_id, model).missed_for_capacity += 1
         return decision
+
+    def _cached(self, model: str, chain: Chain, session: str) -> dict[str, float] | None:
+        if self._prefixes is None or not (chain or session):
+            return None
+        now = time.monotonic()
+        cached = self._prefixes.shares(model, chain, now)
+        holder = self._prefixes.session_holder(model, session, now) if session else None
+        if holder is not None:
+            cached[holder] = max(cached.get(holder, 0.0), SESSION_SHARE)
+        return cached
+
+    def served(self, model: str, chain: Chain, node_id: str, session: str = "") -> None:
+        """A job with this prompt went to `node_id`: its engine caches the prefix now."""
+        if self._prefixes is not None and (chain or session):
+            self._prefixes.record(model, chain, node_id, time.monotonic(), session)

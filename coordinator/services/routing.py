@@ -98,6 +98,11 @@ class RoutingPolicy:
     # baseline affinity is measured against)
     adapter_affinity: bool = True
     cold_load_s: float = 1.0
+    # prefix-aware routing: a worker that was recently sent a share s of this prompt (its
+    # engine likely holds that KV cache) scores `cache_weight * s` better, unless its slots are
+    # `cache_balance_load` full or more: then a hot prefix spreads instead of piling up
+    cache_weight: float = 1.0
+    cache_balance_load: float = 0.75
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,7 @@ def _score(
     cheapest: int,
     policy: RoutingPolicy,
     sort: Sort | None,
+    cached: float = 0.0,
 ) -> Scored:
     ttft = (stats.ttft_s if stats else None) or policy.default_ttft_s
     itl = (stats.itl_s if stats else None) or policy.default_itl_s
@@ -207,6 +213,7 @@ def _score(
     slots = max(1, c.max_concurrency)
     load = c.in_flight / slots + c.engine_waiting / slots + c.kv_cache_usage / 2
     failure = stats.failure_rate() if stats else 0.0
+    bonus = 0.0
     terms = {
         "price": price,
         "ttft": ttft,
@@ -214,6 +221,10 @@ def _score(
         "fail": failure,
         "rep": reputation,
     }
+    if cached:  # the share of the prompt its engine likely holds, while it has room
+        terms["cache"] = cached
+        if c.in_flight / slots < policy.cache_balance_load:
+            bonus = policy.cache_weight * cached
     if request.adapter:  # the adapter loaded (0) or to load first (its assumed cost) …
         terms["cold"] = _cold_load(request.adapter, c, policy)
         if policy.adapter_affinity:
@@ -232,6 +243,7 @@ def _score(
             + policy.load_weight * load
             + policy.failure_weight * failure
             + policy.reputation_weight * (1.0 - reputation)
+            - bonus
         )
     return Scored(c.node_id, score, terms)
 
@@ -270,11 +282,13 @@ def route(
     price_sorted: bool = False,
     probation: Container[str] = frozenset(),
     probation_over_budget: bool = False,
+    cached: Mapping[str, float] | None = None,
 ) -> Decision:
     """Rank workers for one request. `pool` holds every candidate offering the model; when
     `price_sorted` it is ordered by completion price, cheapest first. When the workers on
     `probation` have taken their share of traffic, they rank after established ones (unless
-    the client named them)."""
+    the client named them). `cached`: per worker, the share of this prompt it was recently
+    sent (services.prefixes), for prefix-aware routing."""
     excluded: dict[str, int] = {}
     picked: list[CandidateView] = []
     seen: set[int] = set()
@@ -305,6 +319,10 @@ def route(
         first, picked = picked, []
     if prefs.allow_fallbacks or not prefs.order:
         n = len(pool)
+        if cached:  # those recently sent this prompt's prefix first, the longest first
+            where = {c.node_id: i for i, c in enumerate(pool) if c.node_id in cached}
+            for node_id in sorted(where, key=lambda n: -cached[n])[: policy.sample_size]:
+                consider(where[node_id])
         if request.adapter and policy.adapter_affinity:  # those holding it loaded first
             for i in range(n):
                 if len(picked) >= policy.sample_size:
@@ -352,6 +370,7 @@ def route(
                 cheapest,
                 policy,
                 prefs.sort,
+                cached.get(c.node_id, 0.0) if cached else 0.0,
             )
             for c in cands
         ]

@@ -28,6 +28,7 @@ from coordinator.errors import (
 )
 from coordinator.services.accounts import Principal
 from coordinator.services.decisions import RouteRecord
+from coordinator.services.prefixes import prefix_chain
 from coordinator.services.releases.book import Target
 from coordinator.services.request_path.attempt import Attempt, error_from_job
 from coordinator.services.request_path.continuation import (
@@ -80,6 +81,10 @@ class Fulfilment:
         self._bound = RouteRequest(
             request.model, path.prompt_bound(request), completion_bound, request.adapter
         )
+        # the prompt's prefix blocks, for prefix-aware routing (services.prefixes)
+        self._chain = (
+            prefix_chain(request.endpoint, request.prompt) if path.router.prefix_aware else ()
+        )
         self.response_id = f"{request.response_prefix}-{request_id}"
         self.created = int(time.time())
         self.attempts: list[Attempt] = []  # the segments that ran (failed dispatches aside)
@@ -124,7 +129,9 @@ class Fulfilment:
         last_error: CoordinatorError | None = None
         while True:
             freed = path.registry.freed_signal()
-            decision = path.router.decide(self._bound, request.prefs, self._tried)
+            decision = path.router.decide(
+                self._bound, request.prefs, self._tried, self._chain, request.session
+            )
             if self.route is None:
                 record = RouteRecord(self.request_id, self.principal.client, request.model,
                                      decision)  # fmt: skip
@@ -177,6 +184,9 @@ class Fulfilment:
                 self.route.attempts.append(entry)
                 if first.WhichOneof("kind") != "error":
                     entry["outcome"] = "ok"
+                    if not continuation:  # its engine now holds the prompt's prefix
+                        path.router.served(request.model, self._chain, slot.node_id,
+                                           request.session)  # fmt: skip
                     self.attempts.append(attempt)
                     self._first = first
                     path.count_route(request.model, decision, "dispatched")

@@ -26,6 +26,7 @@ class CompletionRequest:
     fallbacks: tuple[str, ...] = ()  # models to try in order if `model` cannot serve it
     shown_model: str = ""  # the name responses carry (a release's `name@version`)
     adapter: str = ""  # sha256 of the LoRA adapter its version runs ("" = the base model)
+    session: str = ""  # a conversation's key (`user`, or X-Agora-Session): kept on one worker
 
     @property
     def model_shown(self) -> str:
