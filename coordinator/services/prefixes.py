@@ -36,11 +36,12 @@ class Block:
 Chain = tuple[Block, ...]
 
 
-def _chain(pieces: Sequence[bytes]) -> Chain:
+def _chain(pieces: Sequence[tuple[bytes, int]]) -> Chain:
+    """Blocks of (bytes, how much of the prompt they are), each hash over all before it."""
     blocks, running, covered = [], hashlib.sha256(), 0
-    for piece in pieces:
+    for piece, size in pieces:
         running.update(len(piece).to_bytes(8, "big") + piece)
-        covered += len(piece)
+        covered += size
         blocks.append(Block(running.copy().digest()[:16], covered))
     return tuple(blocks)
 
@@ -49,13 +50,14 @@ def prefix_chain(endpoint: str, prompt: Any) -> Chain:
     """The prompt's block chain: chat messages one block each; a text prompt in runs of
     BLOCK_CHARS; token ids in runs of BLOCK_IDS; a batch of prompts is not chained."""
     if endpoint == CHAT and isinstance(prompt, list):
-        return _chain([_encode(m) for m in prompt])
+        return _chain([(piece, len(piece)) for piece in map(_encode, prompt)])
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        ids = [_encode(prompt[i : i + BLOCK_IDS]) for i in range(0, len(prompt), BLOCK_IDS)]
-        return _chain(ids)
+        runs = [prompt[i : i + BLOCK_IDS] for i in range(0, len(prompt), BLOCK_IDS)]
+        return _chain([(_encode(run), len(run)) for run in runs])
     if isinstance(prompt, str):
         text = prompt.encode()
-        return _chain([text[i : i + BLOCK_CHARS] for i in range(0, len(text), BLOCK_CHARS)])
+        runs_of_text = [text[i : i + BLOCK_CHARS] for i in range(0, len(text), BLOCK_CHARS)]
+        return _chain([(run, len(run)) for run in runs_of_text])
     return ()
 
 
