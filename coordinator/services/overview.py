@@ -185,6 +185,10 @@ class Overview:
                         "context_length": slot.offer.context_length,
                         "max_loras": slot.max_loras,  # LoRA adapters loaded on demand, at once
                         "adapters": sorted(slot.adapters),  # loaded now (sha256)
+                        # the engine's own prefix-cache counters (prompt tokens), and their ratio
+                        "prefix_cache_queries": slot.prefix_cache_queries,
+                        "prefix_cache_hits": slot.prefix_cache_hits,
+                        "prefix_cache_hit_rate": slot.prefix_cache_hit_rate,
                         "ttft_ewma_s": self._stats.get(w.node_id, name).ttft_s,
                         "itl_ewma_s": self._stats.get(w.node_id, name).itl_s,
                         "failure_rate": self._stats.get(w.node_id, name).failure_rate(),

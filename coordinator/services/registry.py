@@ -39,6 +39,15 @@ class ModelSlot:
     # job since (loading now: the next request for one finds it here, not a cold worker)
     adapters: set[str] = field(default_factory=set)
     adapter_price: Price | None = None  # what a client pays with an adapter (None: base price)
+    # the engine's prefix cache, as its own counters say (running totals of prompt tokens)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        if not self.prefix_cache_queries:
+            return None
+        return self.prefix_cache_hits / self.prefix_cache_queries
 
     @property
     def max_loras(self) -> int:
@@ -137,6 +146,8 @@ class WorkerConnection:
                 slot.load_reported = True
                 if slot.offer.max_loras:
                     slot.adapters = set(load.adapters)
+                slot.prefix_cache_queries = load.prefix_cache_queries
+                slot.prefix_cache_hits = load.prefix_cache_hits
         self.gpus = list(beat.gpus)
         self.on_slot_freed()  # an engine may be back: queued requests look again
 

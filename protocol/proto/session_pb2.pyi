@@ -345,6 +345,8 @@ class ModelLoad(_message.Message):
     JOBS_ELSEWHERE_FIELD_NUMBER: _builtins.int
     REAPED_ORPHAN_PID_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     running: _builtins.int
     """requests the engine is running (its own metrics)"""
@@ -360,6 +362,10 @@ class ModelLoad(_message.Message):
     """jobs for the model the node runs for its other coordinators"""
     reaped_orphan_pid: _builtins.int
     """an engine a dead node left running, killed at start (0: none)"""
+    prefix_cache_queries: _builtins.int
+    """prompt tokens the engine looked up in its prefix cache"""
+    prefix_cache_hits: _builtins.int
+    """… and found there (both running totals)"""
     @_builtins.property
     def adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """SHA-256 of the LoRA adapters loaded in the engine now"""
@@ -376,10 +382,12 @@ class ModelLoad(_message.Message):
         jobs_elsewhere: _builtins.int = ...,
         reaped_orphan_pid: _builtins.int = ...,
         adapters: _abc.Iterable[_builtins.str] | None = ...,
+        prefix_cache_queries: _builtins.int = ...,
+        prefix_cache_hits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "available", b"available", "jobs", b"jobs", "jobs_elsewhere", b"jobs_elsewhere", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "reaped_orphan_pid", b"reaped_orphan_pid", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "available", b"available", "jobs", b"jobs", "jobs_elsewhere", b"jobs_elsewhere", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "prefix_cache_hits", b"prefix_cache_hits", "prefix_cache_queries", b"prefix_cache_queries", "reaped_orphan_pid", b"reaped_orphan_pid", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,11 +52,11 @@ def test_only_the_named_model_counts() -> None:
         "# TYPE vllm:kv_cache_usage_perc gauge\n"
         'vllm:kv_cache_usage_perc{model_name="a"} 0.25\n'
     )
-    assert parse_vllm_metrics(text, "a") == EngineLoad(3, 0, 0.25, True)
+    assert parse_vllm_metrics(text, "a") == EngineLoad(3, 0, 0.25, known=True)
     assert parse_vllm_metrics(text, "b").running == 7
 
 
-def test_only_the_three_gauges_count_whatever_else_the_page_holds() -> None:
+def test_only_the_wanted_metrics_count_whatever_else_the_page_holds() -> None:
     text = (
         "# HELP vllm:num_requests_waiting Number of requests waiting.\n"
         "# TYPE vllm:num_requests_waiting gauge\n"
@@ -68,5 +68,31 @@ def test_only_the_three_gauges_count_whatever_else_the_page_holds() -> None:
         'vllm:gpu_cache_usage_perc{model_name="a"} 0.5\n'
         'vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="a"} 12.0\n'
     )
-    assert parse_vllm_metrics(text, "a") == EngineLoad(2, 5, 0.5, True)
+    assert parse_vllm_metrics(text, "a") == EngineLoad(2, 5, 0.5, known=True)
     assert parse_vllm_metrics("# nothing here\n", "a") == EngineLoad()
+
+
+def test_the_prefix_cache_counters_are_read_and_nothing_that_only_starts_like_them() -> None:
+    text = (
+        "# TYPE vllm:prefix_cache_queries counter\n"
+        'vllm:prefix_cache_queries_total{engine="0",model_name="a"} 1536.0\n'
+        'vllm:prefix_cache_queries_created{engine="0",model_name="a"} 1.7e9\n'
+        'vllm:prefix_cache_hits_total{engine="0",model_name="a"} 1024.0\n'
+        'vllm:prefix_cache_hits_total{engine="0",model_name="b"} 7.0\n'
+        'vllm:external_prefix_cache_hits_total{engine="0",model_name="a"} 5.0\n'
+    )
+    load = parse_vllm_metrics(text, "a")
+    assert (load.prefix_cache_queries, load.prefix_cache_hits) == (1536, 1024)
+
+
+async def test_the_engines_prefix_cache_hits_are_seen(vllm_engine: VllmEngine) -> None:
+    """The same 300-token prompt twice: the second finds most of it in the prefix cache."""
+    body = {"model": "tiny", "prompt": list(range(100, 400)), "max_tokens": 1}
+    async with httpx.AsyncClient(timeout=60) as client:
+        before = await read_engine_load(client, vllm_engine.base_url, "tiny")
+        for _ in range(2):
+            response = await client.post(f"{vllm_engine.base_url}/completions", json=body)
+            assert response.status_code == 200, response.text
+        after = await read_engine_load(client, vllm_engine.base_url, "tiny")
+    assert after.prefix_cache_queries - before.prefix_cache_queries >= 600
+    assert after.prefix_cache_hits - before.prefix_cache_hits >= 128

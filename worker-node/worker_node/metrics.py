@@ -1,6 +1,6 @@
 """Live load read from the engine's own Prometheus metrics (vLLM exposes them at /metrics).
 
-Only three gauges are wanted from a page of ~100 histograms, and every heartbeat reads it (once
+Only five series (three gauges, the two prefix-cache counters) are wanted from a page of ~100 histograms, and every heartbeat reads it (once
 per coordinator session): a scan for those lines replaces prometheus_client's full parser, which
 took a third of a busy node's CPU samples on an H100 with four coordinator sessions.
 """
@@ -15,6 +15,9 @@ import httpx
 _RUNNING = "vllm:num_requests_running"
 _WAITING = "vllm:num_requests_waiting"
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # new name, old name
+# prefix cache counters (tokens looked up, tokens found): the engine's real hit rate
+_PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
+_PREFIX_HITS = "vllm:prefix_cache_hits_total"
 
 
 @dataclass(frozen=True)
@@ -22,10 +25,12 @@ class EngineLoad:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0  # 0..1
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, ever
+    prefix_cache_hits: int = 0  # … and found there
     known: bool = False  # False when the engine exposes no vLLM metrics
 
 
-_WANTED = (_RUNNING, _WAITING, *_KV_USAGE)
+_WANTED = (_RUNNING, _WAITING, *_KV_USAGE, _PREFIX_QUERIES, _PREFIX_HITS)
 _MODEL_LABEL = re.compile(r'model_name="((?:[^"\\]|\\.)*)"')
 
 
@@ -69,6 +74,8 @@ def parse_vllm_metrics(text: str, model: str) -> EngineLoad:
         running=int(values.get(_RUNNING, 0)),
         waiting=int(values.get(_WAITING, 0)),
         kv_cache_usage=min(1.0, max(0.0, kv)),
+        prefix_cache_queries=int(values.get(_PREFIX_QUERIES, 0)),
+        prefix_cache_hits=int(values.get(_PREFIX_HITS, 0)),
         known=True,
     )
 

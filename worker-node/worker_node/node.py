@@ -199,6 +199,8 @@ class Node:
                     available=sup.available,
                     reaped_orphan_pid=sup.engine.reaped_pid or 0,
                     adapters=self.adapters[name].held() if name in self.adapters else (),
+                    prefix_cache_queries=load.prefix_cache_queries,
+                    prefix_cache_hits=load.prefix_cache_hits,
                 )
             )
         beat.gpus.extend(self._gpus)
