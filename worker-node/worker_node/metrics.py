@@ -1,8 +1,9 @@
 """Live load read from the engine's own Prometheus metrics (vLLM exposes them at /metrics).
 
 Only five series (three gauges, two prefix-cache counters) are wanted from a page of ~100
-histograms, and every heartbeat reads it (once per coordinator session): a scan for those lines replaces prometheus_client's full parser, which
-took a third of a busy node's CPU samples on an H100 with four coordinator sessions.
+histograms, and every heartbeat reads it (once per coordinator session): a scan for those
+lines replaces prometheus_client's full parser, which took a third of a busy node's CPU
+samples on an H100 with four coordinator sessions.
 """
 
 from __future__ import annotations
