@@ -61,8 +61,7 @@ def test_routing_prefers_the_holder_until_it_is_busy_then_spreads() -> None:
     decision = route(REQUEST, [busy, idle], {}, Preferences(), random.Random(0), 1000.0,
                      cached={"holder": 0.9})  # fmt: skip
     assert decision.ranked[0].node_id == "idle"
-    blind = route(REQUEST, [holder, idle], {}, Preferences(), random.Random(0), 1000.0,
-                  RoutingPolicy(cache_weight=0.0), cached={"holder": 0.9})  # fmt: skip
+    blind = route(REQUEST, [holder, idle], {}, Preferences(), random.Random(0), 1000.0)
     assert blind.ranked[0].node_id == "idle"  # without the cache term, load decides
 
 
