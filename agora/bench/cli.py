@@ -7,6 +7,7 @@ import typer
 from agora.bench.adapters import adapters
 from agora.bench.gateway import gateway
 from agora.bench.holds import holds
+from agora.bench.prefixes import prefixes
 from agora.bench.resilience import resilience
 from agora.bench.routing import routing
 from agora.bench.serving import serving
@@ -16,6 +17,7 @@ app = typer.Typer(help="Benchmarks; each writes its numbers to a file.", no_args
 app.command("adapters")(adapters)
 app.command("gateway")(gateway)
 app.command("holds")(holds)
+app.command("prefixes")(prefixes)
 app.command("resilience")(resilience)
 app.command("routing")(routing)
 app.command("serving")(serving)
