@@ -6,8 +6,8 @@ same conversations.
     agora bench prefixes --out bench/results/prefixes.json
 
 Workload: `--conversations` chats of `--turns` turns; each opens with one of `--documents`
-shared system prompts (~230 tokens each) and a question of its own; each turn appends the
-answer and a new question. Turn t of every conversation runs before turn t+1 of any, with
+shared system prompts (~230 tokens each) and notes of its own (~200 tokens); each turn appends
+the answer and a new question. Turn t of every conversation runs before turn t+1 of any, with
 `--conc` conversations in flight at once.
 """
 
@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ async def _turn(
     async with client.stream("POST", f"{url}/chat/completions", json=body) as response:
         if response.status_code != 200:
             return {"error": f"{response.status_code}: {(await response.aread())[:200]!r}"}
+        worker = response.headers.get("X-Agora-Worker", "")
         async for line in response.aiter_lines():
             if not line.startswith("data:") or line.endswith("[DONE]"):
                 continue
@@ -60,7 +62,7 @@ async def _turn(
                     ttft = ttft if ttft is not None else time.perf_counter() - started
                     text.append(piece)
     return {"ttft_s": ttft if ttft is not None else time.perf_counter() - started,
-            "answer": "".join(text), "tokens": tokens}  # fmt: skip
+            "answer": "".join(text), "tokens": tokens, "worker": worker}  # fmt: skip
 
 
 async def _drive(
@@ -76,7 +78,7 @@ async def _drive(
                 messages.append({"role": "user", "content": f"Question {turn}: and then?"})
                 result = await _turn(client, url, messages, max_tokens)
                 messages.append({"role": "assistant", "content": result.get("answer", "")})
-                results.append({**result, "turn": turn})
+                results.append({**result, "turn": turn, "chat": id(messages)})
 
         started = time.perf_counter()
         for turn in range(turns):
@@ -133,7 +135,21 @@ def run_mode(
         "ttft_ms_p50_later_turns": round(statistics.median(later), 1),
         "output_tok_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
         "client_cost_micro": spent,
+        "requests_per_node": sorted(Counter(r["worker"] for r in ok).values(), reverse=True),
+        # turns after the first that went to the node that served the turn before
+        "next_turn_on_same_node": _stuck(ok),
     }  # fmt: skip
+
+
+def _stuck(results: list[dict[str, Any]]) -> float:
+    last: dict[int, str] = {}
+    same = later = 0
+    for r in sorted(results, key=lambda r: r["turn"]):
+        if r["chat"] in last:
+            later += 1
+            same += last[r["chat"]] == r["worker"]
+        last[r["chat"]] = r["worker"]
+    return round(same / later, 3) if later else 0.0
 
 
 def _engine_counters(coordinator: Any) -> tuple[int, int]:
@@ -160,7 +176,8 @@ def prefixes(
     docs = [" ".join(f"{rng.getrandbits(128):032x}" for _ in range(8)) for _ in range(documents)]
     chats = [
         [{"role": "system", "content": f"Answer from this document: {docs[i % documents]}"},
-         {"role": "user", "content": f"I am reader {uuid.UUID(int=rng.getrandbits(128))}."},
+         {"role": "user", "content": "My notes: " + " ".join(
+             str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(6))},
          {"role": "assistant", "content": "Welcome."}]
         for i in range(conversations)
     ]  # fmt: skip
