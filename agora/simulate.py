@@ -17,7 +17,7 @@ from rich.table import Table
 
 from simulations.fleet import make_fleet
 from simulations.market import simulate as run_market
-from simulations.policies import POLICIES
+from simulations.policies import DEFAULT_POLICIES, POLICIES
 from simulations.release import ReleaseScenario, simulate_release
 from simulations.report import metrics, oracle, plot
 from simulations.workload import mean_job_tokens, requests
@@ -32,7 +32,7 @@ def arrival_rate(fleet_slots: int, utilization: float, prefill_s: float, decode_
 
 def simulate(
     workers: str = typer.Option("1000,10000", help="Fleet sizes, comma-separated."),
-    policies: str = typer.Option(",".join(POLICIES), help="Policies, comma-separated."),
+    policies: str = typer.Option(",".join(DEFAULT_POLICIES), help="Policies, comma-separated."),
     duration: str = typer.Option(
         "60", help="Simulated seconds of arrivals per run: one value, or one per fleet size."
     ),
@@ -45,6 +45,10 @@ def simulate(
     ),
     canary: float = typer.Option(0.05, help="release: the candidate's share of requests."),
     fail_rate: float = typer.Option(0.2, help="release: the share of its jobs a bad build fails."),
+    conversations: bool = typer.Option(
+        False, help="routing: chat requests are mostly next turns of conversations (prefix "
+        "caches matter; compare agora with agora-no-cache).",
+    ),
 ) -> None:  # fmt: skip
     """Compare routing policies on the same seeded market (table, JSON and PNG plots), or play
     a model release (`--scenario release`)."""
@@ -73,7 +77,7 @@ def simulate(
             decode = statistics.fmean(output * w.gpu.itl_s * 1.3 for w in probe)
             slots = sum(w.gpu.slots for w in probe)
             rate = arrival_rate(slots, utilization, prefill, decode)
-            arrivals = list(requests(rate, span, random.Random(seed + 1)))
+            arrivals = list(requests(rate, span, random.Random(seed + 1), conversations))
             rows.append({**oracle(probe, arrivals, span), "duration_s": span})
             for name in names:
                 fleet = make_fleet(size, random.Random(seed))  # the same fleet, fresh state
@@ -97,7 +101,7 @@ def simulate(
         indent=2) + "\n")  # fmt: skip
     charts = plot(rows, out)
     table = Table("workers", "policy", "requests", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99",
-                  "USD/1M tok", "failed", "made-up", "util", "Gini")  # fmt: skip
+                  "USD/1M tok", "failed", "made-up", "util", "Gini", "cached")  # fmt: skip
 
     def f(value: Any, spec: str) -> str:
         return "—" if value is None else format(value, spec)
@@ -108,7 +112,8 @@ def simulate(
                       f(r["e2e_p50_s"], ".2f"), f(r["e2e_p99_s"], ".2f"),
                       f(r["usd_per_mtok"], ".4f"), f(r["failure_rate"], ".2%"),
                       f(r["bad_output_rate"], ".2%"), f(r["utilization"], ".0%"),
-                      f(r["earnings_gini"], ".2f"))  # fmt: skip
+                      f(r["earnings_gini"], ".2f"),
+                      f(r.get("cached_prompt_share"), ".1%"))  # fmt: skip
     console.print(table)
     console.print(f"written: {out / 'results.json'}, {', '.join(map(str, charts))}")
 

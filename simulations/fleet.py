@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ CATALOGUE = (
     Gpu("RTX 3090", 1_800.0, 0.035, 6, 60_000, 0.15),
 )
 BATCH_SLOWDOWN = 0.6  # a full batch makes each token this much slower than a lone stream
+CACHED_CONVERSATIONS = 256  # conversations whose prefix an engine's KV cache keeps (LRU)
 
 
 @dataclass
@@ -49,6 +51,21 @@ class SimWorker:
     served: int = 0
     earned: int = 0
     busy_s: float = 0.0  # slot-seconds used
+    # the conversations whose prefix its engine holds (conversation -> tokens), LRU order
+    cache: OrderedDict[int, int] = field(default_factory=OrderedDict)
+
+    def cached_tokens(self, conversation: int, shared: int) -> int:
+        """Prompt tokens of a turn its engine need not prefill again."""
+        held = self.cache.get(conversation, 0) if conversation >= 0 else 0
+        return min(held, shared)
+
+    def hold(self, conversation: int, tokens: int) -> None:
+        if conversation < 0:
+            return
+        self.cache.pop(conversation, None)
+        self.cache[conversation] = tokens
+        while len(self.cache) > CACHED_CONVERSATIONS:
+            self.cache.popitem(last=False)
 
     # ---- CandidateView (what routing reads)
     @property

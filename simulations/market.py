@@ -35,6 +35,8 @@ class Outcome:
     tokens: int = 0
     bad: bool = False  # served made-up output
     attempts: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of them, found in the serving engine's prefix cache
 
 
 @dataclass
@@ -92,8 +94,12 @@ def simulate(
             itl = worker.itl() * (5.0 if worker.flaky and rng.random() < FLAKY_STALL else 1.0)
             if worker.cheater:
                 itl = worker.gpu.itl_s * 0.2  # made-up text costs nothing to produce
-            prefill = 0.0 if worker.cheater else request.prompt_tokens / worker.gpu.prefill_tok_s
+            cached = worker.cached_tokens(request.conversation, request.shared_tokens)
+            fresh = request.prompt_tokens - cached
+            prefill = 0.0 if worker.cheater else fresh / worker.gpu.prefill_tok_s
+            policy.serving(request, worker, env.now)
             yield env.timeout(prefill)
+            worker.hold(request.conversation, request.prompt_tokens + request.output_tokens)
             outcome.ttft_s = env.now + worker.rtt_s / 2 - request.arrival_s
             yield env.timeout(itl * max(0, request.output_tokens - 1))
             worker.in_flight -= 1
@@ -101,6 +107,7 @@ def simulate(
             outcome.e2e_s = env.now + worker.rtt_s / 2 - request.arrival_s
             outcome.cost = _charge(worker, request)
             outcome.tokens = request.prompt_tokens + request.output_tokens
+            outcome.prompt_tokens, outcome.cached_tokens = request.prompt_tokens, cached
             outcome.bad = worker.cheater
             worker.served += 1
             worker.earned += outcome.cost

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from sortedcontainers import SortedList  # type: ignore[import-untyped]
 
+from coordinator.services.prefixes import PrefixIndex
 from coordinator.services.probation import ProbationShare
 from coordinator.services.reputation import Outcome, Standing, Tally, TrustPolicy
 from coordinator.services.routing import Preferences, RouteRequest, RoutingPolicy, route
@@ -30,6 +31,8 @@ class Policy(Protocol):
     def rank(self, request: SimRequest, now: float) -> list[SimWorker]: ...
 
     def started(self, worker: SimWorker) -> None: ...
+
+    def serving(self, request: SimRequest, worker: SimWorker, now: float) -> None: ...
 
     def finished(
         self, worker: SimWorker, ok: bool, ttft: float, itl: float, now: float
@@ -65,6 +68,9 @@ class _Base(Policy):
         pass
 
     def finished(self, worker: SimWorker, ok: bool, ttft: float, itl: float, now: float) -> None:
+        pass
+
+    def serving(self, request: SimRequest, worker: SimWorker, now: float) -> None:
         pass
 
     def verdict(self, worker: SimWorker, genuine: bool, now: float) -> None:
@@ -178,9 +184,11 @@ class Agora(_Base):
 
     name = "agora"
     checks = True
+    prefix_aware = True  # the cache term (services.prefixes): a turn goes where its prefix is
 
     def __init__(self, fleet: list[SimWorker], rng: random.Random) -> None:
         super().__init__(fleet, rng)
+        self.prefixes = PrefixIndex(ttl_s=600.0)  # a conversation's last worker (sessions)
         self.stats: dict[str, WorkerStats] = {}
         self.tallies: dict[str, Tally] = {}
         self.trust = TrustPolicy()
@@ -208,12 +216,23 @@ class Agora(_Base):
         decision = route(
             bound, self.fleet, self.stats, Preferences(), self.rng, now, self.routing,
             reputation=self._reputation, price_sorted=True, probation=self._probation,
-            probation_over_budget=capped,
+            probation_over_budget=capped, cached=self._cached(request, now),
         )  # fmt: skip
         ranked = [self._by_id[s.node_id] for s in decision.ranked]
         if ranked:
             self.share.record("m", ranked[0].node_id in self._probation, capped)
         return ranked
+
+    def _cached(self, request: SimRequest, now: float) -> dict[str, float] | None:
+        """The share of this turn the conversation's last worker holds (none if unknown)."""
+        if not self.prefix_aware or request.conversation < 0 or not request.shared_tokens:
+            return None
+        holder = self.prefixes.session_holder("m", str(request.conversation), now)
+        return {holder: request.shared_tokens / request.prompt_tokens} if holder else None
+
+    def serving(self, request: SimRequest, worker: SimWorker, now: float) -> None:
+        if self.prefix_aware and request.conversation >= 0:
+            self.prefixes.record("m", (), worker.node_id, now, session=str(request.conversation))
 
     def _observe(self, worker: SimWorker, outcome: Outcome, now: float) -> None:
         tally = self.tallies.get(worker.node_id, Tally(at=now))
@@ -236,7 +255,24 @@ class Agora(_Base):
             worker.quarantined = True
 
 
+class AgoraWithoutCache(Agora):
+    """Agora's routing without the prefix cache term (the baseline it is measured against)."""
+
+    name = "agora-no-cache"
+    prefix_aware = False
+
+
 PolicyFactory = Callable[[list[SimWorker], random.Random], Policy]
 POLICIES: dict[str, PolicyFactory] = {
-    p.name: p for p in (RandomPolicy, RoundRobin, LeastLoaded, PowerOfTwo, StakeWeighted, Agora)
+    p.name: p
+    for p in (
+        RandomPolicy,
+        RoundRobin,
+        LeastLoaded,
+        PowerOfTwo,
+        StakeWeighted,
+        Agora,
+        AgoraWithoutCache,
+    )
 }
+DEFAULT_POLICIES = tuple(name for name in POLICIES if name != AgoraWithoutCache.name)

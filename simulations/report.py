@@ -55,6 +55,10 @@ def metrics(run: Run) -> dict[str, Any]:
         "idle_providers": sum(w.served == 0 for w in honest) / len(honest) if honest else 0.0,
         "cheaters_quarantined": sum(w.quarantined for w in run.fleet if w.cheater),
         "cheaters": sum(w.cheater for w in run.fleet),
+        # prompt tokens found in the serving engine's prefix cache (multi-turn workloads)
+        "cached_prompt_share": (
+            sum(o.cached_tokens for o in served) / max(1, sum(o.prompt_tokens for o in served))
+        ),
     }
 
 

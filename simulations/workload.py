@@ -21,24 +21,50 @@ class SimRequest:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    conversation: int = -1  # a chat's turn: which conversation (-1: a single request)
+    shared_tokens: int = 0  # the prompt's tokens that are the conversation's previous turn
 
 
-def requests(rate_per_s: float, duration_s: float, rng: random.Random) -> Iterator[SimRequest]:
+CONTINUE = 0.75  # with conversations: the share of chat requests that are a next turn
+ACTIVE_S = 30.0  # … of one of the conversations started in about this many seconds
+MAX_PROMPT = 16_000
+
+
+def requests(
+    rate_per_s: float, duration_s: float, rng: random.Random, conversations: bool = False
+) -> Iterator[SimRequest]:
     """Arrivals over `duration_s` simulated seconds; lengths exponential around each mix
-    entry's mean (heavy enough tails), at least 1 token."""
+    entry's mean (heavy enough tails), at least 1 token. With `conversations`, most chat
+    requests are the next turn of an active conversation: its last prompt and answer, then a
+    new question (the prefix a worker's cache may hold)."""
     t, index = 0.0, 0
     shares = [m[0] for m in MIX]
+    history: dict[int, int] = {}  # conversation -> tokens so far (prompt + answer)
+    active: list[int] = []
     while True:
         t += rng.expovariate(rate_per_s)
         if t > duration_s:
             return
-        _share, prompt, output = rng.choices(MIX, shares)[0]
-        yield SimRequest(
-            index,
-            t,
-            max(1, min(int(rng.expovariate(1 / prompt)), 16_000)),
-            max(1, min(int(rng.expovariate(1 / output)), 2_048)),
-        )
+        entry = rng.choices(MIX, shares)[0]
+        _share, prompt, output = entry
+        new = max(1, min(int(rng.expovariate(1 / prompt)), MAX_PROMPT))
+        out = max(1, min(int(rng.expovariate(1 / output)), 2_048))
+        if not conversations or entry is not MIX[0]:
+            yield SimRequest(index, t, new, out)
+        else:
+            window = max(10, int(rate_per_s * ACTIVE_S * MIX[0][0] * (1 - CONTINUE)))
+            if active and rng.random() < CONTINUE:
+                conversation = rng.choice(active[-window:])
+                shared = history[conversation]
+            else:
+                conversation, shared = index, 0
+                active.append(conversation)
+            question = max(1, int(rng.expovariate(1 / 60)))
+            total = shared + question
+            if total > MAX_PROMPT:  # too long: this conversation starts over
+                shared, total = 0, question
+            history[conversation] = total + out
+            yield SimRequest(index, t, total, out, conversation, shared)
         index += 1
 
 
