@@ -161,8 +161,9 @@ def _warm_up(coordinator: Any, key: str) -> None:
     headers = {"Authorization": f"Bearer {key}"}
     for node in nodes:
         for _ in range(3):
+            pinned = {"order": [node], "allow_fallbacks": False}
             body = {"model": MODEL, "messages": [{"role": "user", "content": "Warm up."}],
-                    "max_tokens": 4, "provider": {"order": [node], "allow_fallbacks": False}}  # fmt: skip
+                    "max_tokens": 4, "provider": pinned}  # fmt: skip
             httpx.post(f"{coordinator.base_url}/chat/completions", json=body, headers=headers,
                        timeout=120).raise_for_status()  # fmt: skip
 
