@@ -195,6 +195,7 @@ class Agora(_Base):
         self.routing = RoutingPolicy()
         self.share = ProbationShare(self.trust.probation_share)
         self._by_id = {w.node_id: w for w in fleet}
+        self._places = {w.node_id: i for i, w in enumerate(fleet)}  # the pool's order
         self._reputation = _Reputation(self)
         self._probation = _Probation(self)
         self.now = 0.0
@@ -223,12 +224,14 @@ class Agora(_Base):
             self.share.record("m", ranked[0].node_id in self._probation, capped)
         return ranked
 
-    def _cached(self, request: SimRequest, now: float) -> dict[str, float] | None:
+    def _cached(self, request: SimRequest, now: float) -> dict[int, float] | None:
         """The share of this turn the conversation's last worker holds (none if unknown)."""
         if not self.prefix_aware or request.conversation < 0 or not request.shared_tokens:
             return None
         holder = self.prefixes.session_holder("m", str(request.conversation), now)
-        return {holder: request.shared_tokens / request.prompt_tokens} if holder else None
+        if holder is None:
+            return None
+        return {self._places[holder]: request.shared_tokens / request.prompt_tokens}
 
     def serving(self, request: SimRequest, worker: SimWorker, now: float) -> None:
         if self.prefix_aware and request.conversation >= 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections import Counter
@@ -179,14 +180,18 @@ def test_a_session_key_keeps_a_conversation_whose_history_changed(stage: Stage) 
 
 
 def test_a_hot_prefix_spreads_once_its_holder_is_full(stage: Stage) -> None:
-    """Six long requests at once for one prefix: the holder takes what its 4 slots allow
+    """Eight long requests at once for one prefix: the holder takes what its 4 slots allow
     (its cache bonus gone from 3 in flight), the rest go to other nodes, not into a queue."""
     hot = [system_prompt(), {"role": "user", "content": "Count to a hundred."}]
     holder = chat(stage, hot).headers["X-Agora-Worker"]
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        responses = list(pool.map(
-            lambda _i: chat(stage, hot, max_tokens=300, ignore_eos=True), range(6)
-        ))  # fmt: skip
+    start = threading.Barrier(8)
+
+    def one(_i: int) -> httpx.Response:
+        start.wait()  # all at once
+        return chat(stage, hot, max_tokens=400, ignore_eos=True)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(one, range(8)))
     served = Counter(r.headers["X-Agora-Worker"] for r in responses)
     assert len(served) >= 2, served  # it did not all pile onto one node …
     assert served[holder] == max(served.values()), served  # … and the holder took the most

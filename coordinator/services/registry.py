@@ -168,6 +168,7 @@ class Registry:
         self._fee_bps = fee_bps
         self._workers: dict[str, WorkerConnection] = {}
         self._pools: dict[str, list[ModelSlot]] = {}  # model -> slots, cheapest first
+        self._places: dict[str, dict[str, int]] = {}  # model -> node id -> index in its pool
         self._freed = asyncio.Event()  # replaced each time it fires
         self._quarantine_of = quarantine_of  # why a node may not be routed to (None: it may)
         self._on_join = on_join  # called with each new session's node
@@ -200,14 +201,17 @@ class Registry:
             pool = self._pools.setdefault(offer.name, [])
             pool.append(slot)
             pool.sort(key=lambda s: (s.price_completion_per_mtok, s.price_prompt_per_mtok))
+            self._places[offer.name] = {s.node_id: i for i, s in enumerate(pool)}
 
     def _unpool(self, conn: WorkerConnection) -> None:
         for name, slot in conn.slots.items():
             pool = self._pools.get(name, [])
             if slot in pool:
                 pool.remove(slot)
+                self._places[name] = {s.node_id: i for i, s in enumerate(pool)}
             if not pool:
                 self._pools.pop(name, None)
+                self._places.pop(name, None)
 
     def remove(self, conn: WorkerConnection) -> None:
         if self._workers.get(conn.node_id) is conn:
@@ -224,6 +228,10 @@ class Registry:
     def pool(self, model: str) -> list[ModelSlot]:
         """Every offer of `model` (available or not), cheapest completion price first."""
         return self._pools.get(model, [])
+
+    def places(self, model: str) -> dict[str, int]:
+        """Where each worker's offer of `model` is in `pool(model)` (node id -> index)."""
+        return self._places.get(model, {})
 
     def models(self) -> dict[str, list[ModelSlot]]:
         return dict(self._pools)

@@ -60,15 +60,18 @@ class Router:
             self._stats.get(node_id, model).missed_for_capacity += 1
         return decision
 
-    def _cached(self, model: str, chain: Chain, session: str) -> dict[str, float] | None:
+    def _cached(self, model: str, chain: Chain, session: str) -> dict[int, float] | None:
+        """Per worker (its place in the model's pool), the share of this prompt it likely
+        holds: a lookup per holder, never a walk over the pool."""
         if self._prefixes is None or not (chain or session):
             return None
         now = time.monotonic()
-        cached = self._prefixes.shares(model, chain, now)
+        shares = self._prefixes.shares(model, chain, now)
         holder = self._prefixes.session_holder(model, session, now) if session else None
         if holder is not None:
-            cached[holder] = max(cached.get(holder, 0.0), SESSION_SHARE)
-        return cached
+            shares[holder] = max(shares.get(holder, 0.0), SESSION_SHARE)
+        places = self._registry.places(model)
+        return {places[node]: share for node, share in shares.items() if node in places}
 
     def served(self, model: str, chain: Chain, node_id: str, session: str = "") -> None:
         """A job with this prompt went to `node_id`: its engine caches the prefix now."""

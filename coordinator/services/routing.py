@@ -284,13 +284,13 @@ def route(
     price_sorted: bool = False,
     probation: Container[str] = frozenset(),
     probation_over_budget: bool = False,
-    cached: Mapping[str, float] | None = None,
+    cached: Mapping[int, float] | None = None,
 ) -> Decision:
     """Rank workers for one request. `pool` holds every candidate offering the model; when
     `price_sorted` it is ordered by completion price, cheapest first. When the workers on
     `probation` have taken their share of traffic, they rank after established ones (unless
-    the client named them). `cached`: per worker, the share of this prompt it was recently
-    sent (services.prefixes), for prefix-aware routing."""
+    the client named them). `cached`: per worker (its index in `pool`), the share of this
+    prompt it was recently sent (services.prefixes), for prefix-aware routing."""
     excluded: dict[str, int] = {}
     picked: list[CandidateView] = []
     seen: set[int] = set()
@@ -322,9 +322,8 @@ def route(
     if prefs.allow_fallbacks or not prefs.order:
         n = len(pool)
         if cached:  # those recently sent this prompt's prefix first, the longest first
-            where = {c.node_id: i for i, c in enumerate(pool) if c.node_id in cached}
-            for node_id in sorted(where, key=lambda n: -cached[n])[: policy.sample_size]:
-                consider(where[node_id])
+            for index in sorted(cached, key=lambda i: -cached[i])[: policy.sample_size]:
+                consider(index)
         if request.adapter and policy.adapter_affinity:  # those holding it loaded first
             for i in range(n):
                 if len(picked) >= policy.sample_size:
@@ -359,6 +358,7 @@ def route(
         # with nobody else able to serve, the cooling workers are tried (ranked as usual)
         picked = cooling
     reputation = reputation or {}
+    shares = {pool[i].node_id: share for i, share in cached.items()} if cached else {}
     everyone = first + picked
     cheapest = min((_cost(request, c) for c in everyone), default=0)
 
@@ -372,7 +372,7 @@ def route(
                 cheapest,
                 policy,
                 prefs.sort,
-                cached.get(c.node_id, 0.0) if cached else 0.0,
+                shares.get(c.node_id, 0.0),
             )
             for c in cands
         ]

@@ -54,12 +54,12 @@ def test_entries_expire_and_the_index_stays_bounded() -> None:
 def test_routing_prefers_the_holder_until_it_is_busy_then_spreads() -> None:
     holder, idle = Offer("holder", 100, 200, in_flight=1), Offer("idle", 100, 200)
     decision = route(REQUEST, [holder, idle], {}, Preferences(), random.Random(0), 1000.0,
-                     cached={"holder": 0.9})  # fmt: skip
+                     cached={0: 0.9})  # fmt: skip
     assert decision.ranked[0].node_id == "holder"
     assert decision.ranked[0].terms["cache"] == 0.9
     busy = Offer("holder", 100, 200, in_flight=3)  # 3 of 4 slots: past the balance threshold
     decision = route(REQUEST, [busy, idle], {}, Preferences(), random.Random(0), 1000.0,
-                     cached={"holder": 0.9})  # fmt: skip
+                     cached={0: 0.9})  # fmt: skip
     assert decision.ranked[0].node_id == "idle"
     blind = route(REQUEST, [holder, idle], {}, Preferences(), random.Random(0), 1000.0)
     assert blind.ranked[0].node_id == "idle"  # without the cache term, load decides
@@ -69,5 +69,5 @@ def test_the_holder_is_looked_at_among_many() -> None:
     fleet = [Offer(f"n-{i:03}", 100, 200) for i in range(500)] + [Offer("holder", 100, 200)]
     for seed in range(10):
         decision = route(REQUEST, fleet, {}, Preferences(), random.Random(seed), 1000.0,
-                         RoutingPolicy(sample_size=8), cached={"holder": 0.5})  # fmt: skip
+                         RoutingPolicy(sample_size=8), cached={500: 0.5})  # fmt: skip
         assert decision.ranked[0].node_id == "holder"
