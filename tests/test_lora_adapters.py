@@ -8,7 +8,9 @@ under its own names, so neither sees the other's (worker_node.adapters)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -242,7 +244,9 @@ def test_a_tampered_adapter_is_refused_by_the_node_and_the_request_served_elsewh
     assert text(again) == text(response)
 
 
-def test_the_coordinator_refuses_what_is_not_an_adapter_or_not_registered(stage: Stage) -> None:
+def test_the_coordinator_refuses_what_is_not_an_adapter_or_not_registered(
+    stage: Stage, tiny_model: Path
+) -> None:
     with stage.coordinator.admin() as admin:
         assert admin.post("/adapters", content=b"not a tar", params={
             "name": "junk", "base_model": MODEL}).status_code == 400  # fmt: skip
@@ -251,20 +255,43 @@ def test_the_coordinator_refuses_what_is_not_an_adapter_or_not_registered(stage:
             {"version": "v1", "serves": MODEL, "adapter_sha256": unknown}]})  # fmt: skip
         assert response.status_code == 400
         assert "not registered" in response.json()["error"]["message"]
-        archive = pack(stage.adapters["l2"])
-        first = admin.post(
-            "/adapters", content=archive, params={"name": "l2", "base_model": "other"}
-        )
-        assert first.status_code in (200, 201)  # 200: the same bytes were registered before
-        sha = first.json()["sha256"]
-        assert sha == folder_digest(stage.adapters["l2"])
-        if first.status_code == 201:  # registered here for `other`: a version of tiny refuses it
-            version = {"version": "v1", "serves": MODEL, "adapter_sha256": sha}
-            name = f"x-{uuid.uuid4().hex[:4]}"
-            response = admin.post("/models", json={"name": name, "versions": [version]})
-            assert response.status_code == 400
+        # an adapter registered for another base model: a version of `tiny` may not run it
+        folder = build_lora(tiny_model, stage.workdir / f"other-{uuid.uuid4().hex[:6]}",
+                            seed=int(uuid.uuid4().int % 10**6) + 100)  # fmt: skip
+        other = admin.post("/adapters", content=pack(folder), params={
+            "name": "other", "base_model": "other-model"})  # fmt: skip
+        assert other.status_code == 201
+        sha = other.json()["sha256"]
+        assert sha == folder_digest(folder)
+        version = {"version": "v1", "serves": MODEL, "adapter_sha256": sha}
+        response = admin.post("/models", json={"name": f"x-{uuid.uuid4().hex[:4]}",
+                                               "versions": [version]})  # fmt: skip
+        assert response.status_code == 400
+        assert "other-model" in response.json()["error"]["message"]
+        again = admin.post("/adapters", content=pack(folder), params={
+            "name": "other", "base_model": "other-model"})  # fmt: skip
+        assert again.status_code == 200  # the same bytes: registered once
         listed = admin.get("/adapters").json()["adapters"]
         assert sha in {c["sha256"] for c in listed}
+
+
+def test_an_archive_in_another_tar_form_is_registered_by_its_canonical_hash(
+    stage: Stage,
+) -> None:
+    """Workers check a folder's canonical hash: an upload made by plain `tar` (other times,
+    owners, order) is stored in canonical form, under the hash a worker will find."""
+    folder = stage.adapters["l1"]
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name in sorted(p.name for p in folder.iterdir())[::-1]:  # another order
+            info = tar.gettarinfo(str(folder / name), arcname=name)
+            info.mtime, info.uname = 12345, "someone"
+            with (folder / name).open("rb") as f:
+                tar.addfile(info, f)
+    with stage.coordinator.admin() as admin:
+        card = admin.post("/adapters", content=raw.getvalue(), params={
+            "name": "l1-by-tar", "base_model": MODEL}).json()  # fmt: skip
+    assert card["sha256"] == folder_digest(folder)
 
 
 def test_a_spot_check_of_an_adapter_job_runs_on_another_node_with_the_same_adapter(

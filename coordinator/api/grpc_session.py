@@ -165,6 +165,11 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
                 )
         except CoordinatorError as exc:
             part = pb.AdapterPart(sha256=sha256, error=exc.message, last=True)
+        except Exception:  # the worker must hear of it, not wait out its timeout
+            log.exception("sending adapter %s failed", sha256)
+            part = pb.AdapterPart(
+                sha256=sha256, error="the coordinator could not read it", last=True
+            )
         else:
             part = pb.AdapterPart(sha256=sha256, last=True)
         link.outbox.put_nowait(pb.CoordinatorMessage(adapter_part=part))

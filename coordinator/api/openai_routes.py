@@ -33,6 +33,13 @@ SessionDep = Annotated[
 ]  # fmt: skip
 
 
+def _session_key(client: str, header: str, body: dict[str, Any]) -> str:
+    """A conversation's routing key, within its client (two clients' `user` values never
+    meet); a hint only: any length is taken, its first 200 characters count."""
+    given = header or (body["user"] if isinstance(body.get("user"), str) else "")
+    return f"{client}/{given[:200]}" if given else ""
+
+
 def _headers(fulfilment: Fulfilment) -> dict[str, str]:
     route = fulfilment.route
     return {
@@ -60,8 +67,7 @@ async def _complete(
         prefs=parsed.provider.to_preferences(),
         wants_token_ids=bool(parsed.return_token_ids),
         fallbacks=tuple(parsed.models),
-        # a routing hint only: any length is accepted, the first 200 characters are the key
-        session=(session or (body["user"] if isinstance(body.get("user"), str) else ""))[:200],
+        session=_session_key(principal.client, session, body),
     )
     fulfilment = await path.begin(principal, request)
     if request.stream:

@@ -17,7 +17,7 @@ from typing import Any
 from coordinator.errors import InvalidRequest, NotFound, PayloadTooLarge
 from coordinator.store import adapters_store
 from coordinator.store.db import Engine
-from protocol.adapter import digest, unpack
+from protocol.adapter import digest, pack, unpack
 from protocol.errors import MalformedMessage
 
 PART_BYTES = 1 << 20  # an archive goes to a worker in pieces of this size
@@ -54,10 +54,10 @@ class AdapterLibrary:
             )
         if not name.strip() or not base_model.strip():
             raise InvalidRequest("Give the adapter a `name` and its `base_model`.", param="name")
-        await asyncio.to_thread(_check_archive, archive)
+        canonical = await asyncio.to_thread(_canonical, archive)
         card, new = await asyncio.to_thread(
-            adapters_store.add, self._db, sha256=digest(archive), name=name,
-            base_model=base_model, archive=archive, actor=actor,
+            adapters_store.add, self._db, sha256=digest(canonical), name=name,
+            base_model=base_model, archive=canonical, actor=actor,
         )  # fmt: skip
         self._cards[card["sha256"]] = card
         return card, new
@@ -76,10 +76,12 @@ class AdapterLibrary:
             yield archive[start : start + PART_BYTES]
 
 
-def _check_archive(archive: bytes) -> None:
-    """Refuse what a worker could not load: not a tar, bad entries, no adapter files."""
+def _canonical(archive: bytes) -> bytes:
+    """The canonical archive of what was sent (what workers check a folder's hash against),
+    or a 400 for what a worker could not load: not a tar, bad entries, no adapter files."""
     with tempfile.TemporaryDirectory(prefix="agora-adapter-") as folder:
         try:
             unpack(archive, Path(folder))
+            return pack(Path(folder))
         except MalformedMessage as exc:
             raise InvalidRequest(f"Not an adapter archive: {exc}", param="archive") from exc

@@ -17,6 +17,8 @@ from protocol.advert import Advert, ModelOffer
 from protocol.market import RelayedRegistration
 from protocol.proto import session_pb2 as pb
 
+LOADING_S = 10.0  # an adapter sent a job counts as held until reported, or this long
+
 
 @dataclass(eq=False)
 class ModelSlot:
@@ -38,6 +40,7 @@ class ModelSlot:
     # LoRA adapters (sha256) loaded in the engine, per the last heartbeat, plus those sent a
     # job since (loading now: the next request for one finds it here, not a cold worker)
     adapters: set[str] = field(default_factory=set)
+    adapters_sent: dict[str, float] = field(default_factory=dict)  # adapter -> when, recently
     adapter_price: Price | None = None  # what a client pays with an adapter (None: base price)
     # the engine's prefix cache, as its own counters say (running totals of prompt tokens)
     prefix_cache_queries: int = 0
@@ -113,6 +116,8 @@ class WorkerConnection:
     # set by the registry that holds it: whenever a job ends, and why the market no longer
     # routes to a node (services.trust owns quarantines)
     on_slot_freed: Callable[[], None] = lambda: None
+    # (model, adapters before, adapters after) whenever a slot's adapters change
+    on_adapters: Callable[[str, set[str], set[str]], None] = lambda _m, _b, _a: None
     quarantine_of: Callable[[str], str | None] = lambda _node: None
 
     @property
@@ -124,7 +129,11 @@ class WorkerConnection:
         slot = self.slots[job.model]
         slot.own_jobs += 1
         if job.adapter_sha256:
-            slot.adapters.add(job.adapter_sha256)
+            if job.adapter_sha256 not in slot.adapters:
+                before = set(slot.adapters)
+                slot.adapters.add(job.adapter_sha256)
+                self.on_adapters(job.model, before, slot.adapters)
+            slot.adapters_sent[job.adapter_sha256] = time.monotonic()
         return self.link.open_job(job)
 
     def job_ended(self, model: str) -> None:
@@ -144,8 +153,15 @@ class WorkerConnection:
                 slot.jobs_elsewhere = max(0, load.jobs_elsewhere)
                 slot.reaped_orphan_pid = load.reaped_orphan_pid
                 slot.load_reported = True
-                if slot.offer.max_loras:
-                    slot.adapters = set(load.adapters)
+                if slot.offer.max_loras:  # loaded, or sent a job lately and loading still
+                    now, reported = time.monotonic(), set(load.adapters)
+                    slot.adapters_sent = {
+                        a: at for a, at in slot.adapters_sent.items()
+                        if a not in reported and now - at < LOADING_S
+                    }  # fmt: skip
+                    before, slot.adapters = slot.adapters, reported | set(slot.adapters_sent)
+                    if before != slot.adapters:
+                        self.on_adapters(load.model, before, slot.adapters)
                 slot.prefix_cache_queries = load.prefix_cache_queries
                 slot.prefix_cache_hits = load.prefix_cache_hits
         self.gpus = list(beat.gpus)
@@ -169,6 +185,7 @@ class Registry:
         self._workers: dict[str, WorkerConnection] = {}
         self._pools: dict[str, list[ModelSlot]] = {}  # model -> slots, cheapest first
         self._places: dict[str, dict[str, int]] = {}  # model -> node id -> index in its pool
+        self._holders: dict[tuple[str, str], set[str]] = {}  # (model, adapter) -> node ids
         self._freed = asyncio.Event()  # replaced each time it fires
         self._quarantine_of = quarantine_of  # why a node may not be routed to (None: it may)
         self._on_join = on_join  # called with each new session's node
@@ -190,6 +207,9 @@ class Registry:
             self._unpool(old)
         self._workers[conn.node_id] = conn
         conn.on_slot_freed = self.notify
+        conn.on_adapters = lambda model, before, after: self._adapters(
+            conn.node_id, model, before, after
+        )
         conn.quarantine_of = self._quarantine_of  # a reconnect does not clear a quarantine
         self._on_join(conn.node_id)
         for offer in conn.advert.models:
@@ -203,8 +223,25 @@ class Registry:
             pool.sort(key=lambda s: (s.price_completion_per_mtok, s.price_prompt_per_mtok))
             self._places[offer.name] = {s.node_id: i for i, s in enumerate(pool)}
 
+    def _adapters(self, node_id: str, model: str, before: set[str], after: set[str]) -> None:
+        for adapter in before - after:
+            holders = self._holders.get((model, adapter))
+            if holders is not None:
+                holders.discard(node_id)
+                if not holders:
+                    del self._holders[(model, adapter)]
+        for adapter in after - before:
+            self._holders.setdefault((model, adapter), set()).add(node_id)
+
+    def adapter_holders(self, model: str, adapter: str) -> list[int]:
+        """Where the workers holding `adapter` loaded are in `pool(model)` (a lookup, not a
+        walk over the pool)."""
+        places = self.places(model)
+        return [places[n] for n in self._holders.get((model, adapter), ()) if n in places]
+
     def _unpool(self, conn: WorkerConnection) -> None:
         for name, slot in conn.slots.items():
+            self._adapters(conn.node_id, name, set(slot.adapters), set())
             pool = self._pools.get(name, [])
             if slot in pool:
                 pool.remove(slot)

@@ -43,13 +43,14 @@ class Router:
             prefs = dataclasses.replace(prefs, ignore=prefs.ignore | frozenset(excluded))
         trust, model = self._trust, bound.model
         capped = self.probation_share.over_budget(model)
-        cached = self._cached(model, chain, session)
+        cached = self._cached(_cache_key(bound), model, chain, session)
         decision = route(
             bound, self._registry.pool(model), self._stats.for_model(model), prefs, self._rng,
             time.monotonic(), self._policy,
             reputation=trust.scores if trust else None, price_sorted=True,
             probation=trust.probation if trust else frozenset(), probation_over_budget=capped,
             cached=cached,
+            holders=self._registry.adapter_holders(model, bound.adapter) if bound.adapter else (),
         )  # fmt: skip
         if decision.ranked and trust is not None:
             to_new = trust.on_probation(decision.ranked[0].node_id)
@@ -60,20 +61,25 @@ class Router:
             self._stats.get(node_id, model).missed_for_capacity += 1
         return decision
 
-    def _cached(self, model: str, chain: Chain, session: str) -> dict[int, float] | None:
+    def _cached(self, key: str, model: str, chain: Chain, session: str) -> dict[int, float] | None:
         """Per worker (its place in the model's pool), the share of this prompt it likely
         holds: a lookup per holder, never a walk over the pool."""
         if self._prefixes is None or not (chain or session):
             return None
         now = time.monotonic()
-        shares = self._prefixes.shares(model, chain, now)
-        holder = self._prefixes.session_holder(model, session, now) if session else None
+        shares = self._prefixes.shares(key, chain, now)
+        holder = self._prefixes.session_holder(key, session, now) if session else None
         if holder is not None:
             shares[holder] = max(shares.get(holder, 0.0), SESSION_SHARE)
         places = self._registry.places(model)
         return {places[node]: share for node, share in shares.items() if node in places}
 
-    def served(self, model: str, chain: Chain, node_id: str, session: str = "") -> None:
+    def served(self, bound: RouteRequest, chain: Chain, node_id: str, session: str = "") -> None:
         """A job with this prompt went to `node_id`: its engine caches the prefix now."""
         if self._prefixes is not None and (chain or session):
-            self._prefixes.record(model, chain, node_id, time.monotonic(), session)
+            self._prefixes.record(_cache_key(bound), chain, node_id, time.monotonic(), session)
+
+
+def _cache_key(bound: RouteRequest) -> str:
+    """An engine keeps a prefix cache per base model and per LoRA adapter."""
+    return f"{bound.model}+{bound.adapter}" if bound.adapter else bound.model

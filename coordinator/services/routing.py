@@ -285,12 +285,14 @@ def route(
     probation: Container[str] = frozenset(),
     probation_over_budget: bool = False,
     cached: Mapping[int, float] | None = None,
+    holders: Sequence[int] = (),
 ) -> Decision:
     """Rank workers for one request. `pool` holds every candidate offering the model; when
     `price_sorted` it is ordered by completion price, cheapest first. When the workers on
     `probation` have taken their share of traffic, they rank after established ones (unless
     the client named them). `cached`: per worker (its index in `pool`), the share of this
-    prompt it was recently sent (services.prefixes), for prefix-aware routing."""
+    prompt it was recently sent (services.prefixes), for prefix-aware routing. `holders`: the
+    places in `pool` of the workers holding the request's LoRA adapter loaded."""
     excluded: dict[str, int] = {}
     picked: list[CandidateView] = []
     seen: set[int] = set()
@@ -325,11 +327,10 @@ def route(
             for index in sorted(cached, key=lambda i: -cached[i])[: policy.sample_size]:
                 consider(index)
         if request.adapter and policy.adapter_affinity:  # those holding it loaded first
-            for i in range(n):
+            for i in holders:
                 if len(picked) >= policy.sample_size:
                     break
-                if request.adapter in pool[i].adapters:
-                    consider(i)
+                consider(i)
         # the pool is sorted by base price: a request with an adapter (its own prices) samples
         by_price = price_sorted and not request.adapter
         if (prefs.sort == "price" or prefs.max_price_completion is not None) and by_price:

@@ -237,13 +237,14 @@ def test_the_worker_holding_the_adapter_is_found_among_many_and_ranked_first() -
     policy = RoutingPolicy(sample_size=8)
     for seed in range(20):
         decision = route(WITH_ADAPTER, fleet, {}, Preferences(), random.Random(seed), 1000.0,
-                         policy)  # fmt: skip
+                         policy, holders=[500])  # fmt: skip
         assert decision.ranked[0].node_id == "holder"
         assert decision.ranked[0].terms["cold"] == 0.0
     blind = RoutingPolicy(sample_size=8, adapter_affinity=False)  # the baseline: no preference
     found = sum(
         any(s.node_id == "holder" for s in route(WITH_ADAPTER, fleet, {}, Preferences(),
-                                                  random.Random(seed), 1000.0, blind).ranked)
+                                                  random.Random(seed), 1000.0, blind,
+                                                  holders=[500]).ranked)
         for seed in range(20)
     )  # fmt: skip
     assert found <= 2  # sampled 8 of 501 at random: rarely seen at all

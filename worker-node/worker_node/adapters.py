@@ -81,27 +81,14 @@ class AdapterSlots:
 
     async def _load(self, sha256: str, fetch: Fetch | None) -> None:
         path = self._folder / sha256
-        if not path.is_dir():
-            if fetch is None:
-                raise AdapterError(f"adapter {sha256[:12]} is not here and cannot be fetched")
-            archive = await fetch(sha256)
-            if digest(archive) != sha256:
-                raise AdapterRefused(
-                    f"adapter {sha256[:12]}: the bytes received hash to "
-                    f"{digest(archive)[:12]}, refused"
-                )
-            staging = path.with_name(path.name + ".part")
-            shutil.rmtree(staging, ignore_errors=True)
-            try:
-                unpack(archive, staging)
-            except MalformedMessage as exc:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise AdapterRefused(f"adapter {sha256[:12]}: {exc}") from exc
-            staging.rename(path)
-        try:
-            found = folder_digest(path)
-        except MalformedMessage as exc:
-            found = f"unreadable ({exc})"
+        try:  # hashing and unpacking off the event loop: running jobs keep streaming
+            if not path.is_dir():
+                if fetch is None:
+                    raise AdapterError(f"adapter {sha256[:12]} is not here and cannot be fetched")
+                await asyncio.to_thread(_keep, sha256, await fetch(sha256), path)
+            found = await asyncio.to_thread(_digest_of, path)
+        except OSError as exc:  # a full or unwritable disk: this node cannot, another may
+            raise AdapterError(f"adapter {sha256[:12]}: {exc}") from exc
         if found != sha256:  # changed on disk since it was checked: never load it
             shutil.rmtree(path, ignore_errors=True)
             log.warning("adapter %s changed on disk (now %s): refused and deleted",
@@ -145,7 +132,31 @@ class AdapterSlots:
         text = response.text
         if response.status_code == 200:
             return
-        # loaded already (another node attached to the same engine did it) or gone already
-        if "already been loaded" in text or (action.startswith("unload") and "not" in text):
+        if "already been loaded" in text:  # by this node before the engine's answer was lost
+            return
+        if action.startswith("unload") and response.status_code == 404:  # gone already
             return
         raise AdapterError(f"the engine refused {action} ({response.status_code}): {text[:300]}")
+
+
+def _keep(sha256: str, archive: bytes, path: Path) -> None:
+    """Unpack an archive into `path` if it is the one its hash names; refuse it otherwise."""
+    if digest(archive) != sha256:
+        raise AdapterRefused(
+            f"adapter {sha256[:12]}: the bytes received hash to {digest(archive)[:12]}, refused"
+        )
+    staging = path.with_name(path.name + ".part")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        unpack(archive, staging)
+    except MalformedMessage as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise AdapterRefused(f"adapter {sha256[:12]}: {exc}") from exc
+    staging.rename(path)
+
+
+def _digest_of(path: Path) -> str:
+    try:
+        return folder_digest(path)
+    except MalformedMessage as exc:
+        return f"unreadable ({exc})"

@@ -185,7 +185,7 @@ class Fulfilment:
                 if first.WhichOneof("kind") != "error":
                     entry["outcome"] = "ok"
                     if not continuation:  # its engine now holds the prompt's prefix
-                        path.router.served(request.model, self._chain, slot.node_id,
+                        path.router.served(self._bound, self._chain, slot.node_id,
                                            request.session)  # fmt: skip
                     self.attempts.append(attempt)
                     self._first = first
