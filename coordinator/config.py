@@ -91,7 +91,7 @@ class CoordinatorSettings(BaseSettings):
     prefix_routing: bool = True
     prefix_index_blocks: int = Field(default=200_000, ge=1)
     prefix_ttl_s: float = Field(default=600.0, gt=0)
-    prefix_cache_weight: float = Field(default=1.0, ge=0)
+    prefix_cache_weight: float = Field(default=2.0, ge=0)
     prefix_balance_load: float = Field(default=0.75, gt=0, le=1)
     # latency objectives: a job slower than either is SLO-miss evidence against its worker
     slo_ttft_s: float = Field(default=10.0, gt=0)

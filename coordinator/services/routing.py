@@ -99,10 +99,10 @@ class RoutingPolicy:
     adapter_affinity: bool = True
     cold_load_s: float = 1.0
     # prefix-aware routing: a worker that was recently sent a share s of this prompt (its
-    # engine likely holds that KV cache) expects (1 - s) of its measured TTFT and scores
-    # `cache_weight * s` better besides, unless its slots are `cache_balance_load` full or
-    # more: then a hot prefix spreads instead of piling up
-    cache_weight: float = 1.0
+    # engine likely holds that KV cache) scores `cache_weight * s` better, unless its slots
+    # are `cache_balance_load` full or more: then a hot prefix spreads instead of piling up
+    # (the bonus is bounded: a worker measured slow is not made fast by holding a prefix)
+    cache_weight: float = 2.0
     cache_balance_load: float = 0.75
 
 
@@ -222,10 +222,9 @@ def _score(
         "fail": failure,
         "rep": reputation,
     }
-    if cached:  # the share of the prompt its engine likely holds, while it has room:
-        terms["cache"] = cached  # not prefilled again (off its expected TTFT), and a bonus
+    if cached:  # the share of the prompt its engine likely holds, while it has room; it does
+        terms["cache"] = cached  # not scale the measured TTFT: a slow worker stays slow
         if c.in_flight / slots < policy.cache_balance_load:
-            ttft *= 1.0 - cached
             bonus = policy.cache_weight * cached
     if request.adapter:  # the adapter loaded (0) or to load first (its assumed cost) …
         terms["cold"] = _cold_load(request.adapter, c, policy)

@@ -7,6 +7,7 @@ import random
 
 from coordinator.services.prefixes import PrefixIndex, prefix_chain
 from coordinator.services.routing import Preferences, RouteRequest, RoutingPolicy, route
+from coordinator.services.stats import WorkerStats
 from protocol.completions import CHAT, COMPLETIONS
 from tests.coordinator.test_routing import Offer
 
@@ -71,3 +72,16 @@ def test_the_holder_is_looked_at_among_many() -> None:
         decision = route(REQUEST, fleet, {}, Preferences(), random.Random(seed), 1000.0,
                          RoutingPolicy(sample_size=8), cached={500: 0.5})  # fmt: skip
         assert decision.ranked[0].node_id == "holder"
+
+
+def test_holding_the_whole_prompt_does_not_make_a_slow_worker_fast() -> None:
+    """The cache bonus is bounded: a worker measured at 1.5 s to first token that holds the
+    whole prompt still loses to a healthy one (scaling its TTFT by the cached share did not)."""
+    slow, fast = WorkerStats(), WorkerStats()
+    for _ in range(5):
+        slow.record_latency(1.5, 0.01)
+        fast.record_latency(0.02, 0.01)
+    pool = [Offer("holder", 100, 200), Offer("healthy", 100, 200)]
+    decision = route(REQUEST, pool, {"holder": slow, "healthy": fast}, Preferences(),
+                     random.Random(0), 1000.0, cached={0: 1.0})  # fmt: skip
+    assert decision.ranked[0].node_id == "healthy"
