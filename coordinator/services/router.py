@@ -15,7 +15,7 @@ from coordinator.services.routing import Decision, Preferences, RouteRequest, Ro
 from coordinator.services.stats import StatsBook
 from coordinator.services.trust import Trust
 
-SESSION_SHARE = 0.5  # the cached share assumed for the worker that served a session last
+SESSION_SHARE = 1.0  # a session says the conversation goes on: its last worker counts as holding it
 
 
 class Router:
