@@ -47,9 +47,11 @@ def statement_total(statement: dict[str, Any]) -> int:
     segments = [
         Segment(
             str(e["worker_id"]),
-            Price(int(e["price_prompt_per_mtok"]), int(e["price_completion_per_mtok"])),
+            Price(int(e["price_prompt_per_mtok"]), int(e["price_completion_per_mtok"]),
+                  int(e.get("price_cached_prompt_per_mtok", e["price_prompt_per_mtok"]))),
             int(e["billed"]["prompt_tokens"]), int(e["billed"]["completion_tokens"]),
             verified=bool(e["signed"]),
+            cached_tokens=int(e["billed"].get("cached_prompt_tokens", 0)),
         )
         for e in statement["segments"]
     ]  # fmt: skip

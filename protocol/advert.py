@@ -29,6 +29,8 @@ class ModelOffer:
     max_loras: int = 0
     adapter_price_prompt_per_mtok: int | None = None
     adapter_price_completion_per_mtok: int | None = None
+    # what a prompt token found in the engine's prefix cache costs (None: the prompt price)
+    price_cached_prompt_per_mtok: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -45,12 +47,21 @@ class ModelOffer:
         )
         if any(p is not None and p < 0 for p in adapter_prices):
             raise MalformedMessage("prices cannot be negative")
+        cached = self.price_cached_prompt_per_mtok
+        if cached is not None and not 0 <= cached <= self.price_prompt_per_mtok:
+            raise MalformedMessage("the cached prompt price must be between 0 and the prompt price")
 
     def prices(self, adapter: str = "") -> tuple[int, int]:
         """(prompt, completion) per 1M tokens for a job, with a LoRA adapter or without."""
         if adapter:
             return self.adapter_prices()
         return self.price_prompt_per_mtok, self.price_completion_per_mtok
+
+    def cached_price(self, adapter: str = "") -> int:
+        """Per 1M prompt tokens found in the prefix cache: never above the job's prompt price."""
+        prompt = self.prices(adapter)[0]
+        cached = self.price_cached_prompt_per_mtok
+        return prompt if cached is None else min(cached, prompt)
 
     def adapter_prices(self) -> tuple[int, int]:
         """What a job with any LoRA adapter costs: the adapter price, else the base price."""
@@ -92,18 +103,19 @@ class Advert:
         return next((m for m in self.models if m.name == model), None)
 
 
-_LORA_DEFAULTS = {
+_OPTIONAL_DEFAULTS = {
     "max_loras": 0,
     "adapter_price_prompt_per_mtok": None,
     "adapter_price_completion_per_mtok": None,
+    "price_cached_prompt_per_mtok": None,
 }
 
 
 def _offer_fields(offer: ModelOffer) -> dict[str, Any]:
-    """An offer's signed fields; the LoRA ones only when set, so offers without adapters keep
-    the form every earlier coordinator reads."""
+    """An offer's signed fields; the LoRA and cached-price ones only when set, so offers
+    without them keep the form every earlier coordinator reads."""
     value = asdict(offer)
-    for name, default in _LORA_DEFAULTS.items():
+    for name, default in _OPTIONAL_DEFAULTS.items():
         if value[name] == default:
             del value[name]
     return value

@@ -82,6 +82,7 @@ class Output:
     choices: dict[int, ChoiceOutput] = field(default_factory=dict)
     prompt_tokens: int | None = None  # from the engine's usage
     completion_tokens: int | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens its prefix cache held (engine's usage)
     prompt_token_ids: list[int] | None = None
 
     def _choice(self, index: int) -> ChoiceOutput:
@@ -107,6 +108,7 @@ class Output:
         if usage:
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
+            self.cached_prompt_tokens = cached_tokens_of(usage)
 
     def add_frames(self, frames: pb.Frames) -> None:
         """Fold one batch of typed token frames in."""
@@ -121,6 +123,7 @@ class Output:
         if frames.HasField("usage"):
             self.prompt_tokens = frames.usage.prompt_tokens
             self.completion_tokens = frames.usage.completion_tokens
+            self.cached_prompt_tokens = frames.usage.cached_tokens
 
     @property
     def produced(self) -> bool:
@@ -146,6 +149,16 @@ class Output:
     def finish_reason(self) -> str:
         first = self.choices.get(0)
         return (first.finish_reason if first else None) or "stop"
+
+
+def cached_tokens_of(usage: dict[str, Any]) -> int:
+    """The engine's count of prompt tokens found in its prefix cache (vLLM reports it with
+    `--enable-prompt-tokens-details`, as OpenAI does: usage.prompt_tokens_details)."""
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, dict):
+        return 0
+    cached = details.get("cached_tokens")
+    return cached if type(cached) is int and cached > 0 else 0
 
 
 def prompt_of(endpoint: str, body: dict[str, Any]) -> Any:

@@ -43,20 +43,40 @@ class Receipt:
     # SHA-256 of the LoRA adapter the job ran with; "" (and absent from the signed bytes, so
     # receipts of base-model jobs keep their form) when it ran the base model
     adapter_sha256: str = ""
+    # prompt tokens the engine found in its prefix cache, billed at the cached price the node
+    # advertises (<= its prompt price); both absent from the signed bytes when none were
+    cached_prompt_tokens: int = 0
+    price_cached_prompt_per_mtok: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cached_prompt_tokens <= self.prompt_tokens:
+            raise MalformedMessage("cached_prompt_tokens must be between 0 and prompt_tokens")
+        if not 0 <= self.price_cached_prompt_per_mtok <= self.price_prompt_per_mtok:
+            raise MalformedMessage("the cached prompt price must be between 0 and the prompt price")
+        if self.price_cached_prompt_per_mtok and not self.cached_prompt_tokens:
+            raise MalformedMessage("a cached prompt price without cached prompt tokens")
 
     def to_bytes(self) -> bytes:
         value = asdict(self)
-        if not self.adapter_sha256:
-            del value["adapter_sha256"]
+        for name, default in _OPTIONAL.items():
+            if value[name] == default:
+                del value[name]
+        if not self.cached_prompt_tokens:  # the price of no tokens is not part of the claim
+            del value["price_cached_prompt_per_mtok"]
         return canonical_json(value)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Receipt:
         value = parse_canonical(data)
         expected = {f.name for f in fields(cls)}
-        if "adapter_sha256" in value and not value["adapter_sha256"]:
-            raise MalformedMessage("receipt field adapter_sha256 is present but empty")
-        value.setdefault("adapter_sha256", "")
+        for name, default in _OPTIONAL.items():
+            if name in value and value[name] == default:
+                raise MalformedMessage(f"receipt field {name} is present but {default!r}")
+        if ("cached_prompt_tokens" in value) != ("price_cached_prompt_per_mtok" in value):
+            raise MalformedMessage("cached_prompt_tokens and its price come together")
+        for name, default in _OPTIONAL.items():
+            value.setdefault(name, default)
+        value.setdefault("price_cached_prompt_per_mtok", 0)
         if set(value) != expected:
             missing, extra = expected - set(value), set(value) - expected
             raise MalformedMessage(f"receipt fields differ: missing {missing}, extra {extra}")
@@ -68,6 +88,17 @@ class Receipt:
         if receipt.version != RECEIPT_VERSION:
             raise MalformedMessage(f"unsupported receipt version {receipt.version}")
         return receipt
+
+
+# fields left out of the signed bytes at their default, so receipts that do not use them keep
+# the form every earlier verifier reads
+_OPTIONAL: dict[str, object] = {"adapter_sha256": "", "cached_prompt_tokens": 0}
+
+
+def billed_cached_tokens(receipt: Receipt, billed_prompt_tokens: int) -> int:
+    """The cached prompt tokens billed at the cached price: the worker's claim, never more than
+    the prompt tokens billed (a claim can only lower the worker's own pay, see README)."""
+    return min(receipt.cached_prompt_tokens, billed_prompt_tokens)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 from protocol.canonical import canonical_json, parse_canonical
 from protocol.errors import MalformedMessage
 from protocol.identity import Identity, public_key_from_node_id, verify_signature
-from protocol.receipt import Receipt, SignedReceipt, verify_receipt
+from protocol.receipt import Receipt, SignedReceipt, billed_cached_tokens, verify_receipt
 
 _CHARGE_DOMAIN = b"agora-charge-v1\0"
 
@@ -51,7 +51,7 @@ class UnsignedPart:
 def _signed_entry(segment: int, signed: SignedReceipt) -> dict[str, Any]:
     receipt = signed.receipt
     billed = signed.billed or (receipt.prompt_tokens, receipt.completion_tokens)
-    return {
+    entry: dict[str, Any] = {
         "segment": segment,
         "signed": True,
         "request_id": receipt.request_id,
@@ -61,6 +61,11 @@ def _signed_entry(segment: int, signed: SignedReceipt) -> dict[str, Any]:
         "price_prompt_per_mtok": receipt.price_prompt_per_mtok,
         "price_completion_per_mtok": receipt.price_completion_per_mtok,
     }
+    cached = billed_cached_tokens(receipt, billed[0])
+    if cached:  # of the billed prompt tokens, those at the cached price the worker signed
+        entry["billed"]["cached_prompt_tokens"] = cached
+        entry["price_cached_prompt_per_mtok"] = receipt.price_cached_prompt_per_mtok
+    return entry
 
 
 def charge_statement(

@@ -97,6 +97,10 @@ class SimWorker:
         return self.price_completion_per_mtok
 
     @property
+    def price_cached_prompt_per_mtok(self) -> int:  # no cached-prompt discount simulated
+        return self.price_prompt_per_mtok
+
+    @property
     def free(self) -> bool:
         return self.available and self.in_flight < self.gpu.slots
 

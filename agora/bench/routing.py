@@ -39,6 +39,10 @@ class Offer:
     adapter_price_prompt_per_mtok: int = 0
     adapter_price_completion_per_mtok: int = 0
 
+    @property
+    def price_cached_prompt_per_mtok(self) -> int:  # no cached-prompt discount here
+        return self.price_prompt_per_mtok
+
 
 def market(size: int, rng: random.Random) -> tuple[list[Offer], dict[str, WorkerStats]]:
     offers = []

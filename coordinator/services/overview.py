@@ -20,7 +20,7 @@ from coordinator.store.db import Engine
 
 CPU_ONLY = "no GPU (CPU)"
 # evidence that says a worker cheated or tried to (what "verification failures" lists)
-FAILURES = ("fraud", "receipt_rejected", "overclaimed")
+FAILURES = ("fraud", "receipt_rejected", "overclaimed", "cache_hidden")
 
 
 def gpu_type(conn: WorkerConnection) -> str:

@@ -66,7 +66,7 @@ class ModelSlot:
 
     def worker_price(self, adapter: str = "") -> Price:
         """What the worker charges for a job (before the network fee)."""
-        return Price(*self.offer.prices(adapter))
+        return Price(*self.offer.prices(adapter), self.offer.price_cached_prompt_per_mtok)
 
     @property
     def node_id(self) -> str:
@@ -79,6 +79,10 @@ class ModelSlot:
     @property
     def price_completion_per_mtok(self) -> int:
         return self.client_price.completion_per_mtok
+
+    @property
+    def price_cached_prompt_per_mtok(self) -> int:
+        return self.client_price.cached_per_mtok
 
     @property
     def max_concurrency(self) -> int:
@@ -213,10 +217,12 @@ class Registry:
         conn.quarantine_of = self._quarantine_of  # a reconnect does not clear a quarantine
         self._on_join(conn.node_id)
         for offer in conn.advert.models:
-            price = Price(offer.price_prompt_per_mtok, offer.price_completion_per_mtok)
+            price = Price(offer.price_prompt_per_mtok, offer.price_completion_per_mtok,
+                          offer.price_cached_prompt_per_mtok)  # fmt: skip
             slot = ModelSlot(conn, offer, price.with_fee(self._fee_bps))
             if offer.max_loras:
-                slot.adapter_price = Price(*offer.adapter_prices()).with_fee(self._fee_bps)
+                adapter_price = Price(*offer.adapter_prices(), offer.price_cached_prompt_per_mtok)
+                slot.adapter_price = adapter_price.with_fee(self._fee_bps)
             conn.slots[offer.name] = slot
             pool = self._pools.setdefault(offer.name, [])
             pool.append(slot)

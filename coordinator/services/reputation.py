@@ -21,6 +21,9 @@ class Outcome(StrEnum):
     RECEIPT_REJECTED = "receipt_rejected"  # a receipt that does not match the job
     OVERCLAIMED = "overclaimed"  # more tokens claimed than the recount, beyond noise
     FRAUD = "fraud"  # provable cheating (replayed receipt, billed undelivered output …)
+    # a prompt sent again at once found nothing in the prefix cache of a worker that sells
+    # cached tokens cheaper: it bills cache hits at the full prompt price
+    CACHE_HIDDEN = "cache_hidden"
 
 
 # how much each outcome moves the posterior: (good weight, bad weight)
@@ -32,6 +35,7 @@ WEIGHTS: dict[Outcome, tuple[float, float]] = {
     Outcome.RECEIPT_REJECTED: (0.0, 10.0),  # an honest worker never sends one
     Outcome.OVERCLAIMED: (0.0, 10.0),
     Outcome.FRAUD: (0.0, 50.0),
+    Outcome.CACHE_HIDDEN: (0.0, 10.0),  # as an over-claim: billing more than the work
 }
 
 

@@ -46,6 +46,8 @@ class CandidateView(Protocol):
     def adapter_price_prompt_per_mtok(self) -> int: ...  # client price with an adapter
     @property
     def adapter_price_completion_per_mtok(self) -> int: ...
+    @property
+    def price_cached_prompt_per_mtok(self) -> int: ...  # client price of a cached prompt token
 
 
 class StatsView(Protocol):
@@ -160,9 +162,13 @@ def _prices(request: RouteRequest, c: CandidateView) -> tuple[int, int]:
     return c.price_prompt_per_mtok, c.price_completion_per_mtok
 
 
-def _cost(request: RouteRequest, c: CandidateView) -> int:
+def _cost(request: RouteRequest, c: CandidateView, cached: float = 0.0) -> float:
+    """The request's expected price on `c`: the share of the prompt its engine likely holds
+    at its cached price (never above the prompt price), the rest at the prompt price."""
     prompt, completion = _prices(request, c)
-    return request.prompt_tokens * prompt + request.max_tokens * completion
+    cached_price = min(c.price_cached_prompt_per_mtok, prompt)
+    per_prompt_token = prompt - cached * (prompt - cached_price)
+    return request.prompt_tokens * per_prompt_token + request.max_tokens * completion
 
 
 def _exclusion(
@@ -202,14 +208,14 @@ def _score(
     c: CandidateView,
     stats: StatsView | None,
     reputation: float,
-    cheapest: int,
+    cheapest: float,
     policy: RoutingPolicy,
     sort: Sort | None,
     cached: float = 0.0,
 ) -> Scored:
     ttft = (stats.ttft_s if stats else None) or policy.default_ttft_s
     itl = (stats.itl_s if stats else None) or policy.default_itl_s
-    cost = _cost(request, c)
+    cost = _cost(request, c, cached)
     price = cost / cheapest - 1.0 if cheapest else (1.0 if cost else 0.0)
     slots = max(1, c.max_concurrency)
     load = c.in_flight / slots + c.engine_waiting / slots + c.kv_cache_usage / 2
@@ -360,7 +366,7 @@ def route(
     reputation = reputation or {}
     shares = {pool[i].node_id: share for i, share in cached.items()} if cached else {}
     everyone = first + picked
-    cheapest = min((_cost(request, c) for c in everyone), default=0)
+    cheapest = min((_cost(request, c, shares.get(c.node_id, 0.0)) for c in everyone), default=0.0)
 
     def scored(cands: list[CandidateView]) -> list[Scored]:
         out = [

@@ -30,6 +30,7 @@ from protocol.identity import Identity
 from protocol.receipt import (
     Receipt,
     SignedReceipt,
+    billed_cached_tokens,
     countersign,
     output_digest,
     verify_worker_signature,
@@ -94,6 +95,7 @@ class _Plan:
     countersigned: list[SignedReceipt]
     usage: Count
     verdicts: list[Verdict]
+    cached_tokens: int = 0  # of the first segment's prompt tokens billed, those cached
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,11 @@ class Settled:
     usage: Count  # the tokens billed: the first segment's prompt, every segment's completion
     verdicts: list[Verdict]  # what each segment said about its worker (input to reputation)
     plan: _Plan = field(repr=False)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Of the prompt tokens billed, those billed at the cached price."""
+        return self.plan.cached_tokens
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,10 @@ def check_receipt(facts: JobFacts, signed: SignedReceipt, observed: Output) -> R
         expected["prompt_tokens"] = observed.prompt_tokens
     if observed.completion_tokens is not None:
         expected["completion_tokens"] = observed.completion_tokens
+    if observed.prompt_tokens is not None:  # the engine's usage came with the output
+        expected["cached_prompt_tokens"] = observed.cached_prompt_tokens
+    if receipt.cached_prompt_tokens:
+        expected["price_cached_prompt_per_mtok"] = facts.price.cached_per_mtok
     for name, value in expected.items():
         if getattr(receipt, name) != value:
             raise ReceiptRejected(
@@ -279,9 +290,10 @@ class Settlement:
                 billed_pair = (bill.prompt_tokens, bill.completion_tokens)
                 signed = countersign(self._identity, record.receipt, billed_pair)
                 verified.append((index, receipt, signed, bill))
+            cached = billed_cached_tokens(receipt, bill.prompt_tokens) if receipt else 0
             segments.append(
                 Segment(facts.worker_id, facts.price, bill.prompt_tokens, bill.completion_tokens,
-                        verified=receipt is not None)
+                        verified=receipt is not None, cached_tokens=cached)
             )  # fmt: skip
             if receipt is None:
                 unsigned.append({
@@ -316,7 +328,8 @@ class Settlement:
         tx = request_settlement(request_id, client, charge, earned)
         usage = Count(segments[0].prompt_tokens, sum(s.completion_tokens for s in segments))
         signed_ones = [signed for _i, _r, signed, _b in verified]
-        return _Plan(tx, charge, rows, unsigned, mismatches, signed_ones, usage, verdicts)
+        return _Plan(tx, charge, rows, unsigned, mismatches, signed_ones, usage, verdicts,
+                     segments[0].cached_tokens)  # fmt: skip
 
     def document(self, request_id: str, client: str) -> dict[str, Any] | None:
         """The client's receipt document for a request (or one of its segments): every

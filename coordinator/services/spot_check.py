@@ -27,7 +27,7 @@ from coordinator.services.spot_judgement import (
     sampling_temperature,
 )
 from coordinator.services.trust import Trust, Verdict
-from protocol.completions import COMPLETIONS, Output
+from protocol.completions import COMPLETIONS, Output, cached_tokens_of
 
 if TYPE_CHECKING:  # the request path uses spot checks, and spot checks its dispatcher
     from coordinator.services.releases.book import ReleaseBook
@@ -64,18 +64,63 @@ class SpotChecker:
         self._background: set[asyncio.Task[None]] = set()
 
     def consider(self, candidate: CheckCandidate) -> None:
-        """Check this settled request on another worker, if it is eligible and sampled."""
+        """Check this settled request on another worker, and its worker's cache claims on
+        itself, if it is eligible and sampled."""
         trust = self._trust
         if trust is None:
             return
         temperature = sampling_temperature(candidate.body, candidate.observed, candidate.segments)
-        if temperature is None:
+        probe = self._cache_probe_target(candidate)
+        if temperature is None and probe is None:
             return
         if sampled(self._rng, trust.on_probation(candidate.node_id), self._policy):
-            check = self._check(candidate, trust, temperature)
-            task = asyncio.get_running_loop().create_task(check)
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            loop = asyncio.get_running_loop()
+            checks = [] if temperature is None else [self._check(candidate, trust, temperature)]
+            if probe is not None:
+                checks.append(self._probe_cache(candidate, trust, probe))
+            for check in checks:
+                task = loop.create_task(check)
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    def _cache_probe_target(self, candidate: CheckCandidate) -> ModelSlot | None:
+        """The checked worker itself, when it sells cached prompt tokens cheaper (hiding hits
+        would then pay) and the prompt is long enough that sending it again must hit."""
+        ids = candidate.observed.prompt_token_ids
+        if not ids or len(ids) < self._policy.cache_probe_min_tokens:
+            return None
+        conn = self._registry.get(candidate.node_id)
+        slot = conn.slots.get(candidate.model) if conn is not None else None
+        if slot is None or not slot.available or slot.free_slots < 1:
+            return None
+        price = slot.worker_price(candidate.adapter)
+        return slot if price.cached_per_mtok < price.prompt_per_mtok else None
+
+    async def _probe_cache(self, candidate: CheckCandidate, trust: Trust, slot: ModelSlot) -> None:
+        """Send the checked prompt (its token ids) to the same worker again at once: a vLLM
+        engine with prefix caching finds its full blocks, and must say so in its usage. None
+        found means it bills hits at the full price (or sells a discount it never gives)."""
+        ids = candidate.observed.prompt_token_ids or []
+        body = {"prompt": ids, "max_tokens": 1, "temperature": 0.0}
+        attempt = self._dispatcher.open(
+            slot, job_id=f"{candidate.request_id}~cache", client=candidate.client,
+            model=candidate.model, endpoint=COMPLETIONS, body=body, adapter=candidate.adapter,
+        )  # fmt: skip
+        try:
+            event = await self._dispatcher.first_event(attempt)
+        finally:
+            attempt.end()
+        if event.WhichOneof("kind") != "response":
+            log.info("cache probe of %s could not run: %s", candidate.request_id, event)
+            return
+        usage = msgspec.json.decode(event.response).get("usage") or {}
+        hits = cached_tokens_of(usage)
+        log.info("cache probe of %s on %s: %d of %d prompt tokens cached", candidate.request_id,
+                 slot.node_id, hits, len(ids))  # fmt: skip
+        if hits == 0:
+            detail = f"the same {len(ids)}-token prompt sent again found no cached tokens"
+            trust.observe([Verdict(candidate.node_id, Outcome.CACHE_HIDDEN,
+                                   candidate.request_id, detail)])  # fmt: skip
 
     def _reference_for(
         self, trust: Trust, model: str, checked: str, adapter: str

@@ -50,6 +50,9 @@ class CheckPolicy:
     top_k: int = 8  # reference logprobs asked per position
     slack: float = 0.02  # sampled: added to each position's outside-top-k bound
     alpha: float = 1e-6  # sampled: accuse only below this p-value
+    # cache probe: a prompt this long, sent again at once, must find at least one full block
+    # in the engine's prefix cache (vLLM's blocks are 16 tokens on GPUs, 128 on CPUs)
+    cache_probe_min_tokens: int = 256
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ log = logging.getLogger("agora.coordinator.trust")
 _MIN_BAD_TO_QUARANTINE = 8.0
 # only these can quarantine by score: failures and slowness lower it (routing) but are not
 # cheating, and the circuit breaker already rests a failing worker
-_CHEATING = frozenset({Outcome.RECEIPT_REJECTED, Outcome.OVERCLAIMED})
+_CHEATING = frozenset({Outcome.RECEIPT_REJECTED, Outcome.OVERCLAIMED, Outcome.CACHE_HIDDEN})
 
 
 @dataclass(frozen=True)

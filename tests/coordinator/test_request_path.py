@@ -49,13 +49,17 @@ class Script:
     per_frame: int = 1  # engine tokens merged into one frame
     no_receipt: bool = False  # the whole answer, then a failure instead of the receipt
     overrun: bool = False  # ignore the job's max_tokens (and claim every token sent)
+    cached: int = 0  # prompt tokens it says its engine found cached (usage and receipt)
 
 
 class PlayedWorker:
-    def __init__(self, name: str, script: Script | None = None) -> None:
+    def __init__(
+        self, name: str, script: Script | None = None, cached_price: int | None = None
+    ) -> None:
         self.identity = Identity.generate()
         self.name = name
         self.script = script or Script()
+        self.cached_price = cached_price  # what it sells a cached prompt token for
         self.link = HandlerLink(self._run)
 
     @property
@@ -63,7 +67,8 @@ class PlayedWorker:
         return self.identity.node_id
 
     def advert(self) -> Advert:
-        offer = ModelOffer(MODEL, 4, *PRICE, context_length=512)
+        offer = ModelOffer(MODEL, 4, *PRICE, context_length=512,
+                           price_cached_prompt_per_mtok=self.cached_price)  # fmt: skip
         return Advert(self.node_id, 0, (offer,))
 
     async def _run(self, job: pb.Job) -> AsyncIterator[pb.JobEvent]:
@@ -82,7 +87,8 @@ class PlayedWorker:
         if not body.get("stream"):
             sent = list(tokens)
             message = {"role": "assistant", "content": "".join(sent)}
-            usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(sent)}
+            usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(sent),
+                     "prompt_tokens_details": {"cached_tokens": script.cached}}  # fmt: skip
             whole = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
                      "usage": usage, "prompt_token_ids": prompt_ids}  # fmt: skip
             yield pb.JobEvent(request_id=rid, response=msgspec.json.encode(whole))
@@ -110,7 +116,8 @@ class PlayedWorker:
             yield pb.JobEvent(request_id=rid, frames=frames)
             await asyncio.sleep(0)
         if body.get("stream"):
-            counts = pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(sent))
+            counts = pb.Usage(prompt_tokens=len(prompt_ids), completion_tokens=len(sent),
+                              cached_tokens=script.cached)  # fmt: skip
             yield pb.JobEvent(request_id=rid, frames=pb.Frames(usage=counts))
             if script.no_receipt:
                 error = pb.JobError(http_status=502, message="died", type="worker_lost")
@@ -124,6 +131,8 @@ class PlayedWorker:
             prompt_tokens=len(prompt_ids), completion_tokens=len(sent),
             price_prompt_per_mtok=PRICE[0], price_completion_per_mtok=PRICE[1],
             started_at_ms=0, ttft_ms=0, finished_at_ms=0, finish_reason="stop",
+            cached_prompt_tokens=script.cached,
+            price_cached_prompt_per_mtok=script.cached and (self.cached_price or PRICE[0]),
         )  # fmt: skip
         signed = sign_receipt(self.identity, receipt)
         event = pb.SignedReceipt(body=signed.body, signature=signed.worker_signature)
@@ -193,7 +202,8 @@ async def test_a_stream_is_relayed_settled_and_its_slot_freed(coordinator: Coord
     assert raw.endswith(b"data: [DONE]\n\n")
     assert b'"role":"assistant"' in raw
     assert b"token_ids" not in raw
-    assert usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                     "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
     assert coordinator.registry.pool(MODEL)[0].free_slots == 4
     await coordinator.settlement.quiesce()
     await coordinator.request_path.drain()

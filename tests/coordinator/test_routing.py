@@ -37,6 +37,11 @@ class Offer:
     max_loras: int = 0
     adapter_price_prompt_per_mtok: int = 0
     adapter_price_completion_per_mtok: int = 0
+    cached_price: int | None = None  # None: a cached prompt token costs the prompt price
+
+    @property
+    def price_cached_prompt_per_mtok(self) -> int:
+        return self.price_prompt_per_mtok if self.cached_price is None else self.cached_price
 
 
 def pool(*offers: Offer) -> list[Offer]:

@@ -31,7 +31,7 @@ def test_committed_vectors_match_a_fresh_computation() -> None:
     assert committed() == build()
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
 def test_vector_bytes_and_signatures_verify(index: int) -> None:
     data = committed()
     vector = data["vectors"][index]  # type: ignore[index]
@@ -50,7 +50,8 @@ def test_vector_bytes_and_signatures_verify(index: int) -> None:
 def test_canonical_bytes_are_sorted_compact_utf8() -> None:
     receipt = cases()[1]
     text = receipt.to_bytes().decode()
-    fields = {k: v for k, v in asdict(receipt).items() if k != "adapter_sha256"}  # "" is omitted
+    omitted = ("adapter_sha256", "cached_prompt_tokens", "price_cached_prompt_per_mtok")
+    fields = {k: v for k, v in asdict(receipt).items() if k not in omitted}  # unused: omitted
     assert text == json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert "modèle-ü/日本" in text
 
@@ -59,10 +60,16 @@ def _signed() -> SignedReceipt:
     return countersign(COORDINATOR, sign_receipt(WORKER, cases()[0]))
 
 
+def _with_every_field() -> SignedReceipt:
+    """A receipt that carries the optional fields too (an adapter, cached tokens)."""
+    receipt = replace(cases()[3], adapter_sha256="cd" * 32)
+    return countersign(COORDINATOR, sign_receipt(WORKER, receipt))
+
+
 # (a changed `version` is refused before any signature check: see the next test)
 @pytest.mark.parametrize("field", [f.name for f in fields(Receipt) if f.name != "version"])
 def test_tampering_with_any_field_breaks_the_worker_signature(field: str) -> None:
-    signed = _signed()
+    signed = _with_every_field()
     original = signed.receipt
     value = getattr(original, field)
     changed: Any = value + 1 if isinstance(value, int) else value + "x"

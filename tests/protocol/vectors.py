@@ -53,7 +53,11 @@ def cases() -> list[Receipt]:
     adapter = Receipt(
         **{**asdict(base), "adapter_sha256": "ab" * 32, "price_completion_per_mtok": 350_000}
     )
-    return [base, unicode, adapter]
+    # cached prompt tokens: the one form that carries them and the cached price they cost
+    cached = Receipt(
+        **{**asdict(base), "cached_prompt_tokens": 8, "price_cached_prompt_per_mtok": 25_000}
+    )
+    return [base, unicode, adapter, cached]
 
 
 def build() -> dict[str, object]:

@@ -91,6 +91,9 @@ def worker(
     ),
     price_in: int = typer.Option(100_000, help="Micro-units per 1M prompt tokens."),
     price_out: int = typer.Option(200_000, help="Micro-units per 1M completion tokens."),
+    price_cached_in: int | None = typer.Option(
+        None, min=0, help="Per 1M prompt tokens found in the engine's prefix cache (<= price-in)."
+    ),
     max_concurrency: int = typer.Option(8, min=1, help="Jobs accepted at once."),
     max_model_len: int | None = typer.Option(None, help="vLLM --max-model-len."),
     dtype: str = typer.Option("auto", help="vLLM --dtype."),
@@ -128,6 +131,7 @@ def worker(
         "served_name": engine_model,
         "price_in": price_in,
         "price_out": price_out,
+        "price_cached_in": price_cached_in,
         "max_concurrency": max_concurrency,
         "max_model_len": max_model_len,
         "dtype": dtype,
@@ -165,6 +169,9 @@ def init(
     engine_url: str | None = typer.Option(None, help="Attach to this server instead of vLLM."),
     price_in: int = typer.Option(100_000, help="Micro-units per 1M prompt tokens."),
     price_out: int = typer.Option(200_000, help="Micro-units per 1M completion tokens."),
+    price_cached_in: int | None = typer.Option(
+        None, min=0, help="Per 1M prompt tokens found in the engine's prefix cache (<= price-in)."
+    ),
     max_concurrency: int | None = typer.Option(None, help="Jobs at once (default: proposed)."),
     max_model_len: int | None = typer.Option(None, help="Context length (default: proposed)."),
     config: Path = typer.Option(config_file.default_config_path, help="Config file to write."),
@@ -184,6 +191,7 @@ def init(
         "url": engine_url,
         "price_in": price_in,
         "price_out": price_out,
+        "price_cached_in": price_cached_in,
         "max_concurrency": max_concurrency or proposal.max_concurrency,
         "max_model_len": max_model_len or proposal.max_model_len,
         "dtype": proposal.dtype,

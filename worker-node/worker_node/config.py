@@ -55,6 +55,8 @@ class ModelConfig(_Strict):
     served_name: str | None = None  # attach: the model name the server answers to
     price_in: int = Field(default=100_000, ge=0)  # micro-units per 1M prompt tokens
     price_out: int = Field(default=200_000, ge=0)  # micro-units per 1M completion tokens
+    # per 1M prompt tokens the engine finds in its prefix cache (<= price_in; None: price_in)
+    price_cached_in: int | None = Field(default=None, ge=0)
     max_concurrency: int = Field(default=8, ge=1, le=4096)  # jobs accepted at once
     max_model_len: int | None = Field(default=None, ge=16)
     dtype: str = "auto"
@@ -78,6 +80,8 @@ class ModelConfig(_Strict):
             raise ValueError("engine 'vllm' needs `model` (a folder or hub id)")
         if self.engine == "attach" and not self.url:
             raise ValueError("engine 'attach' needs `url` (the server's OpenAI base URL)")
+        if self.price_cached_in is not None and self.price_cached_in > self.price_in:
+            raise ValueError("price_cached_in cannot be above price_in (a cache hit costs less)")
         return self
 
 

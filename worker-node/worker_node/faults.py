@@ -7,6 +7,8 @@ named in AGORA_WORKER_FAULT and refused unless AGORA_WORKER_FAULTS_ALLOWED says 
 - drop-midstream-but-bill: stops relaying half-way, then bills the whole output
 - replay-receipt: sends its first receipt again for every later job
 - slow: holds each streamed token 200 ms (and a whole response 200 ms)
+- hide-cache-hits: reports (and signs) no cached prompt tokens, so hits bill at the full price
+- overstate-cache-hits: reports (and signs) every prompt token as found in the cache
 (wrong-model needs no code: a node attaches an engine serving another model under the
 advertised name.)
 """
@@ -38,6 +40,8 @@ class FaultMode(StrEnum):
     DROP_MIDSTREAM_BUT_BILL = "drop-midstream-but-bill"
     REPLAY_RECEIPT = "replay-receipt"
     SLOW = "slow"
+    HIDE_CACHE_HITS = "hide-cache-hits"
+    OVERSTATE_CACHE_HITS = "overstate-cache-hits"
 
 
 def fault_from_env(environ: dict[str, str] | None = None) -> Fault | None:
@@ -93,6 +97,10 @@ class Fault:
             usage["prompt_tokens"] += INFLATION
             usage["completion_tokens"] += INFLATION
             usage["total_tokens"] += 2 * INFLATION
+        if self.mode in _CACHE_CLAIMS and chunk.get("usage"):
+            usage = chunk["usage"]
+            hits = usage["prompt_tokens"] if self.mode is FaultMode.OVERSTATE_CACHE_HITS else 0
+            usage["prompt_tokens_details"] = {"cached_tokens": hits}
         return chunk
 
     def withholds(self, relayed: int) -> bool:
@@ -111,6 +119,9 @@ class Fault:
                 self._first_receipt = signed
             return self._first_receipt
         return signed
+
+
+_CACHE_CLAIMS = (FaultMode.HIDE_CACHE_HITS, FaultMode.OVERSTATE_CACHE_HITS)
 
 
 def _renamed(receipt: Receipt, worker_id: str) -> Receipt:

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from protocol.completions import CHAT
+from protocol.completions import CHAT, cached_tokens_of
 from protocol.proto import session_pb2 as pb
 
 _encode = msgspec.json.Encoder().encode
@@ -33,6 +33,7 @@ class FrameBuilder:
         if usage:
             self.frames.usage.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.frames.usage.completion_tokens = int(usage.get("completion_tokens") or 0)
+            self.frames.usage.cached_tokens = cached_tokens_of(usage)
 
     def _choice(self, choice: dict[str, Any]) -> None:
         index = int(choice.get("index") or 0)

@@ -310,6 +310,8 @@ class JobRunner:
     def _sign(self, job: JobSpec, offer: ModelOffer, meter: _Meter) -> SignedReceipt:
         finished = now_ms()
         price_prompt, price_completion = offer.prices(job.adapter)
+        prompt_tokens = meter.output.prompt_tokens or 0
+        cached = min(meter.output.cached_prompt_tokens, prompt_tokens)
         receipt = Receipt(
             request_id=job.request_id,
             model=job.model,
@@ -317,7 +319,7 @@ class JobRunner:
             coordinator_nonce=job.nonce.hex(),
             prompt_sha256=prompt_digest(prompt_of(job.endpoint, job.body)),
             output_sha256=output_digest(meter.output.texts()),
-            prompt_tokens=meter.output.prompt_tokens or 0,
+            prompt_tokens=prompt_tokens,
             completion_tokens=meter.output.completion_tokens or 0,
             price_prompt_per_mtok=price_prompt,
             price_completion_per_mtok=price_completion,
@@ -326,6 +328,8 @@ class JobRunner:
             finished_at_ms=finished,
             finish_reason=meter.output.finish_reason(),
             adapter_sha256=job.adapter,
+            cached_prompt_tokens=cached,
+            price_cached_prompt_per_mtok=offer.cached_price(job.adapter) if cached else 0,
         )
         if self._fault is not None:
             return self._fault.sign(self._identity, receipt)

@@ -401,19 +401,24 @@ class Fulfilment:
         )
 
     # ---------------------------------------------------------------- usage and settlement
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         """The client's usage: once checked, the tokens billed; before, what the stream showed
-        (the original prompt once, every segment's completion tokens)."""
+        (the original prompt once, every segment's completion tokens). Cached prompt tokens
+        (billed at the worker's cached price) in `prompt_tokens_details`, as OpenAI shows them."""
         if self.settled is not None:
             prompt = self.settled.usage.prompt_tokens
             completion = self.settled.usage.completion_tokens
+            cached = self.settled.cached_tokens
         else:
-            prompt = self.attempts[0].observed.token_counts()[0] if self.attempts else 0
+            first = self.attempts[0].observed if self.attempts else None
+            prompt = first.token_counts()[0] if first else 0
             completion = sum(a.observed.token_counts()[1] for a in self.attempts)
+            cached = min(first.cached_prompt_tokens, prompt) if first else 0
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     async def _settle(self) -> None:

@@ -75,7 +75,7 @@ class StreamRenderer:
                     choice += b',"prompt_token_ids":' + ids
         return self._head + choice + b"}" + tail
 
-    def usage(self, usage: dict[str, int]) -> bytes:
+    def usage(self, usage: dict[str, Any]) -> bytes:
         return b"data: " + self._usage_head + _encode(usage) + b"}\n\n"
 
 
