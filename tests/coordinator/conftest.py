@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
+from coordinator.app import Coordinator
+from coordinator.config import CoordinatorSettings
 from coordinator.store.db import make_engine, migrate
 from tests.conftest import books_problems
 from tests.fleet import Fleet
@@ -15,6 +17,21 @@ from worker_node.engines.vllm import VllmEngine
 C_WORKERS = ("c1", "c2", "c3")
 C_PRICE = (100_000, 200_000)
 PRICES = {"cheap": (100_000, 200_000), "mid": (150_000, 300_000), "dear": (300_000, 600_000)}
+
+
+@pytest.fixture
+async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
+    """The coordinator's real parts in-process (no servers), for workers played through the
+    worker-link seam (test_request_path.PlayedWorker)."""
+    settings = CoordinatorSettings(
+        data_dir=tmp_path, idle_token_timeout_s=0.3, first_token_timeout_s=1.0,
+        queue_timeout_s=0.2, spot_check_rate=0.0, spot_check_probation_rate=0.0,
+    )  # fmt: skip
+    coordinator = Coordinator(settings)
+    yield coordinator
+    await coordinator.request_path.drain()  # postings still in the background
+    coordinator.writer.close()
+    coordinator.db.dispose()
 
 
 @pytest.fixture(scope="session")

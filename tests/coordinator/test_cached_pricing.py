@@ -24,7 +24,6 @@ from tests.coordinator.test_request_path import (
     Script,
     chat,
     client,
-    coordinator,  # noqa: F401  (the fixture)
     join,
     relay,
 )
@@ -92,7 +91,8 @@ async def test_claiming_more_cached_tokens_only_lowers_the_workers_pay(
         assert conn is not None
         coordinator.registry.remove(conn)  # the next claim is routed to the next worker
     assert pays == [expected_provider_pay(len(PROMPT_IDS), c, 4) for c in range(4)]
-    assert pays == sorted(pays, reverse=True) and pays[-1] < pays[0]  # never more, once less
+    assert pays == sorted(pays, reverse=True)  # a bigger claim never pays more …
+    assert pays[-1] < pays[0]  # … and claiming the whole prompt pays less
 
 
 async def serve_on(coordinator: Coordinator, worker: PlayedWorker) -> Fulfilment:

@@ -139,19 +139,6 @@ class PlayedWorker:
         yield pb.JobEvent(request_id=rid, receipt=event)
 
 
-@pytest.fixture
-async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
-    settings = CoordinatorSettings(
-        data_dir=tmp_path, idle_token_timeout_s=0.3, first_token_timeout_s=1.0,
-        queue_timeout_s=0.2, spot_check_rate=0.0, spot_check_probation_rate=0.0,
-    )  # fmt: skip
-    coordinator = Coordinator(settings)
-    yield coordinator
-    await coordinator.request_path.drain()  # postings still in the background
-    coordinator.writer.close()
-    coordinator.db.dispose()
-
-
 def join(coordinator: Coordinator, *workers: PlayedWorker) -> None:
     for worker in workers:
         coordinator.registry.add(WorkerConnection(worker.node_id, worker.advert(), worker.link))
