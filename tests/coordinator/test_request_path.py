@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -160,7 +161,7 @@ def chat(
     return CompletionRequest(CHAT, MODEL, payload, stream, True, max_tokens, prefs)
 
 
-async def relay(fulfilment: Fulfilment) -> tuple[str, dict[str, int] | None, bytes]:
+async def relay(fulfilment: Fulfilment) -> tuple[str, dict[str, Any] | None, bytes]:
     """The text and usage the client saw, and the raw SSE."""
     raw = b"".join([batch async for batch, _last in fulfilment.stream()])
     text, usage = "", None
