@@ -28,6 +28,7 @@ NETWORK_FEES = "network:fees"
 NETWORK_FAILOVER = "network:failover"  # what re-running work after a worker failure cost
 NETWORK_REFUNDS = "network:refunds"  # refunds to clients of a fraudulent worker, less clawbacks
 NETWORK_SLASHED = "network:slashed"  # bonds taken from workers proven to cheat
+NETWORK_CACHE = "network:cache"  # what clients paid for answers from the response cache
 EXTERNAL_DEPOSITS = "external:deposits"
 EXTERNAL_PAYOUTS = "external:payouts"  # earnings paid out to providers (closed epochs)
 MAY_GO_NEGATIVE = frozenset({AccountKind.NETWORK, AccountKind.EXTERNAL})
@@ -96,6 +97,15 @@ def request_settlement(
     if difference:
         postings.append(Posting(NETWORK_FAILOVER, difference))
     return Transaction(f"req:{request_id}", "request", tuple(postings), memo=request_id)
+
+
+def cache_hit_charge(request_id: str, client: str, amount: int) -> Transaction:
+    """A client pays the network for an answer replayed from the response cache (no worker
+    ran it, so no provider earns from it)."""
+    if amount <= 0:
+        raise ValueError("a cache hit's charge must be positive (a free one posts nothing)")
+    postings = (Posting(client_account(client), -amount), Posting(NETWORK_CACHE, amount))
+    return Transaction(f"hit:{request_id}", "cache_hit", postings, memo=request_id)
 
 
 def deposit(txid: str, client: str, amount: int) -> Transaction:

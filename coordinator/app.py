@@ -50,10 +50,12 @@ from coordinator.services.payouts import Payouts
 from coordinator.services.prefixes import PrefixIndex
 from coordinator.services.registry import Registry
 from coordinator.services.releases.book import ReleaseBook
+from coordinator.services.request_path.cache_hit import CachedAnswers
 from coordinator.services.request_path.dispatch import Dispatcher
 from coordinator.services.request_path.outcomes import AttemptOutcomes
 from coordinator.services.request_path.path import RequestPath
 from coordinator.services.reservations import Reservations
+from coordinator.services.response_cache import ResponseCache
 from coordinator.services.router import Router
 from coordinator.services.routing import RoutingPolicy
 from coordinator.services.settlement import Settlement
@@ -147,6 +149,12 @@ class Coordinator:
             rate=settings.spot_check_rate, probation_rate=settings.spot_check_probation_rate
         )
         self.decisions = DecisionLog()
+        answers = None  # the response cache, when the operator keeps it on
+        if settings.response_cache:
+            cache = ResponseCache(settings.response_cache_max_bytes, settings.response_cache_ttl_s)
+            answers = CachedAnswers(cache, self.db, self.writer, self.identity,
+                                    settings.response_cache_price_bps,
+                                    settings.response_cache_shared)  # fmt: skip
         self.request_path = RequestPath(
             settings=settings,
             registry=self.registry,
@@ -169,6 +177,7 @@ class Coordinator:
             limiter=RateLimiter(),
             settlement=self.settlement,
             dispatcher=dispatcher,
+            answers=answers,
             outcomes=AttemptOutcomes(
                 self.stats, self.trust, self.metrics, settings.slo_ttft_s, settings.slo_itl_s
             ),

@@ -93,6 +93,15 @@ class CoordinatorSettings(BaseSettings):
     prefix_ttl_s: float = Field(default=600.0, gt=0)
     prefix_cache_weight: float = Field(default=2.0, ge=0)
     prefix_balance_load: float = Field(default=0.75, gt=0, le=1)
+    # the exact response cache (requests opt in with X-Agora-Cache: on): answers kept at most
+    # `response_cache_ttl_s`, `response_cache_max_bytes` in all; a hit costs the client
+    # `response_cache_price_bps` of what the original answer cost (paid to the network, no
+    # provider earns from a hit); keys per API key unless `response_cache_shared`
+    response_cache: bool = True
+    response_cache_ttl_s: float = Field(default=300.0, gt=0)
+    response_cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    response_cache_price_bps: int = Field(default=0, ge=0, le=10_000)
+    response_cache_shared: bool = False
     # latency objectives: a job slower than either is SLO-miss evidence against its worker
     slo_ttft_s: float = Field(default=10.0, gt=0)
     slo_itl_s: float = Field(default=0.5, gt=0)  # mean inter-token latency of the job

@@ -16,6 +16,7 @@ from coordinator.api.openapi import body_doc
 from coordinator.api.schemas import ChatCompletionBody, CompletionBody
 from coordinator.api.sse import EventStreamResponse
 from coordinator.errors import NotFound
+from coordinator.services.request_path.cache_hit import CacheHit
 from coordinator.services.request_path.fulfilment import Fulfilment
 from coordinator.services.request_path.request import CompletionRequest
 from protocol.completions import CHAT, COMPLETIONS
@@ -33,6 +34,16 @@ SessionDep = Annotated[
 ]  # fmt: skip
 
 
+CacheDep = Annotated[
+    str,
+    Header(
+        alias="X-Agora-Cache",
+        description="`on`: answer a deterministic request (temperature 0 or a seed) from the "
+        "response cache when this key asked the same before, and keep this answer for later.",
+    ),
+]  # fmt: skip
+
+
 def _session_key(client: str, header: str, body: dict[str, Any]) -> str:
     """A conversation's routing key, within its client (two clients' `user` values never
     meet); a hint only: any length is taken, its first 200 characters count."""
@@ -40,13 +51,19 @@ def _session_key(client: str, header: str, body: dict[str, Any]) -> str:
     return f"{client}/{given[:200]}" if given else ""
 
 
-def _headers(fulfilment: Fulfilment) -> dict[str, str]:
-    route = fulfilment.route
-    return {
-        "X-Agora-Model": fulfilment.request.model_shown,
-        "X-Agora-Worker": fulfilment.worker_id,
+def _headers(answer: Fulfilment | CacheHit) -> dict[str, str]:
+    route = answer.route
+    headers = {
+        "X-Agora-Model": answer.request.model_shown,
+        "X-Agora-Worker": answer.worker_id,
         "X-Agora-Route": route.decision.explain() if route else "",
     }
+    if answer.cache_status:  # hit, miss, or bypass (asked for, but not cacheable)
+        headers["X-Agora-Cache"] = answer.cache_status
+    if isinstance(answer, CacheHit):
+        headers["X-Agora-Cache-Source"] = answer.source
+        headers["X-Agora-Charged"] = str(answer.charged)
+    return headers
 
 
 async def _complete(
@@ -56,6 +73,7 @@ async def _complete(
     parsed: ChatCompletionBody | CompletionBody,
     body: dict[str, Any],
     session: str = "",
+    cache: str = "",
 ) -> Response:
     request = CompletionRequest(
         endpoint=endpoint,
@@ -68,8 +86,9 @@ async def _complete(
         wants_token_ids=bool(parsed.return_token_ids),
         fallbacks=tuple(parsed.models),
         session=_session_key(principal.client, session, body),
+        cache=cache.strip().lower() in ("on", "true", "1", "yes"),
     )
-    fulfilment = await path.begin(principal, request)
+    fulfilment = await path.serve(principal, request)
     if request.stream:
         return EventStreamResponse(
             fulfilment.stream(), headers=_headers(fulfilment), on_close=fulfilment.close
@@ -83,18 +102,20 @@ async def _complete(
     responses=documented(402),
 )
 async def chat_completions(
-    principal: PrincipalDep, body: BodyDep, path: RequestPathDep, session: SessionDep = ""
-) -> Response:
+    principal: PrincipalDep, body: BodyDep, path: RequestPathDep, session: SessionDep = "",
+    cache: CacheDep = "",
+) -> Response:  # fmt: skip
     parsed = validated(ChatCompletionBody, body)
-    return await _complete(path, principal, CHAT, parsed, body, session)
+    return await _complete(path, principal, CHAT, parsed, body, session, cache)
 
 
 @router.post("/completions", openapi_extra=body_doc(CompletionBody), responses=documented(402))
 async def completions(
-    principal: PrincipalDep, body: BodyDep, path: RequestPathDep, session: SessionDep = ""
-) -> Response:
+    principal: PrincipalDep, body: BodyDep, path: RequestPathDep, session: SessionDep = "",
+    cache: CacheDep = "",
+) -> Response:  # fmt: skip
     parsed = validated(CompletionBody, body)
-    return await _complete(path, principal, COMPLETIONS, parsed, body, session)
+    return await _complete(path, principal, COMPLETIONS, parsed, body, session, cache)
 
 
 class ModelList(BaseModel):
@@ -124,13 +145,15 @@ def _request_id(any_id: str) -> str:
 
 @router.get("/receipts/{request_id}")
 async def get_receipt(
-    request_id: str, principal: PrincipalDep, settlement: SettlementDep
+    request_id: str, principal: PrincipalDep, settlement: SettlementDep, path: RequestPathDep
 ) -> dict[str, Any]:
     """The countersigned receipt(s) of a request, and the signed statement of what the client
     paid for it (`agora receipt verify` checks both offline)."""
     rid = _request_id(request_id)
     await settlement.quiesce()  # a receipt asked for right after its response is there
     document = await asyncio.to_thread(settlement.document, rid, principal.client)
+    if document is None and path.answers is not None:  # answered from the response cache
+        document = await asyncio.to_thread(path.answers.document, rid, principal.client)
     if document is None:
         raise NotFound(f"No receipt for request `{request_id}`.", param="request_id")
     return document

@@ -221,3 +221,15 @@ class LoraAdapter(SQLModel, table=True):
     size_bytes: int = Field(sa_column=Column(BigInteger, nullable=False))
     archive: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class CacheHitRecord(SQLModel, table=True):
+    """A request answered from the response cache: its signed statement (what was replayed,
+    from which request, what it cost), the client's receipt for it."""
+
+    request_id: str = Field(primary_key=True, max_length=64)
+    client: str = Field(index=True, max_length=200)
+    source_request_id: str = Field(max_length=64)
+    amount: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    document: str = Field(sa_column=Column(Text, nullable=False))  # JSON, signed statement
+    created_at: datetime = Field(default_factory=utcnow)

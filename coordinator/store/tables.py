@@ -10,6 +10,7 @@ from coordinator.store.models import (
     Account,
     ApiKey,
     AuditEvent,
+    CacheHitRecord,
     CreditHold,
     LedgerPosting,
     LedgerTransaction,
@@ -45,3 +46,4 @@ RELEASES: Table = ModelRelease.__table__  # type: ignore[attr-defined]
 VERSIONS: Table = ModelVersion.__table__  # type: ignore[attr-defined]
 RELEASE_EVENTS: Table = ReleaseEvent.__table__  # type: ignore[attr-defined]
 ADAPTERS: Table = LoraAdapter.__table__  # type: ignore[attr-defined]
+CACHE_HITS: Table = CacheHitRecord.__table__  # type: ignore[attr-defined]

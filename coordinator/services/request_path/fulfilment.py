@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -45,6 +46,7 @@ from coordinator.services.request_path.render import (
 )
 from coordinator.services.request_path.request import CompletionRequest
 from coordinator.services.reservations import Hold
+from coordinator.services.response_cache import CachedAnswer
 from coordinator.services.routing import RouteRequest
 from coordinator.services.settlement import Settled
 from coordinator.services.spot_check import CheckCandidate
@@ -69,6 +71,7 @@ class Fulfilment:
         admitted_tokens: int,
         target: Target | None = None,
         job_prefix: str = "",  # job ids start with this (a fallback's differ from the first)
+        cache_key: str = "",  # its answer is kept in the response cache under this key
     ) -> None:
         self._path = path
         self.principal = principal
@@ -101,6 +104,11 @@ class Fulfilment:
         self.failed_attempts = 0  # attempts that failed through a worker's fault
         self.began_at = time.monotonic()
         self.ended = asyncio.Event()  # set once released
+        self.cache_key = cache_key
+        self.cache_status = ""  # "miss" or "bypass" when the client asked for the cache
+        # what the client got, frame by frame (text, finish), for the response cache
+        self._replay: list[tuple[str, str]] | None = [] if cache_key else None
+        self._whole: dict[str, Any] | None = None  # the non-streamed answer, for the cache
 
     # ---------------------------------------------------------------- attempts
     @property
@@ -292,6 +300,8 @@ class Fulfilment:
                     assert event is not None
                     attempt.saw_frames(event.frames, time.monotonic())
                     out += render.frames(event.frames)
+                    if self._replay is not None:
+                        self._replay += [(f.text, f.finish_reason) for f in event.frames.choices]
                     if out and not attempt.events.pending():
                         yield b"".join(out), False
                         out = []
@@ -387,7 +397,25 @@ class Fulfilment:
         await self._settle()
         if isinstance(result.get("usage"), dict):
             result["usage"].update(self.usage())  # what was billed
+        if self.cache_key:
+            self._whole = result
         return result
+
+    def cached_answer(self) -> CachedAnswer | None:
+        """What the response cache keeps of this answer (None unless it was billed whole)."""
+        settled = self.settled
+        if settled is None or not self.attempts:
+            return None
+        if self._whole is not None:
+            text = self.text()
+            finish = self.current.observed.finish_reason()
+            pieces: tuple[tuple[str, str], ...] = ((text, finish),)
+            whole: dict[str, Any] | None = copy.deepcopy(self._whole)
+        else:
+            pieces, whole = tuple(self._replay or ()), None
+        usage = settled.usage
+        return CachedAnswer(self.request_id, self.request.endpoint, pieces, usage.prompt_tokens,
+                            usage.completion_tokens, settled.charge.total, whole)  # fmt: skip
 
     def ttft_s(self) -> float | None:
         """From admission to the first token the client got."""

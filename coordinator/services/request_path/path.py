@@ -31,6 +31,7 @@ from coordinator.services.decisions import DecisionLog, RouteRecord
 from coordinator.services.metering import Count
 from coordinator.services.registry import ModelSlot, Registry
 from coordinator.services.releases.book import ReleaseBook, Target
+from coordinator.services.request_path.cache_hit import CachedAnswers, CacheHit
 from coordinator.services.request_path.dispatch import Dispatcher
 from coordinator.services.request_path.fulfilment import Fulfilment
 from coordinator.services.request_path.outcomes import AttemptOutcomes
@@ -59,6 +60,7 @@ class RequestPath:
         dispatcher: Dispatcher,
         outcomes: AttemptOutcomes,
         decisions: DecisionLog,
+        answers: CachedAnswers | None = None,  # the response cache (None: off)
         spot_checker: SpotChecker | None = None,
         trust: Trust | None = None,
         metrics: Metrics | None = None,
@@ -75,6 +77,7 @@ class RequestPath:
         self.dispatcher = dispatcher
         self.outcomes = outcomes
         self.decisions = decisions
+        self.answers = answers
         self._spot_checker = spot_checker
         self._trust = trust
         self._metrics = metrics
@@ -84,8 +87,17 @@ class RequestPath:
 
     # ---------------------------------------------------------------- the entry point
     async def begin(self, principal: Principal, request: CompletionRequest) -> Fulfilment:
-        """Admit a request and dispatch it until a worker answers (raises the client's error
-        if none can); the returned Fulfilment then relays and settles it.
+        """`serve`, for a request that does not ask for the response cache: always run."""
+        answer = await self.serve(principal, dataclasses.replace(request, cache=False))
+        assert isinstance(answer, Fulfilment)
+        return answer
+
+    async def serve(
+        self, principal: Principal, request: CompletionRequest
+    ) -> Fulfilment | CacheHit:
+        """Admit a request and, unless the response cache holds its answer (the client opted
+        in), dispatch it until a worker answers (raises the client's error if none can); the
+        returned Fulfilment then relays and settles it.
 
         The client's `model` may be a release (`name` or `name@version`): its policy picks
         the version, and a canary that fails before its first token hands the request to
@@ -116,7 +128,8 @@ class RequestPath:
                     last = exc
                     continue
                 shadow = self.releases.shadow_for(target) if self.releases else None
-                if shadow is not None and self.releases is not None:
+                if (shadow is not None and self.releases is not None
+                        and isinstance(fulfilment, Fulfilment)):  # fmt: skip
                     self.in_background(shadow_copy(self, fulfilment, shadow, self.releases))
                 return fulfilment
         assert last is not None
@@ -128,7 +141,7 @@ class RequestPath:
 
     async def _begin(
         self, principal: Principal, request: CompletionRequest, target: Target, tries: int
-    ) -> Fulfilment:
+    ) -> Fulfilment | CacheHit:
         pool = self.registry.pool(request.model)
         if not pool:
             others = self._elsewhere(request.model)
@@ -162,9 +175,20 @@ class RequestPath:
                 self._metrics.rate_limited.inc()
             raise
         request_id = request_id_var.get() or uuid.uuid4().hex
+        key, bypass = self.answers.key_for(principal, request) if self.answers else ("", "")
+        if key and self.answers is not None:
+            try:
+                hit = await self.answers.answer(key, principal, request, request_id)
+            except CoordinatorError:
+                self.limiter.refund(str(principal.key_id), principal.limits, admitted)
+                raise
+            if hit is not None:  # it ran on no GPU: its tokens do not count against the key's
+                self.limiter.refund(str(principal.key_id), principal.limits, admitted)
+                return hit  # per-minute limit (the request itself still counts)
         prefix = request_id if tries == 1 else f"{request_id}~f{tries - 1}"
         fulfilment = Fulfilment(self, principal, request, request_id, max_tokens, admitted,
-                                target, prefix)  # fmt: skip
+                                target, prefix, cache_key=key)  # fmt: skip
+        fulfilment.cache_status = "miss" if key else ("bypass" if bypass else "")
         await fulfilment.begin()
         return fulfilment
 
@@ -217,6 +241,10 @@ class RequestPath:
     def request_finished(self, fulfilment: Fulfilment, status: str, unused_tokens: int) -> None:
         principal, request = fulfilment.principal, fulfilment.request
         self.limiter.refund(str(principal.key_id), principal.limits, unused_tokens)
+        if status == "ok" and fulfilment.cache_key and self.answers is not None:
+            answer = fulfilment.cached_answer()
+            if answer is not None:
+                self.answers.keep(fulfilment.cache_key, answer)
         if status == "refused":  # never dispatched: the client got an error status
             return
         if self.releases is not None and fulfilment.target is not None:

@@ -27,6 +27,7 @@ class CompletionRequest:
     shown_model: str = ""  # the name responses carry (a release's `name@version`)
     adapter: str = ""  # sha256 of the LoRA adapter its version runs ("" = the base model)
     session: str = ""  # a conversation's key (`user`, or X-Agora-Session): kept on one worker
+    cache: bool = False  # the client opted in to the response cache (X-Agora-Cache: on)
 
     @property
     def model_shown(self) -> str:
