@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from billing.pricing import Price, Segment, segments_charge
+from protocol.cache_hit import verify_cache_hit
 from protocol.errors import ProtocolError
 from protocol.receipt_document import verify_document
 
@@ -24,7 +25,16 @@ def verify(
     receipt against its worker's and the coordinator's signatures, the request id and the
     amount paid against the coordinator's signed charge statement."""
     try:
-        verified = verify_document(json.loads(file.read_text()))
+        document = json.loads(file.read_text())
+        if isinstance(document, dict) and document.get("cache_hit"):
+            hit = verify_cache_hit(document)
+            typer.echo(
+                f"OK: request {hit['request_id']}, model {hit['model']}, answered from the "
+                f"response cache (the answer of {hit['source_request_id']}), paid "
+                f"{hit['amount_total']}, coordinator {hit['coordinator_id']}"
+            )
+            return
+        verified = verify_document(document)
         charged = statement_total(verified.statement)
     except (ProtocolError, ValueError, KeyError, TypeError) as exc:
         typer.echo(f"INVALID: {exc}", err=True)

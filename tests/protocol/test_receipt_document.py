@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from agora.cli import app
 from billing.pricing import Price, Segment, segments_charge
+from protocol.cache_hit import cache_hit_document
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.receipt import Receipt, countersign, sign_receipt
@@ -120,3 +121,21 @@ def test_the_cli_says_ok_or_invalid(tmp_path: Path) -> None:
     refused = runner.invoke(app, ["receipt", "verify", str(overcharged)])
     assert refused.exit_code == 1
     assert "add up" in refused.output
+
+
+def test_the_cli_verifies_a_cache_hit_receipt(tmp_path: Path) -> None:
+    coordinator = Identity.generate()
+    hit = cache_hit_document(
+        coordinator, request_id="r2", source_request_id="r1", model="tiny", prompt_tokens=5,
+        completion_tokens=3, amount_total=7,
+    )  # fmt: skip
+    good, bad = tmp_path / "hit.json", tmp_path / "forged.json"
+    good.write_text(json.dumps(hit))
+    bad.write_text(json.dumps({**hit, "amount_total": 0}))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["receipt", "verify", str(good)])
+    assert ok.exit_code == 0, ok.output
+    assert "response cache (the answer of r1), paid 7" in ok.output
+    refused = runner.invoke(app, ["receipt", "verify", str(bad)])
+    assert refused.exit_code == 1
+    assert "amount_total" in refused.output
