@@ -73,6 +73,10 @@ class Metrics:
             "agora_release_requests", "Requests per model version (shadow copies apart)",
             ["model", "version", "outcome"], registry=r,
         )  # fmt: skip
+        self.response_cache = Counter(
+            "agora_response_cache", "Requests that asked for the response cache, by result",
+            ["model", "result"], registry=r,
+        )  # fmt: skip
         self.rollbacks = Counter(
             "agora_release_rollbacks", "Versions rolled back (automatically or by an operator)",
             ["model", "version", "trigger"], registry=r,

@@ -46,14 +46,17 @@ class Stage:
         return name, openai.OpenAI(base_url=self.coordinator.base_url, api_key=key,
                                    max_retries=0)  # fmt: skip
 
-    def jobs(self) -> int:
-        """Jobs the worker node has run (from the coordinator's Prometheus metrics)."""
+    def metric(self, name: str, *labels: str) -> int:
+        """A counter of the coordinator's Prometheus metrics, summed over matching labels."""
         text = httpx.get(self.coordinator.base_url.removesuffix("/v1") + "/metrics").text
         return int(sum(
             float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("agora_requests_total{") and f'model="{MODEL}"' in line
-            and 'status="ok"' in line
+            if line.startswith(name + "{") and all(label in line for label in labels)
         ))  # fmt: skip
+
+    def jobs(self) -> int:
+        """Requests a worker served (the coordinator's metrics)."""
+        return self.metric("agora_requests_total", f'model="{MODEL}"', 'status="ok"')
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +114,7 @@ def test_a_repeated_deterministic_request_is_answered_from_the_cache(stage: Stag
     headers, hit = ask(sdk, prompt, stream=True)
     assert headers["X-Agora-Cache"] == "hit"
     assert stage.jobs() == jobs  # no worker ran it
+    assert stage.metric("agora_response_cache_total", 'result="hit"') >= 1
     assert shape(hit) == shape(miss)  # streamed identically
     assert hit[-1].usage.prompt_tokens_details.cached_tokens == hit[-1].usage.prompt_tokens
     assert hit[0].id != miss[0].id

@@ -182,9 +182,14 @@ class RequestPath:
             except CoordinatorError:
                 self.limiter.refund(str(principal.key_id), principal.limits, admitted)
                 raise
+            if self._metrics:
+                result = "hit" if hit is not None else "miss"
+                self._metrics.response_cache.labels(request.model, result).inc()
             if hit is not None:  # it ran on no GPU: its tokens do not count against the key's
                 self.limiter.refund(str(principal.key_id), principal.limits, admitted)
                 return hit  # per-minute limit (the request itself still counts)
+        elif bypass and self._metrics:
+            self._metrics.response_cache.labels(request.model, "bypass").inc()
         prefix = request_id if tries == 1 else f"{request_id}~f{tries - 1}"
         fulfilment = Fulfilment(self, principal, request, request_id, max_tokens, admitted,
                                 target, prefix, cache_key=key)  # fmt: skip
