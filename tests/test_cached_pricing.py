@@ -130,6 +130,15 @@ def until(check: Any, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+def test_the_cached_price_is_advertised(stage: Stage) -> None:
+    models = httpx.get(f"{stage.coordinator.base_url}/models", headers=stage.headers).json()
+    [card] = [m for m in models["data"] if m["id"] == MODEL]
+    assert card["pricing"]["cached_prompt_per_mtok"] == CACHED_IN * 105 // 100  # + 5 % fee
+    with stage.coordinator.admin() as admin:
+        workers = admin.get("/workers").json()["workers"]
+    assert {w["models"][MODEL]["price_cached_prompt_per_mtok"] for w in workers} == {CACHED_IN}
+
+
 def test_a_repeated_prompt_is_billed_at_the_cached_price(stage: Stage) -> None:
     prompt = long_prompt()
     first = stage.chat("honest", prompt)

@@ -47,6 +47,8 @@ def model_cards(
                 "pricing": {
                     "prompt_per_mtok": cheapest.price_prompt_per_mtok,
                     "completion_per_mtok": cheapest.price_completion_per_mtok,
+                    # the same worker's price of a prompt token found in its prefix cache
+                    "cached_prompt_per_mtok": cheapest.price_cached_prompt_per_mtok,
                     "unit": "micro-USD per 1M tokens",
                 },
                 "workers": len(up),

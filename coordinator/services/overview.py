@@ -74,6 +74,7 @@ def worker_row(
         models[name] = {
             "price_prompt_per_mtok": slot.offer.price_prompt_per_mtok,
             "price_completion_per_mtok": slot.offer.price_completion_per_mtok,
+            "price_cached_prompt_per_mtok": slot.offer.cached_price(),
             "in_flight": slot.in_flight, "max_concurrency": slot.max_concurrency,
             "ttft_s": measured.ttft_s, "itl_s": measured.itl_s,
             "missed_for_capacity": measured.missed_for_capacity,
@@ -182,6 +183,8 @@ class Overview:
                         "kv_cache_usage": slot.kv_cache_usage if slot.load_reported else None,
                         "price_prompt_per_mtok": slot.offer.price_prompt_per_mtok,
                         "price_completion_per_mtok": slot.offer.price_completion_per_mtok,
+                        # what a prompt token found in its engine's prefix cache costs
+                        "price_cached_prompt_per_mtok": slot.offer.cached_price(),
                         "context_length": slot.offer.context_length,
                         "max_loras": slot.max_loras,  # LoRA adapters loaded on demand, at once
                         "adapters": sorted(slot.adapters),  # loaded now (sha256)
