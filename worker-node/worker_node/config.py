@@ -10,6 +10,7 @@ engine = "vllm"            # or "attach" with url = "http://127.0.0.1:8000/v1"
 model = "meta-llama/Meta-Llama-3-8B-Instruct"
 price_in = 100000          # micro-units per 1M prompt tokens
 price_out = 200000
+price_cached_in = 25000    # optional: prompt tokens found in the engine's prefix cache
 """
 
 from __future__ import annotations
