@@ -149,10 +149,11 @@ class Coordinator:
             rate=settings.spot_check_rate, probation_rate=settings.spot_check_probation_rate
         )
         self.decisions = DecisionLog()
+        holds = self.shared_holds or Reservations(self.accounts.balance)
         answers = None  # the response cache, when the operator keeps it on
         if settings.response_cache:
             cache = ResponseCache(settings.response_cache_max_bytes, settings.response_cache_ttl_s)
-            answers = CachedAnswers(cache, self.db, self.writer, self.identity,
+            answers = CachedAnswers(cache, self.db, self.writer, self.identity, holds,
                                     settings.response_cache_price_bps,
                                     settings.response_cache_shared)  # fmt: skip
         self.request_path = RequestPath(
@@ -173,7 +174,7 @@ class Coordinator:
                 if settings.prefix_routing
                 else None,
             ),
-            reservations=self.shared_holds or Reservations(self.accounts.balance),
+            reservations=holds,
             limiter=RateLimiter(),
             settlement=self.settlement,
             dispatcher=dispatcher,

@@ -157,8 +157,10 @@ def cached_tokens_of(usage: dict[str, Any]) -> int:
     details = usage.get("prompt_tokens_details")
     if not isinstance(details, dict):
         return 0
-    cached = details.get("cached_tokens")
-    return cached if type(cached) is int and cached > 0 else 0
+    cached, prompt = details.get("cached_tokens"), usage.get("prompt_tokens")
+    if type(cached) is not int or cached <= 0 or type(prompt) is not int:
+        return 0
+    return min(cached, prompt)  # never more than the prompt (one rule for worker and coordinator)
 
 
 def prompt_of(endpoint: str, body: dict[str, Any]) -> Any:

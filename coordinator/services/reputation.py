@@ -35,7 +35,8 @@ WEIGHTS: dict[Outcome, tuple[float, float]] = {
     Outcome.RECEIPT_REJECTED: (0.0, 10.0),  # an honest worker never sends one
     Outcome.OVERCLAIMED: (0.0, 10.0),
     Outcome.FRAUD: (0.0, 50.0),
-    Outcome.CACHE_HIDDEN: (0.0, 10.0),  # as an over-claim: billing more than the work
+    # billing more than the work, but one miss may be an honest eviction: three quarantine
+    Outcome.CACHE_HIDDEN: (0.0, 3.0),
 }
 
 

@@ -25,7 +25,8 @@ _DELIVERY = frozenset({"stream", "stream_options", "user", "provider", "models",
 # fields whose answers cannot be replayed from text alone
 _UNCACHEABLE = ("tools", "functions", "logprobs", "top_logprobs", "prompt_logprobs", "echo",
                 "best_of")  # fmt: skip
-ENTRY_OVERHEAD = 512  # bytes an entry costs beyond its text (keys, tuples, the whole answer)
+ENTRY_OVERHEAD = 512  # bytes an entry costs beyond its pieces (key, record, its slot)
+PIECE_OVERHEAD = 160  # a piece's tuple and its two str objects
 
 
 @dataclass(frozen=True)
@@ -51,21 +52,24 @@ class CachedAnswer:
 
     @property
     def size(self) -> int:
-        whole = len(_sorted_json(self.whole)) if self.whole is not None else 0
-        return ENTRY_OVERHEAD + sum(len(t) + 32 for t, _f in self.pieces) + whole
+        """Bytes it holds, roughly: UTF-8 text, each piece's tuple and strings, and the whole
+        answer's dict at about three times its JSON."""
+        whole = 3 * len(_sorted_json(self.whole)) if self.whole is not None else 0
+        pieces = sum(len(t.encode()) + PIECE_OVERHEAD for t, _f in self.pieces)
+        return ENTRY_OVERHEAD + pieces + whole
 
 
-def why_not_cacheable(body: dict[str, Any], wants_token_ids: bool) -> str | None:
-    """None when the request's answer is deterministic and replayable, else why not."""
+def why_not_cacheable(body: dict[str, Any], choices: int, wants_token_ids: bool) -> str | None:
+    """None when the request's answer is deterministic and replayable, else why not.
+    `choices`: completions it asks for (`n`, times the prompts of a completions batch)."""
     temperature = body.get("temperature", 1.0)
     seeded = isinstance(body.get("seed"), int) and not isinstance(body.get("seed"), bool)
     if temperature != 0 and not seeded:
         return "not deterministic (needs temperature 0 or a seed)"
-    n = body.get("n", 1)
-    if n not in (1, None):
+    if choices != 1:
         return "more than one choice"
-    if any(body.get(name) not in (None, False) for name in _UNCACHEABLE):
-        return "tools or logprobs"
+    if any(body.get(name) is not None and body.get(name) is not False for name in _UNCACHEABLE):
+        return "tools or logprobs"  # (logprobs: 0 still asks for the chosen token's)
     if wants_token_ids:
         return "token ids asked for"
     return None
@@ -94,7 +98,8 @@ class ResponseCache:
         self._max_bytes = max_bytes
         self._ttl_s = ttl_s
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, CachedAnswer]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, int, CachedAnswer]] = OrderedDict()  # LRU
+        self._ages: OrderedDict[str, float] = OrderedDict()  # the same keys, oldest put first
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -112,7 +117,7 @@ class ResponseCache:
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return found[1]
+        return found[2]
 
     def put(self, key: str, answer: CachedAnswer) -> None:
         size = answer.size
@@ -120,11 +125,18 @@ class ResponseCache:
             return
         if key in self._entries:
             self._drop(key)
-        self._entries[key] = (self._clock(), answer)
+        now = self._clock()
+        self._entries[key] = (now, size, answer)
         self.bytes += size
+        self._ages[key] = now
+        for oldest, at in list(self._ages.items()):  # expired ones leave first (oldest first)
+            if now - at <= self._ttl_s:
+                break
+            self._drop(oldest)
         while self.bytes > self._max_bytes:
             self._drop(next(iter(self._entries)))
 
     def _drop(self, key: str) -> None:
-        _at, answer = self._entries.pop(key)
-        self.bytes -= answer.size
+        _at, size, _answer = self._entries.pop(key)
+        del self._ages[key]
+        self.bytes -= size

@@ -112,6 +112,11 @@ class Settled:
     plan: _Plan = field(repr=False)
 
     @property
+    def clean(self) -> bool:
+        """Every segment signed, every receipt checked out, no count disputed."""
+        return not self.plan.unsigned and all(v.outcome is Outcome.SERVED for v in self.verdicts)
+
+    @property
     def cached_tokens(self) -> int:
         """Of the prompt tokens billed, those billed at the cached price."""
         return self.plan.cached_tokens

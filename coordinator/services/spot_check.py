@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,7 @@ class CheckCandidate:
     observed: Output  # what it produced
     segments: int
     adapter: str = ""  # the LoRA adapter it ran with: the check runs with the same one
+    endpoint: str = COMPLETIONS  # what the client called (a cache probe calls it again)
 
 
 class SpotChecker:
@@ -85,26 +87,32 @@ class SpotChecker:
 
     def _cache_probe_target(self, candidate: CheckCandidate) -> ModelSlot | None:
         """The checked worker itself, when it sells cached prompt tokens cheaper (hiding hits
-        would then pay) and the prompt is long enough that sending it again must hit."""
-        ids = candidate.observed.prompt_token_ids
-        if not ids or len(ids) < self._policy.cache_probe_min_tokens:
+        would then pay), the prompt is long enough that sending it again must hit, and its
+        engine's cache is not so full that an honest one may have evicted it already."""
+        prompt = candidate.observed.token_counts()[0]
+        if prompt < self._policy.cache_probe_min_tokens or candidate.segments != 1:
             return None
         conn = self._registry.get(candidate.node_id)
         slot = conn.slots.get(candidate.model) if conn is not None else None
         if slot is None or not slot.available or slot.free_slots < 1:
             return None
+        if slot.kv_cache_usage > self._policy.cache_probe_max_kv_usage:
+            return None
         price = slot.worker_price(candidate.adapter)
         return slot if price.cached_per_mtok < price.prompt_per_mtok else None
 
     async def _probe_cache(self, candidate: CheckCandidate, trust: Trust, slot: ModelSlot) -> None:
-        """Send the checked prompt (its token ids) to the same worker again at once: a vLLM
-        engine with prefix caching finds its full blocks, and must say so in its usage. None
-        found means it bills hits at the full price (or sells a discount it never gives)."""
-        ids = candidate.observed.prompt_token_ids or []
-        body = {"prompt": ids, "max_tokens": 1, "temperature": 0.0}
+        """Send the checked request to the same worker again at once, as an ordinary job (its
+        own opaque id, the client's body, one output token): a vLLM engine with prefix caching
+        finds the prompt's full blocks and must say so in its usage. None found means it bills
+        hits at the full price (or sells a discount it never gives)."""
+        body = {k: v for k, v in candidate.body.items()
+                if k not in ("stream", "stream_options", "max_completion_tokens")}  # fmt: skip
+        body["max_tokens"] = 1
+        prompt = candidate.observed.token_counts()[0]
         attempt = self._dispatcher.open(
-            slot, job_id=f"{candidate.request_id}~cache", client=candidate.client,
-            model=candidate.model, endpoint=COMPLETIONS, body=body, adapter=candidate.adapter,
+            slot, job_id=uuid.uuid4().hex, client=candidate.client, model=candidate.model,
+            endpoint=candidate.endpoint, body=body, adapter=candidate.adapter,
         )  # fmt: skip
         try:
             event = await self._dispatcher.first_event(attempt)
@@ -116,9 +124,9 @@ class SpotChecker:
         usage = msgspec.json.decode(event.response).get("usage") or {}
         hits = cached_tokens_of(usage)
         log.info("cache probe of %s on %s: %d of %d prompt tokens cached", candidate.request_id,
-                 slot.node_id, hits, len(ids))  # fmt: skip
+                 slot.node_id, hits, prompt)  # fmt: skip
         if hits == 0:
-            detail = f"the same {len(ids)}-token prompt sent again found no cached tokens"
+            detail = f"the same {prompt}-token prompt sent again found no cached tokens"
             trust.observe([Verdict(candidate.node_id, Outcome.CACHE_HIDDEN,
                                    candidate.request_id, detail)])  # fmt: skip
 

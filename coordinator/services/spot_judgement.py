@@ -53,6 +53,7 @@ class CheckPolicy:
     # cache probe: a prompt this long, sent again at once, must find at least one full block
     # in the engine's prefix cache (vLLM's blocks are 16 tokens on GPUs, 128 on CPUs)
     cache_probe_min_tokens: int = 256
+    cache_probe_max_kv_usage: float = 0.8  # fuller engines evict: an honest miss is likely
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import pytest
 
 from billing.ledger import NETWORK_CACHE
 from coordinator.app import Coordinator
+from coordinator.errors import InsufficientCredit
 from coordinator.services.request_path.cache_hit import CacheHit
 from coordinator.services.request_path.fulfilment import Fulfilment
 from coordinator.services.request_path.request import CompletionRequest
@@ -21,9 +22,9 @@ from coordinator.services.response_cache import (
     why_not_cacheable,
 )
 from protocol.cache_hit import verify_cache_hit
-from protocol.completions import CHAT
+from protocol.completions import CHAT, COMPLETIONS
 from protocol.errors import ProtocolError
-from tests.coordinator.test_request_path import MODEL, PlayedWorker, client, join, relay
+from tests.coordinator.test_request_path import MODEL, PlayedWorker, Script, client, join, relay
 
 
 class Clock:
@@ -40,14 +41,24 @@ def answer(text: str = "Hello", source: str = "r1") -> CachedAnswer:
 
 def test_only_deterministic_replayable_requests_are_cacheable() -> None:
     base = {"model": "m", "messages": []}
-    assert why_not_cacheable(base, False) is not None  # default temperature samples
-    assert why_not_cacheable({**base, "temperature": 0}, False) is None
-    assert why_not_cacheable({**base, "temperature": 0.7, "seed": 7}, False) is None
-    assert why_not_cacheable({**base, "temperature": 0.7, "seed": True}, False) is not None
-    assert why_not_cacheable({**base, "temperature": 0, "n": 2}, False) is not None
-    assert why_not_cacheable({**base, "temperature": 0, "tools": [{}]}, False) is not None
-    assert why_not_cacheable({**base, "temperature": 0, "logprobs": True}, False) is not None
-    assert why_not_cacheable({**base, "temperature": 0}, True) is not None  # token ids
+    greedy = {**base, "temperature": 0}
+    assert why_not_cacheable(base, 1, False) is not None  # default temperature samples
+    assert why_not_cacheable(greedy, 1, False) is None
+    assert why_not_cacheable({**base, "temperature": 0.7, "seed": 7}, 1, False) is None
+    assert why_not_cacheable({**base, "temperature": 0.7, "seed": True}, 1, False) is not None
+    assert why_not_cacheable(greedy, 2, False) is not None  # n=2, or a batch of two prompts
+    assert why_not_cacheable({**greedy, "tools": [{}]}, 1, False) is not None
+    assert why_not_cacheable({**greedy, "logprobs": True}, 1, False) is not None
+    assert why_not_cacheable({**greedy, "logprobs": 0}, 1, False) is not None  # still asks
+    assert why_not_cacheable({**greedy, "logprobs": False}, 1, False) is None
+    assert why_not_cacheable(greedy, 1, True) is not None  # token ids
+
+
+def test_a_completions_batch_is_not_cacheable() -> None:
+    body = {"model": MODEL, "prompt": ["a", "b"], "temperature": 0}
+    request = CompletionRequest(COMPLETIONS, MODEL, body, False, True, 4, cache=True)
+    assert request.choices == 2
+    assert why_not_cacheable(body, request.choices, False) == "more than one choice"
 
 
 def test_the_key_ignores_delivery_and_separates_keys_versions_and_bodies() -> None:
@@ -83,10 +94,26 @@ def test_the_byte_bound_evicts_the_least_recently_used() -> None:
     assert cache.get("b") is None
     assert cache.get("a") is not None
     assert cache.get("c") is not None
-    assert cache.bytes <= 2 * size
+    assert cache.bytes == 2 * size
+    cache.put("a", answer("World"))  # the same key again (same size): replaced, not added
+    assert len(cache) == 2
+    assert cache.bytes == 2 * size
+    assert cache.get("a") == answer("World")
     cache.put("huge", answer("x" * 4 * size))  # larger than the whole bound: not kept
     assert cache.get("huge") is None
     assert cache.get("a") is not None
+
+
+def test_expired_entries_leave_at_the_next_put_and_free_their_bytes() -> None:
+    clock = Clock()
+    cache = ResponseCache(max_bytes=10**6, ttl_s=10, clock=clock)
+    cache.put("old", answer())
+    clock.now = 5
+    cache.put("newer", answer())
+    clock.now = 12
+    cache.put("newest", answer())  # "old" expired: gone without a lookup
+    assert len(cache) == 2
+    assert cache.bytes == 2 * answer().size
 
 
 # ------------------------------------------------------------------ through the request path
@@ -200,3 +227,52 @@ async def test_a_hit_is_charged_the_operators_price_with_a_signed_receipt(
     with pytest.raises(ProtocolError):
         verify_cache_hit(document)  # a shown field that is not the signed one
     assert coordinator.request_path.answers.document(hit.request_id, "mallory") is None
+
+
+async def test_a_hit_the_client_cannot_pay_beside_its_holds_is_refused(
+    coordinator: Coordinator,
+) -> None:
+    answers = coordinator.request_path.answers
+    assert answers is not None
+    answers._price_bps = 10_000  # a hit costs what the answer first cost
+    join(coordinator, PlayedWorker("w"))
+    principal = await client(coordinator)
+    await served(coordinator, principal, cached_chat(stream=False))
+    balance = coordinator.accounts.balance("alice")
+    held = await coordinator.request_path.reservations.hold("alice", balance - 1)  # in flight
+    with pytest.raises(InsufficientCredit):
+        await served(coordinator, principal, cached_chat(stream=False))
+    assert coordinator.accounts.balance("alice") == balance  # nothing posted
+    held.release()
+    hit, _raw = await served(coordinator, principal, cached_chat(stream=False))
+    assert isinstance(hit, CacheHit)
+    assert coordinator.accounts.balance("alice") == balance - hit.charged
+
+
+async def test_an_answer_without_a_checked_receipt_is_not_kept(coordinator: Coordinator) -> None:
+    worker = PlayedWorker("unsigned", Script(no_receipt=True))
+    join(coordinator, worker)
+    principal = await client(coordinator)
+    for _ in range(2):
+        answer, _raw = await served(coordinator, principal, cached_chat(stream=False))
+        assert isinstance(answer, Fulfilment)
+    assert len(worker.link.jobs) == 2
+
+
+async def test_shared_answers_do_not_show_another_clients_request_id(
+    coordinator: Coordinator,
+) -> None:
+    answers = coordinator.request_path.answers
+    assert answers is not None
+    answers._shared = True
+    join(coordinator, PlayedWorker("w"))
+    alice = await client(coordinator)
+    miss, _raw = await served(coordinator, alice, cached_chat(stream=False))
+    bob_key = coordinator.accounts.create_client("bob", credit=10**9)
+    bob = await coordinator.accounts.authenticate(f"Bearer {bob_key}")
+    hit, _raw = await served(coordinator, bob, cached_chat(stream=False))
+    assert isinstance(hit, CacheHit)  # shared: bob gets alice's answer …
+    assert miss.request_id not in hit.source  # … but not her request id
+    document = answers.document(hit.request_id, "bob")
+    assert document is not None
+    assert miss.request_id not in str(document)

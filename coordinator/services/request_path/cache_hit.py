@@ -5,6 +5,7 @@ replays the answer in the client's shape, streamed with the same chunks as the m
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -16,6 +17,7 @@ from coordinator.errors import InsufficientCredit
 from coordinator.services.accounts import Principal
 from coordinator.services.request_path.render import DONE, StreamRenderer
 from coordinator.services.request_path.request import CompletionRequest
+from coordinator.services.reservations import HoldBook
 from coordinator.services.response_cache import (
     CachedAnswer,
     ResponseCache,
@@ -47,30 +49,39 @@ class CacheHit:
         self.response_id = f"{request.response_prefix}-{request_id}"
         self.created = int(time.time())
         self.charged = 0
+        self.source = answer.source_request_id  # the request it replays (as shown to the client)
 
-    @property
-    def source(self) -> str:
-        return self.answer.source_request_id
-
-    async def settle(self, writer: LedgerWriter, identity: Identity, price_bps: int) -> None:
-        """Post the hit's charge and store its signed receipt, together (402 when the client
-        cannot pay it: then nothing is written and nothing is answered)."""
+    async def settle(
+        self, writer: LedgerWriter, identity: Identity, holds: HoldBook, price_bps: int,
+        source: str,
+    ) -> None:  # fmt: skip
+        """Post the hit's charge and store its signed receipt, together, under a credit hold
+        like any request's (402 when the client cannot pay it beside what its requests in
+        flight hold: then nothing is written and nothing is answered). `source`: the request
+        whose answer it replays, as this client may see it."""
         answer = self.answer
         self.charged = -(-answer.charged * price_bps // BPS)
+        self.source = source
         document = cache_hit_document(
-            identity, request_id=self.request_id, source_request_id=answer.source_request_id,
+            identity, request_id=self.request_id, source_request_id=source,
             model=self.request.model_shown, prompt_tokens=answer.prompt_tokens,
             completion_tokens=answer.completion_tokens, amount_total=self.charged,
         )  # fmt: skip
         client = self.principal.client
         tx = cache_hit_charge(self.request_id, client, self.charged) if self.charged else None
+        hold = await holds.hold(client, self.charged) if self.charged else None
         try:
             await writer.submit(lambda conn: cache_hits_store.record(conn, document, client, tx))
+            if hold is not None:
+                holds.posted(client, self.charged)
         except InsufficientFunds as exc:
             raise InsufficientCredit(
                 f"This answer from the response cache costs {self.charged} micro-units; your "
                 "balance is lower. Add credit."
             ) from exc
+        finally:
+            if hold is not None:
+                hold.release()
 
     def usage(self) -> dict[str, Any]:
         """The original answer's tokens; its whole prompt was, in effect, cached."""
@@ -121,12 +132,13 @@ class CachedAnswers:
 
     def __init__(
         self, cache: ResponseCache, engine: Engine, writer: LedgerWriter, identity: Identity,
-        price_bps: int, shared: bool,
+        holds: HoldBook, price_bps: int, shared: bool,
     ) -> None:  # fmt: skip
         self.cache = cache
         self._engine = engine
         self._writer = writer
         self._identity = identity
+        self._holds = holds
         self._price_bps = price_bps
         self._shared = shared  # keys shared across API keys (operator's choice)
 
@@ -135,7 +147,7 @@ class CachedAnswers:
         ("", why not: "" when it did not opt in)."""
         if not request.cache:
             return "", ""
-        why = why_not_cacheable(request.body, request.wants_token_ids)
+        why = why_not_cacheable(request.body, request.choices, request.wants_token_ids)
         if why is not None:
             return "", why
         scope = "*" if self._shared else str(principal.key_id)
@@ -150,7 +162,10 @@ class CachedAnswers:
         if found is None:
             return None
         hit = CacheHit(principal, request, request_id, found)
-        await hit.settle(self._writer, self._identity, self._price_bps)
+        source = found.source_request_id
+        if self._shared:  # another client's request id is not this client's to see
+            source = "shared-" + hashlib.sha256(source.encode()).hexdigest()[:24]
+        await hit.settle(self._writer, self._identity, self._holds, self._price_bps, source)
         return hit
 
     def keep(self, key: str, answer: CachedAnswer) -> None:

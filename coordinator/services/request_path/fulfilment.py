@@ -301,7 +301,7 @@ class Fulfilment:
                     attempt.saw_frames(event.frames, time.monotonic())
                     out += render.frames(event.frames)
                     if self._replay is not None:
-                        self._replay += [(f.text, f.finish_reason) for f in event.frames.choices]
+                        self._record(event.frames)
                     if out and not attempt.events.pending():
                         yield b"".join(out), False
                         out = []
@@ -401,16 +401,36 @@ class Fulfilment:
             self._whole = result
         return result
 
+    def _record(self, frames: pb.Frames) -> None:
+        """Keep what the client was streamed, for the response cache: plain text only (a
+        frame with more, such as reasoning or logprobs, makes the answer not replayable)."""
+        replay = self._replay
+        if replay is None:
+            return
+        for f in frames.choices:
+            if f.delta_json or f.logprobs_json or f.index != 0:
+                self._replay = None
+                return
+            replay.append((f.text, f.finish_reason))
+
     def cached_answer(self) -> CachedAnswer | None:
-        """What the response cache keeps of this answer (None unless it was billed whole)."""
+        """What the response cache keeps of this answer: None unless its settlement was clean
+        (every segment signed and checked) and it is plain text that can be replayed."""
         settled = self.settled
-        if settled is None or not self.attempts:
+        if settled is None or not settled.clean or not self.attempts:
             return None
         if self._whole is not None:
+            choices = self._whole.get("choices") or [{}]
+            message = choices[0].get("message") or {}
+            if len(choices) != 1 or any(v for k, v in message.items()
+                                        if k not in ("role", "content")):  # fmt: skip
+                return None  # tool calls, reasoning …: not replayable as a stream
             text = self.text()
             finish = self.current.observed.finish_reason()
             pieces: tuple[tuple[str, str], ...] = ((text, finish),)
             whole: dict[str, Any] | None = copy.deepcopy(self._whole)
+        elif self._replay is None:
+            return None
         else:
             pieces, whole = tuple(self._replay or ()), None
         usage = settled.usage
@@ -500,6 +520,7 @@ class Fulfilment:
             request_id=self.request_id, model=self.request.model, client=self.principal.client,
             body=self.request.body, node_id=first.node_id, observed=first.observed,
             segments=len(self.attempts), adapter=self.request.adapter,
+            endpoint=self.request.endpoint,
         )  # fmt: skip
 
     # ---------------------------------------------------------------- release

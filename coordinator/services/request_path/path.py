@@ -182,6 +182,9 @@ class RequestPath:
             except CoordinatorError:
                 self.limiter.refund(str(principal.key_id), principal.limits, admitted)
                 raise
+            except Exception:  # the hit could not be recorded: a worker answers it instead
+                log.exception("request %s: the response cache failed; dispatching", request_id)
+                hit = None
             if self._metrics:
                 result = "hit" if hit is not None else "miss"
                 self._metrics.response_cache.labels(request.model, result).inc()
