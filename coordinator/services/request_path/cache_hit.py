@@ -24,6 +24,7 @@ from coordinator.services.response_cache import (
     cache_key,
     why_not_cacheable,
 )
+from coordinator.services.settlement import Settled
 from coordinator.store import cache_hits_store
 from coordinator.store.db import Engine
 from coordinator.store.writer import LedgerWriter
@@ -174,3 +175,50 @@ class CachedAnswers:
     def document(self, request_id: str, client: str) -> dict[str, Any] | None:
         """A hit's receipt for its client (None: not a hit of this client's)."""
         return cache_hits_store.document(self._engine, request_id, client)
+
+
+class AnswerRecorder:
+    """What the client of a cacheable request got, reported by the request's owner as it
+    relays, and what the response cache may keep of it."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._pieces: list[tuple[str, str]] | None = []  # (text, finish) per streamed frame
+        self._whole: dict[str, Any] | None = None  # the non-streamed answer
+
+    def frames(self, frames: pb.Frames) -> None:
+        """Plain text only: a frame with more (reasoning, logprobs, another choice) makes the
+        answer one that cannot be replayed."""
+        pieces = self._pieces
+        if pieces is None:
+            return
+        for f in frames.choices:
+            if f.delta_json or f.logprobs_json or f.index != 0:
+                self._pieces = None
+                return
+            pieces.append((f.text, f.finish_reason))
+
+    def whole(self, result: dict[str, Any]) -> None:
+        self._whole = result
+
+    def answer(self, request_id: str, endpoint: str, settled: Settled | None, text: str,
+               finish: str) -> CachedAnswer | None:  # fmt: skip
+        """What the cache keeps: None unless the settlement was clean (every segment signed
+        and checked) and the answer is plain text."""
+        if settled is None or not settled.clean:
+            return None
+        if self._whole is not None:
+            choices = self._whole.get("choices") or [{}]
+            message = choices[0].get("message") or {}
+            if len(choices) != 1 or any(v for k, v in message.items()
+                                        if k not in ("role", "content")):  # fmt: skip
+                return None  # tool calls, reasoning …: not replayable as a stream
+            pieces: tuple[tuple[str, str], ...] = ((text, finish),)
+            whole: dict[str, Any] | None = copy.deepcopy(self._whole)
+        elif self._pieces is None:
+            return None
+        else:
+            pieces, whole = tuple(self._pieces), None
+        usage = settled.usage
+        return CachedAnswer(request_id, endpoint, pieces, usage.prompt_tokens,
+                            usage.completion_tokens, settled.charge.total, whole)  # fmt: skip

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -32,6 +31,7 @@ from coordinator.services.decisions import RouteRecord
 from coordinator.services.prefixes import prefix_chain
 from coordinator.services.releases.book import Target
 from coordinator.services.request_path.attempt import Attempt, error_from_job
+from coordinator.services.request_path.cache_hit import AnswerRecorder
 from coordinator.services.request_path.continuation import (
     continuation_body,
     delivered_so_far,
@@ -46,7 +46,6 @@ from coordinator.services.request_path.render import (
 )
 from coordinator.services.request_path.request import CompletionRequest
 from coordinator.services.reservations import Hold
-from coordinator.services.response_cache import CachedAnswer
 from coordinator.services.routing import RouteRequest
 from coordinator.services.settlement import Settled
 from coordinator.services.spot_check import CheckCandidate
@@ -104,11 +103,9 @@ class Fulfilment:
         self.failed_attempts = 0  # attempts that failed through a worker's fault
         self.began_at = time.monotonic()
         self.ended = asyncio.Event()  # set once released
-        self.cache_key = cache_key
         self.cache_status = ""  # "miss" or "bypass" when the client asked for the cache
-        # what the client got, frame by frame (text, finish), for the response cache
-        self._replay: list[tuple[str, str]] | None = [] if cache_key else None
-        self._whole: dict[str, Any] | None = None  # the non-streamed answer, for the cache
+        # what the client got, for the response cache (when it may keep this answer)
+        self.recorder = AnswerRecorder(cache_key) if cache_key else None
 
     # ---------------------------------------------------------------- attempts
     @property
@@ -300,8 +297,8 @@ class Fulfilment:
                     assert event is not None
                     attempt.saw_frames(event.frames, time.monotonic())
                     out += render.frames(event.frames)
-                    if self._replay is not None:
-                        self._record(event.frames)
+                    if self.recorder is not None:
+                        self.recorder.frames(event.frames)
                     if out and not attempt.events.pending():
                         yield b"".join(out), False
                         out = []
@@ -397,45 +394,9 @@ class Fulfilment:
         await self._settle()
         if isinstance(result.get("usage"), dict):
             result["usage"].update(self.usage())  # what was billed
-        if self.cache_key:
-            self._whole = result
+        if self.recorder is not None:
+            self.recorder.whole(result)
         return result
-
-    def _record(self, frames: pb.Frames) -> None:
-        """Keep what the client was streamed, for the response cache: plain text only (a
-        frame with more, such as reasoning or logprobs, makes the answer not replayable)."""
-        replay = self._replay
-        if replay is None:
-            return
-        for f in frames.choices:
-            if f.delta_json or f.logprobs_json or f.index != 0:
-                self._replay = None
-                return
-            replay.append((f.text, f.finish_reason))
-
-    def cached_answer(self) -> CachedAnswer | None:
-        """What the response cache keeps of this answer: None unless its settlement was clean
-        (every segment signed and checked) and it is plain text that can be replayed."""
-        settled = self.settled
-        if settled is None or not settled.clean or not self.attempts:
-            return None
-        if self._whole is not None:
-            choices = self._whole.get("choices") or [{}]
-            message = choices[0].get("message") or {}
-            if len(choices) != 1 or any(v for k, v in message.items()
-                                        if k not in ("role", "content")):  # fmt: skip
-                return None  # tool calls, reasoning …: not replayable as a stream
-            text = self.text()
-            finish = self.current.observed.finish_reason()
-            pieces: tuple[tuple[str, str], ...] = ((text, finish),)
-            whole: dict[str, Any] | None = copy.deepcopy(self._whole)
-        elif self._replay is None:
-            return None
-        else:
-            pieces, whole = tuple(self._replay or ()), None
-        usage = settled.usage
-        return CachedAnswer(self.request_id, self.request.endpoint, pieces, usage.prompt_tokens,
-                            usage.completion_tokens, settled.charge.total, whole)  # fmt: skip
 
     def ttft_s(self) -> float | None:
         """From admission to the first token the client got."""

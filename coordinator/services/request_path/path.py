@@ -249,10 +249,17 @@ class RequestPath:
     def request_finished(self, fulfilment: Fulfilment, status: str, unused_tokens: int) -> None:
         principal, request = fulfilment.principal, fulfilment.request
         self.limiter.refund(str(principal.key_id), principal.limits, unused_tokens)
-        if status == "ok" and fulfilment.cache_key and self.answers is not None:
-            answer = fulfilment.cached_answer()
+        recorder = fulfilment.recorder
+        if status == "ok" and recorder is not None and self.answers is not None:
+            answer = recorder.answer(
+                fulfilment.request_id,
+                request.endpoint,
+                fulfilment.settled,
+                fulfilment.text(),
+                fulfilment.current.observed.finish_reason(),
+            )
             if answer is not None:
-                self.answers.keep(fulfilment.cache_key, answer)
+                self.answers.keep(recorder.key, answer)
         if status == "refused":  # never dispatched: the client got an error status
             return
         if self.releases is not None and fulfilment.target is not None:
