@@ -110,25 +110,36 @@ class SpotChecker:
                 if k not in ("stream", "stream_options", "max_completion_tokens")}  # fmt: skip
         body["max_tokens"] = 1
         prompt = candidate.observed.token_counts()[0]
-        attempt = self._dispatcher.open(
-            slot, job_id=uuid.uuid4().hex, client=candidate.client, model=candidate.model,
-            endpoint=candidate.endpoint, body=body, adapter=candidate.adapter,
-        )  # fmt: skip
-        try:
-            event = await self._dispatcher.first_event(attempt)
-        finally:
-            attempt.end()
-        if event.WhichOneof("kind") != "response":
-            log.info("cache probe of %s could not run: %s", candidate.request_id, event)
+        answer = await self._ask(slot, uuid.uuid4().hex, candidate, candidate.endpoint, body)
+        if answer is None:
             return
-        usage = msgspec.json.decode(event.response).get("usage") or {}
-        hits = cached_tokens_of(usage)
+        hits = cached_tokens_of(answer.get("usage") or {})
         log.info("cache probe of %s on %s: %d of %d prompt tokens cached", candidate.request_id,
                  slot.node_id, hits, prompt)  # fmt: skip
         if hits == 0:
             detail = f"the same {prompt}-token prompt sent again found no cached tokens"
             trust.observe([Verdict(candidate.node_id, Outcome.CACHE_HIDDEN,
                                    candidate.request_id, detail)])  # fmt: skip
+
+    async def _ask(
+        self, slot: ModelSlot, job_id: str, candidate: CheckCandidate, endpoint: str,
+        body: dict[str, Any],
+    ) -> dict[str, Any] | None:  # fmt: skip
+        """One non-streamed job on `slot`, for a check of `candidate`: its decoded response,
+        or None (logged) when it could not run."""
+        attempt = self._dispatcher.open(
+            slot, job_id=job_id, client=candidate.client, model=candidate.model,
+            endpoint=endpoint, body=body, adapter=candidate.adapter,
+        )  # fmt: skip
+        try:
+            event = await self._dispatcher.first_event(attempt)
+        finally:
+            attempt.end()
+        if event.WhichOneof("kind") != "response":
+            log.info("a check of %s could not run: %s", candidate.request_id, event)
+            return None
+        answer: dict[str, Any] = msgspec.json.decode(event.response)
+        return answer
 
     def _reference_for(
         self, trust: Trust, model: str, checked: str, adapter: str
@@ -158,18 +169,11 @@ class SpotChecker:
         observed = candidate.observed
         output_ids = observed.choices[0].token_ids
         body = check_body(observed.prompt_token_ids or [], output_ids, self._policy.top_k)
-        attempt = self._dispatcher.open(
-            reference, job_id=f"{candidate.request_id}~check", client=candidate.client,
-            model=candidate.model, endpoint=COMPLETIONS, body=body, adapter=candidate.adapter,
-        )  # fmt: skip
-        try:
-            event = await self._dispatcher.first_event(attempt)
-        finally:
-            attempt.end()
-        if event.WhichOneof("kind") != "response":
-            log.info("spot check of %s could not run: %s", candidate.request_id, event)
+        job_id = f"{candidate.request_id}~check"
+        answer = await self._ask(reference, job_id, candidate, COMPLETIONS, body)
+        if answer is None:
             return
-        choice = (msgspec.json.decode(event.response).get("choices") or [{}])[0]
+        choice = (answer.get("choices") or [{}])[0]
         logprobs = choice.get("prompt_logprobs") or []
         verdict = judge(output_ids, logprobs, self._policy, temperature)
         log.info("spot check of %s on %s: %s", candidate.request_id, reference.node_id,
