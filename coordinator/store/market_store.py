@@ -11,20 +11,23 @@ from billing.ledger import EXTERNAL_PAYOUTS, NETWORK_FEES
 from billing.payouts import SignedStatement
 from coordinator.store.tables import ACCOUNTS, POSTINGS, RECEIPTS, STATEMENTS, TRANSACTIONS
 
+_SPENDING = ("request", "cache_hit")  # what clients pay for answers (a worker's or the cache's)
+
 
 def _request_postings(kind_prefix: str) -> Any:
-    """Sum of request postings per account of one kind ("client:", "provider:")."""
+    """Sum of postings for answers per account of one kind ("client:", "provider:")."""
     return (
         select(POSTINGS.c.account, func.sum(POSTINGS.c.amount).label("total"))
         .join(TRANSACTIONS, TRANSACTIONS.c.txid == POSTINGS.c.txid)
-        .where(TRANSACTIONS.c.kind == "request", POSTINGS.c.account.like(f"{kind_prefix}%"))
+        .where(TRANSACTIONS.c.kind.in_(_SPENDING), POSTINGS.c.account.like(f"{kind_prefix}%"))
         .group_by(POSTINGS.c.account)
     )
 
 
 def money(conn: Connection) -> dict[str, int]:
-    """Revenue (what clients paid for requests), the network's fees, what providers earned,
-    what is paid out and what is still owed to them, in micro-units."""
+    """Revenue (what clients paid for answers, from workers or the response cache), the
+    network's fees, what providers earned, what is paid out and what is still owed to them,
+    in micro-units."""
     spent = sum(-int(r.total) for r in conn.execute(_request_postings("client:")))
     earned = sum(int(r.total) for r in conn.execute(_request_postings("provider:")))
     balances = dict(conn.execute(select(ACCOUNTS.c.name, ACCOUNTS.c.balance)).all())

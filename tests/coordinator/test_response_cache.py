@@ -21,6 +21,7 @@ from coordinator.services.response_cache import (
     cache_key,
     why_not_cacheable,
 )
+from coordinator.store import market_store
 from protocol.cache_hit import verify_cache_hit
 from protocol.completions import CHAT, COMPLETIONS
 from protocol.errors import ProtocolError
@@ -218,6 +219,8 @@ async def test_a_hit_is_charged_the_operators_price_with_a_signed_receipt(
     assert hit.charged == -(-original // 4) > 0
     assert before - coordinator.accounts.balance("alice") == hit.charged
     assert coordinator.accounts.balances()[NETWORK_CACHE] == hit.charged  # no provider's
+    with coordinator.db.connect() as conn:  # the dashboard's revenue counts what hits cost
+        assert market_store.money(conn)["revenue"] == original + hit.charged
     document = coordinator.request_path.answers.document(hit.request_id, "alice")
     assert document is not None
     statement = verify_cache_hit(document)
