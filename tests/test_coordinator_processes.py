@@ -38,6 +38,23 @@ def until_health(root: str, done: Callable[[Seen], bool], timeout_s: float) -> S
     return seen
 
 
+def until_exited(pid: int, timeout_s: float = 10) -> None:
+    """Until the process has exited (a zombie or gone): only then is its listening socket closed
+    and out of the port's group, so the kernel stops handing it new connections. A connection
+    it was handed before that is reset by the kernel, which no process can serve."""
+    deadline = time.monotonic() + timeout_s
+    stat = Path(f"/proc/{pid}/stat")
+    while stat.exists():
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        assert time.monotonic() < deadline, f"process {pid} still {state} after SIGKILL"
+        time.sleep(0.01)
+
+
 def both_have_the_node(seen: Seen) -> bool:
     return seen.keys() == {0, 1} and all(workers == 1 for workers in seen.values())
 
@@ -82,6 +99,7 @@ def test_two_processes_share_the_port_the_books_and_the_node(
         assert requests_ok(root) == 12  # whichever process answers, it counts both
 
         os.kill(processes[1]["pid"], signal.SIGKILL)
+        until_exited(processes[1]["pid"])
         # until the killed process is back with the node, and through its restart, every
         # request is served: the other process has the node, and the new one takes clients
         # only once the node has rejoined it
