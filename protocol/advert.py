@@ -11,6 +11,9 @@ from protocol.identity import Identity, public_key_from_node_id, verify_signatur
 
 PROTOCOL_VERSION = "agora.v2"  # v2: typed token frames replace JSON chunks
 _REGISTER_DOMAIN = b"agora-register-v1\0"
+GENERATE = "generate"
+EMBED = "embed"
+TASKS = (GENERATE, EMBED)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ class ModelOffer:
     adapter_price_completion_per_mtok: int | None = None
     # what a prompt token found in the engine's prefix cache costs (None: the prompt price)
     price_cached_prompt_per_mtok: int | None = None
+    # what the model does: "generate" (chat and completions) or "embed" (/v1/embeddings,
+    # priced per input token)
+    task: str = GENERATE
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -47,6 +53,8 @@ class ModelOffer:
         )
         if any(p is not None and p < 0 for p in adapter_prices):
             raise MalformedMessage("prices cannot be negative")
+        if self.task not in TASKS:
+            raise MalformedMessage(f"unknown model task {self.task!r} (known: {', '.join(TASKS)})")
         cached = self.price_cached_prompt_per_mtok
         if cached is not None and not 0 <= cached <= self.price_prompt_per_mtok:
             raise MalformedMessage("the cached prompt price must be between 0 and the prompt price")
@@ -108,11 +116,12 @@ _OPTIONAL_DEFAULTS = {
     "adapter_price_prompt_per_mtok": None,
     "adapter_price_completion_per_mtok": None,
     "price_cached_prompt_per_mtok": None,
+    "task": GENERATE,
 }
 
 
 def _offer_fields(offer: ModelOffer) -> dict[str, Any]:
-    """An offer's signed fields; the LoRA and cached-price ones only when set, so offers
+    """An offer's signed fields; the LoRA, cached-price and task ones only when set, so offers
     without them keep the form every earlier coordinator reads."""
     value = asdict(offer)
     for name, default in _OPTIONAL_DEFAULTS.items():

@@ -1,6 +1,11 @@
 """What an OpenAI completion produced, read the same way by the worker that signs a receipt and
 the coordinator that checks it: generated text, tool-call text and token ids per choice.
 
+An embeddings response is read the same way: each input's vector is one "choice" whose text is
+the vector as OpenAI's base64 encoding (little-endian float32, what vLLM computes), so the
+output hash, the receipt and the relay need nothing of their own, and float and base64
+answers to a client are the same bytes.
+
 Streams arrive as typed token frames (protocol/proto/session.proto `Frames`); whole
 (non-streamed) responses as the engine's JSON. Text is kept as a list of parts and joined once
 when read, so a long stream costs no quadratic copying.
@@ -8,6 +13,9 @@ when read, so a long stream costs no quadratic copying.
 
 from __future__ import annotations
 
+import array
+import base64
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +25,7 @@ from protocol.proto import session_pb2 as pb
 
 CHAT = "chat"
 COMPLETIONS = "completions"
+EMBEDDINGS = "embeddings"
 
 
 @dataclass
@@ -93,6 +102,9 @@ class Output:
 
     def add(self, endpoint: str, chunk: dict[str, Any], *, streamed: bool) -> None:
         """Fold one stream chunk (or a whole non-streamed response) in, as the engine's JSON."""
+        if endpoint == EMBEDDINGS:
+            self._add_vectors(chunk)
+            return
         if chunk.get("prompt_token_ids"):  # chat streams put it at the top level
             self.prompt_token_ids = list(chunk["prompt_token_ids"])
         for choice in chunk.get("choices") or ():
@@ -109,6 +121,22 @@ class Output:
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
             self.cached_prompt_tokens = cached_tokens_of(usage)
+
+    def _add_vectors(self, response: dict[str, Any]) -> None:
+        for item in response.get("data") or ():
+            if not isinstance(item, dict):
+                continue
+            out = self._choice(int(item.get("index", 0)))
+            out.parts[:] = [vector_text(item.get("embedding"))]
+            out.finish_reason = "stop"
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = 0  # an embedding generates nothing
+
+    def vectors(self) -> list[list[float]]:
+        """An embeddings job's vectors, in input order."""
+        return [vector_of(text) for text in self.texts()]
 
     def add_frames(self, frames: pb.Frames) -> None:
         """Fold one batch of typed token frames in."""
@@ -165,4 +193,29 @@ def cached_tokens_of(usage: dict[str, Any]) -> int:
 
 def prompt_of(endpoint: str, body: dict[str, Any]) -> Any:
     """The part of a request that the prompt hash covers (the one definition of it)."""
+    if endpoint == EMBEDDINGS:
+        return body.get("input")
     return body.get("messages") if endpoint == CHAT else body.get("prompt")
+
+
+def vector_text(embedding: Any) -> str:
+    """An embedding (floats, or already base64) as OpenAI's base64: little-endian float32."""
+    if isinstance(embedding, str):
+        return embedding
+    floats = array.array("f", (float(x) for x in embedding or ()))
+    if sys.byteorder != "little":
+        floats.byteswap()
+    return base64.b64encode(floats.tobytes()).decode()
+
+
+def vector_of(text: str) -> list[float]:
+    """A base64 embedding's floats (a malformed one decodes to no vector)."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        return []
+    floats = array.array("f")
+    floats.frombytes(raw[: len(raw) - len(raw) % 4])
+    if sys.byteorder != "little":
+        floats.byteswap()
+    return floats.tolist()

@@ -101,6 +101,10 @@ class SimWorker:
         return self.price_prompt_per_mtok
 
     @property
+    def task(self) -> str:  # only generation is simulated
+        return "generate"
+
+    @property
     def free(self) -> bool:
         return self.available and self.in_flight < self.gpu.slots
 

@@ -38,6 +38,7 @@ class Offer:
     max_loras: int = 0
     adapter_price_prompt_per_mtok: int = 0
     adapter_price_completion_per_mtok: int = 0
+    task: str = "generate"
 
     @property
     def price_cached_prompt_per_mtok(self) -> int:  # no cached-prompt discount here

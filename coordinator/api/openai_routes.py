@@ -1,5 +1,5 @@
-"""The OpenAI-compatible surface: /v1/models, /v1/chat/completions, /v1/completions, plus
-/v1/receipts/{id} and /v1/routing/{id} for what Agora adds."""
+"""The OpenAI-compatible surface: /v1/models, /v1/chat/completions, /v1/completions,
+/v1/embeddings, plus /v1/receipts/{id} and /v1/routing/{id} for what Agora adds."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from pydantic import BaseModel
 from coordinator.api.deps import BodyDep, PrincipalDep, RequestPathDep, SettlementDep, validated
 from coordinator.api.errors import documented
 from coordinator.api.openapi import body_doc
-from coordinator.api.schemas import ChatCompletionBody, CompletionBody
+from coordinator.api.schemas import ChatCompletionBody, CompletionBody, EmbeddingBody
 from coordinator.api.sse import EventStreamResponse
 from coordinator.errors import NotFound
 from coordinator.services.request_path.cache_hit import CacheHit
 from coordinator.services.request_path.fulfilment import Fulfilment
 from coordinator.services.request_path.request import CompletionRequest
-from protocol.completions import CHAT, COMPLETIONS
+from protocol.completions import CHAT, COMPLETIONS, EMBEDDINGS
 
 router = APIRouter(prefix="/v1", responses=documented(400, 401, 404, 413, 429, 431, 503))
 
@@ -116,6 +116,25 @@ async def completions(
 ) -> Response:  # fmt: skip
     parsed = validated(CompletionBody, body)
     return await _complete(path, principal, COMPLETIONS, parsed, body, session, cache)
+
+
+@router.post("/embeddings", openapi_extra=body_doc(EmbeddingBody), responses=documented(402))
+async def embeddings(principal: PrincipalDep, body: BodyDep, path: RequestPathDep) -> Response:
+    """Vectors from a node that advertises the model as an embedding model, billed per input
+    token from its signed receipt (the response's `id` fetches it)."""
+    parsed = validated(EmbeddingBody, body)
+    request = CompletionRequest(
+        endpoint=EMBEDDINGS,
+        model=parsed.model,
+        body=body,
+        stream=False,
+        include_usage=False,
+        max_tokens=None,
+        prefs=parsed.provider.to_preferences(),
+        fallbacks=tuple(parsed.models),
+    )
+    fulfilment = await path.begin(principal, request)
+    return JSONResponse(await fulfilment.whole(), headers=_headers(fulfilment))
 
 
 class ModelList(BaseModel):

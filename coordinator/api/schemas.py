@@ -131,3 +131,29 @@ class CompletionBody(_Common):
     logprobs: Annotated[int | None, Field(strict=True, ge=0, le=20)] = None
     echo: Flag = False
     suffix: Annotated[str | None, Field(strict=True)] = None
+
+
+Text = Annotated[str, Field(strict=True)]
+
+
+class EmbeddingBody(BaseModel):
+    """POST /v1/embeddings: OpenAI's fields (a string, strings, token ids or lists of them;
+    at most 2,048 inputs, as OpenAI), the coordinator's own; vLLM's extensions pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    model: Annotated[str, Field(strict=True, min_length=1)]
+    input: (
+        Annotated[str, Field(strict=True, min_length=1)]
+        | Annotated[list[Annotated[str, Field(strict=True, min_length=1)]],
+                    Field(min_length=1, max_length=2048)]
+        | Annotated[list[Count], Field(min_length=1)]
+        | Annotated[list[Annotated[list[Count], Field(min_length=1)]],
+                    Field(min_length=1, max_length=2048)]
+    )  # fmt: skip
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int | None, Field(strict=True, ge=1)] = None
+    user: Text | None = None
+    provider: ProviderPreferences = Field(default_factory=ProviderPreferences)
+    models: list[Annotated[str, Field(strict=True, min_length=1)]] = Field(
+        default_factory=list, max_length=8
+    )

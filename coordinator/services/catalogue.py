@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.services.registry import Registry
+from protocol.advert import EMBED
 
 
 def model_cards(
@@ -34,15 +35,19 @@ def model_cards(
         )  # fmt: skip
     for name, pool in sorted(pools.items()):
         up = [s for s in pool if s.available]
-        cheapest = min(
-            up or pool, key=lambda s: (s.price_completion_per_mtok, s.price_prompt_per_mtok)
-        )
+        task = pool[0].offer.task
+        cheapest = min(  # an embedding model's price is its input tokens' only
+            up or pool,
+            key=lambda s: (s.price_prompt_per_mtok,) if task == EMBED
+            else (s.price_completion_per_mtok, s.price_prompt_per_mtok),
+        )  # fmt: skip
         out.append(
             {
                 "id": name,
                 "object": "model",
                 "created": 0,
                 "owned_by": "agora",
+                "task": task,  # "generate": chat and completions; "embed": /v1/embeddings
                 "context_length": max(s.offer.context_length for s in pool),
                 "pricing": {
                     "prompt_per_mtok": cheapest.price_prompt_per_mtok,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from protocol.completions import CHAT, Output
+from protocol.completions import CHAT, EMBEDDINGS, Output
 
 log = logging.getLogger("agora.coordinator.metering")
 _REPLACEMENT = "\ufffd"
@@ -92,7 +92,19 @@ class Tokenizers:
             return self._loaded[model]
 
 
+def recount_inputs(tokenizer: Tokenizer, inputs: Any) -> int:
+    """An embeddings request's input tokens: each input encoded as the engine does (special
+    tokens included), token-id inputs counted as given."""
+    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs
+                                   and all(isinstance(t, int) for t in inputs)):  # fmt: skip
+        inputs = [inputs]
+    return sum(len(one) if isinstance(one, list) else len(tokenizer.encode(str(one)))
+               for one in inputs or ())  # fmt: skip
+
+
 def recount_prompt(tokenizer: Tokenizer, endpoint: str, prompt: Any, tools: Any = None) -> int:
+    if endpoint == EMBEDDINGS:
+        return recount_inputs(tokenizer, prompt)
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return len(prompt)  # token ids (a continuation the coordinator built)
     if endpoint == CHAT:
@@ -140,6 +152,8 @@ def recount(
         return None
     try:
         prompt_tokens = recount_prompt(tokenizer, endpoint, prompt, tools)
+        if endpoint == EMBEDDINGS:  # vectors, no generated tokens
+            return Count(prompt_tokens, 0)
         return Count(prompt_tokens, *recount_completion(tokenizer, observed))
     except Exception:  # a template that cannot render this request: keep the stream's count
         log.exception("could not recount a %s job", endpoint)

@@ -89,6 +89,10 @@ class ModelSlot:
         return self.offer.max_concurrency
 
     @property
+    def task(self) -> str:
+        return self.offer.task
+
+    @property
     def in_flight(self) -> int:
         return self.own_jobs + self.jobs_elsewhere
 

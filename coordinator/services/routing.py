@@ -48,6 +48,8 @@ class CandidateView(Protocol):
     def adapter_price_completion_per_mtok(self) -> int: ...
     @property
     def price_cached_prompt_per_mtok(self) -> int: ...  # client price of a cached prompt token
+    @property
+    def task(self) -> str: ...  # "generate" or "embed" (protocol.advert)
 
 
 class StatsView(Protocol):
@@ -69,6 +71,7 @@ class RouteRequest:
     prompt_tokens: int  # upper bound
     max_tokens: int  # upper bound of completion tokens
     adapter: str = ""  # sha256 of the LoRA adapter it runs with ("" = the base model)
+    task: str = "generate"  # what it needs of the model: "generate" or "embed"
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,8 @@ def _exclusion(
 ) -> str | None:  # fmt: skip
     if not c.available:
         return "unavailable"
+    if c.task != request.task:  # an embedding model under a chat model's name, or back
+        return "wrong_task"
     if request.adapter and request.adapter not in c.adapters and c.max_loras < 1:
         return "no_adapter"
     if c.in_flight >= c.max_concurrency:

@@ -1,5 +1,6 @@
 """Spot checks: re-score a sampled job's claimed output on another worker of the same model, by
-one prefill with prompt logprobs (far cheaper than generating it again).
+one prefill with prompt logprobs (far cheaper than generating it again); an embeddings job is
+embedded again and its vectors compared (cosine similarity, services.spot_judgement).
 
 A worker whose greedy tokens are often not the reference's choice, or whose sampled tokens
 fall outside the reference's likely tokens far more often than sampling allows, did not run
@@ -13,6 +14,7 @@ import asyncio
 import logging
 import random
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +26,12 @@ from coordinator.services.spot_judgement import (
     CheckPolicy,
     check_body,
     judge,
+    judge_vectors,
     sampled,
     sampling_temperature,
 )
 from coordinator.services.trust import Trust, Verdict
-from protocol.completions import COMPLETIONS, Output, cached_tokens_of
+from protocol.completions import COMPLETIONS, EMBEDDINGS, Output, cached_tokens_of
 
 if TYPE_CHECKING:  # the request path uses spot checks, and spot checks its dispatcher
     from coordinator.services.releases.book import ReleaseBook
@@ -71,19 +74,25 @@ class SpotChecker:
         trust = self._trust
         if trust is None:
             return
+        if candidate.endpoint == EMBEDDINGS:
+            if sampled(self._rng, trust.on_probation(candidate.node_id), self._policy):
+                self._start(self._check_vectors(candidate, trust))
+            return
         temperature = sampling_temperature(candidate.body, candidate.observed, candidate.segments)
         probe = self._cache_probe_target(candidate)
         if temperature is None and probe is None:
             return
         if sampled(self._rng, trust.on_probation(candidate.node_id), self._policy):
-            loop = asyncio.get_running_loop()
             checks = [] if temperature is None else [self._check(candidate, trust, temperature)]
             if probe is not None:
                 checks.append(self._probe_cache(candidate, trust, probe))
             for check in checks:
-                task = loop.create_task(check)
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._start(check)
+
+    def _start(self, check: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(check)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _cache_probe_target(self, candidate: CheckCandidate) -> ModelSlot | None:
         """The checked worker itself, when it sells cached prompt tokens cheaper (hiding hits
@@ -182,3 +191,21 @@ class SpotChecker:
         trust.observe([Verdict(candidate.node_id, outcome, candidate.request_id, verdict.detail)])
         if self._releases is not None:
             self._releases.observe_check(candidate.model, genuine=verdict.genuine)
+
+    async def _check_vectors(self, candidate: CheckCandidate, trust: Trust) -> None:
+        """Embed the same inputs on the most trusted other worker and compare the vectors."""
+        reference = self._reference_for(trust, candidate.model, candidate.node_id, "")
+        if reference is None:
+            return
+        body = {k: v for k, v in candidate.body.items() if k not in ("provider", "models")}
+        job_id = f"{candidate.request_id}~check"
+        answer = await self._ask(reference, job_id, candidate, EMBEDDINGS, body)
+        if answer is None:
+            return
+        recomputed = Output()
+        recomputed.add(EMBEDDINGS, answer, streamed=False)
+        verdict = judge_vectors(candidate.observed.vectors(), recomputed.vectors(), self._policy)
+        log.info("spot check of %s on %s: %s", candidate.request_id, reference.node_id,
+                 verdict.detail)  # fmt: skip
+        outcome = Outcome.VERIFIED if verdict.genuine else Outcome.FRAUD
+        trust.observe([Verdict(candidate.node_id, outcome, candidate.request_id, verdict.detail)])

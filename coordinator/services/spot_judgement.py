@@ -54,6 +54,10 @@ class CheckPolicy:
     # in the engine's prefix cache (vLLM's blocks are 16 tokens on GPUs, 128 on CPUs)
     cache_probe_min_tokens: int = 256
     cache_probe_max_kv_usage: float = 0.8  # fuller engines evict: an honest miss is likely
+    # embeddings: each vector recomputed by the reference must point the same way as the
+    # claimed one (the same model on other hardware or batch agrees to ~1e-4; a different
+    # model, a perturbed or a made-up vector does not come near)
+    min_cosine: float = 0.99
 
 
 @dataclass(frozen=True)
@@ -165,3 +169,25 @@ def judge(
         f"(p <= {p_value:.1e})"
     )
     return Judgement(p_value >= policy.alpha, off, judged, detail)
+
+
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    """The cosine similarity of two vectors (0 when either is all zeros or sizes differ)."""
+    if len(a) != len(b):
+        return 0.0
+    norm = math.sqrt(math.fsum(x * x for x in a) * math.fsum(y * y for y in b))
+    return math.fsum(x * y for x, y in zip(a, b, strict=True)) / norm if norm else 0.0
+
+
+def judge_vectors(
+    claimed: Sequence[Sequence[float]], reference: Sequence[Sequence[float]], policy: CheckPolicy
+) -> Judgement:
+    """Embeddings are deterministic: every claimed vector must match the reference's for the
+    same input (a missing or extra vector is off too)."""
+    pairs = max(len(claimed), len(reference))
+    similarities = [cosine(a, b) for a, b in zip(claimed, reference, strict=False)]
+    off = pairs - sum(1 for c in similarities if c >= policy.min_cosine)
+    lowest = min(similarities, default=0.0)
+    detail = (f"spot check: {off} of {pairs} vectors below cosine {policy.min_cosine} of the "
+              f"reference's (lowest {lowest:.4f})")  # fmt: skip
+    return Judgement(off == 0 and pairs > 0, off, pairs, detail)

@@ -44,12 +44,16 @@ class _EndpointEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Endpoint.Val
     ENDPOINT_UNSPECIFIED: _Endpoint.ValueType  # 0
     ENDPOINT_CHAT_COMPLETIONS: _Endpoint.ValueType  # 1
     ENDPOINT_COMPLETIONS: _Endpoint.ValueType  # 2
+    ENDPOINT_EMBEDDINGS: _Endpoint.ValueType  # 3
+    """never streamed: one `response`, then the receipt"""
 
 class Endpoint(_Endpoint, metaclass=_EndpointEnumTypeWrapper): ...
 
 ENDPOINT_UNSPECIFIED: Endpoint.ValueType  # 0
 ENDPOINT_CHAT_COMPLETIONS: Endpoint.ValueType  # 1
 ENDPOINT_COMPLETIONS: Endpoint.ValueType  # 2
+ENDPOINT_EMBEDDINGS: Endpoint.ValueType  # 3
+"""never streamed: one `response`, then the receipt"""
 Global___Endpoint: _TypeAlias = Endpoint  # noqa: Y015
 
 @_typing.final

@@ -89,6 +89,9 @@ def worker(
     engine_model: str | None = typer.Option(
         None, help="With --engine-url: the model name that server uses (default: the same)."
     ),
+    task: str = typer.Option(
+        "generate", help="generate (chat, completions) or embed (/v1/embeddings, per input token)."
+    ),
     price_in: int = typer.Option(100_000, help="Micro-units per 1M prompt tokens."),
     price_out: int = typer.Option(200_000, help="Micro-units per 1M completion tokens."),
     price_cached_in: int | None = typer.Option(
@@ -126,6 +129,7 @@ def worker(
     entry: dict[str, Any] = {
         "name": name,
         "engine": "attach" if engine_url else "vllm",
+        "task": task,
         "model": model,
         "url": engine_url,
         "served_name": engine_model,
@@ -167,6 +171,9 @@ def init(
     model: str = typer.Option(..., prompt="Model folder or hub id", help="What vLLM serves."),
     name: str | None = typer.Option(None, help="Name clients use (default: model's name)."),
     engine_url: str | None = typer.Option(None, help="Attach to this server instead of vLLM."),
+    task: str = typer.Option(
+        "generate", help="generate (chat, completions) or embed (/v1/embeddings, per input token)."
+    ),
     price_in: int = typer.Option(100_000, help="Micro-units per 1M prompt tokens."),
     price_out: int = typer.Option(200_000, help="Micro-units per 1M completion tokens."),
     price_cached_in: int | None = typer.Option(
@@ -187,6 +194,7 @@ def init(
     entry: dict[str, Any] = {
         "name": name or Path(model.rstrip("/")).name,
         "engine": "attach" if engine_url else "vllm",
+        "task": task,
         "model": model,
         "url": engine_url,
         "price_in": price_in,

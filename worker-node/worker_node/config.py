@@ -11,6 +11,12 @@ model = "meta-llama/Meta-Llama-3-8B-Instruct"
 price_in = 100000          # micro-units per 1M prompt tokens
 price_out = 200000
 price_cached_in = 25000    # optional: prompt tokens found in the engine's prefix cache
+
+[[models]]
+name = "bge-small"
+task = "embed"             # /v1/embeddings, priced per input token (price_in)
+model = "BAAI/bge-small-en-v1.5"
+price_in = 20000
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     name: str = Field(min_length=1, max_length=200)  # the name clients ask for
+    # "generate": chat and completions; "embed": /v1/embeddings (vLLM runs it with
+    # --runner pooling --convert embed), priced per input token by price_in
+    task: Literal["generate", "embed"] = "generate"
     engine: Literal["vllm", "attach"] = "vllm"
     model: str | None = None  # vllm: a local folder or a hub id
     url: str | None = None  # attach: the server's OpenAI base URL
@@ -83,6 +92,8 @@ class ModelConfig(_Strict):
             raise ValueError("engine 'attach' needs `url` (the server's OpenAI base URL)")
         if self.price_cached_in is not None and self.price_cached_in > self.price_in:
             raise ValueError("price_cached_in cannot be above price_in (a cache hit costs less)")
+        if self.task == "embed" and (self.max_loras or self.lora_adapters):
+            raise ValueError("an embedding model (task = 'embed') serves no LoRA adapters")
         return self
 
 

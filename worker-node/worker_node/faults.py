@@ -2,7 +2,8 @@
 named in AGORA_WORKER_FAULT and refused unless AGORA_WORKER_FAULTS_ALLOWED says this is a test.
 
 - inflate-tokens: reports (and signs) more prompt and completion tokens than the engine did
-- garbage-text: replaces the engine's text with random words, signed as if generated
+- garbage-text: replaces the engine's text with random words (an embedding model's vectors
+  with random ones), signed as if computed
 - bad-signature: signs receipts with a key that is not the node's
 - drop-midstream-but-bill: stops relaying half-way, then bills the whole output
 - replay-receipt: sends its first receipt again for every later job
@@ -22,6 +23,7 @@ import random
 from enum import StrEnum
 from typing import Any
 
+from protocol.completions import vector_of, vector_text
 from protocol.identity import Identity
 from protocol.receipt import Receipt, SignedReceipt, sign_receipt
 from worker_node.errors import ConfigError
@@ -83,6 +85,9 @@ class Fault:
     def rewrite(self, chunk: dict[str, Any]) -> dict[str, Any]:
         """A chunk (or a whole response) as this node reports it."""
         if self.mode is FaultMode.GARBAGE_TEXT:
+            for item in chunk.get("data") or ():  # embeddings
+                size = len(vector_of(vector_text(item.get("embedding"))))
+                item["embedding"] = vector_text([self._rng.gauss(0, 1) for _ in range(size)])
             for choice in chunk.get("choices") or ():
                 for holder in (choice, choice.get("delta") or {}, choice.get("message") or {}):
                     for key in ("text", "content"):

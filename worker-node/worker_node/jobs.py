@@ -22,7 +22,7 @@ import aiohttp
 import msgspec
 
 from protocol.advert import ModelOffer
-from protocol.completions import CHAT, Output, prompt_of
+from protocol.completions import CHAT, COMPLETIONS, EMBEDDINGS, Output, prompt_of
 from protocol.identity import Identity
 from protocol.receipt import Receipt, SignedReceipt, output_digest, prompt_digest, sign_receipt
 from worker_node.adapters import AdapterSlots, Fetch
@@ -35,6 +35,7 @@ from worker_node.frames import FrameBuffer
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 _JSON = {"content-type": "application/json"}
+_ENGINE_PATHS = {CHAT: "chat/completions", COMPLETIONS: "completions", EMBEDDINGS: "embeddings"}
 # statuses that mean "full, try later or elsewhere": back-pressure, not a broken worker
 OVERLOADED_STATUSES = frozenset({429, 503})
 
@@ -47,7 +48,7 @@ def now_ms() -> int:
 class JobSpec:
     request_id: str
     model: str
-    endpoint: str  # CHAT or COMPLETIONS
+    endpoint: str  # CHAT, COMPLETIONS or EMBEDDINGS
     body: dict[str, Any]
     nonce: bytes
     adapter: str = ""  # sha256 of the LoRA adapter to run with ("" = the base model)
@@ -219,9 +220,12 @@ class JobRunner:
         self, job: JobSpec, offer: ModelOffer, engine: Engine, served: str
     ) -> AsyncIterator[JobOutput]:
         body = dict(job.body, model=served)
-        url = f"{engine.base_url}/{'chat/completions' if job.endpoint == CHAT else 'completions'}"
+        url = f"{engine.base_url}/{_ENGINE_PATHS[job.endpoint]}"
         meter = _Meter()
-        if body.get("stream"):
+        if job.endpoint == EMBEDDINGS:  # vectors travel as base64 whatever the client asked
+            body["encoding_format"] = "base64"  # (protocol.completions: exact and compact)
+            outputs = self._whole(url, body, job, meter)
+        elif body.get("stream"):
             body["stream_options"] = dict(body.get("stream_options") or {}, include_usage=True)
             outputs = self._stream(url, body, job, meter)
         else:

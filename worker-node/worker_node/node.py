@@ -61,7 +61,9 @@ def make_engine(
         return AttachedEngine(model.url, model.served_name or model.name)
     assert model.model is not None
     extra = list(model.extra_args)
-    if "--enable-prompt-tokens-details" not in extra:  # usage says how much hit the cache:
+    if model.task == "embed" and "--runner" not in extra:  # the same weights, pooled
+        extra += ["--runner", "pooling", "--convert", "embed"]
+    elif "--enable-prompt-tokens-details" not in extra:  # usage says how much hit the cache:
         extra.append("--enable-prompt-tokens-details")  # billed at the cached price
     env = dict(model.env)
     if model.lora_adapters or model.max_loras:
@@ -147,6 +149,7 @@ class Node:
             price_prompt_per_mtok=model.price_in,
             price_completion_per_mtok=model.price_out,
             price_cached_prompt_per_mtok=model.price_cached_in,
+            task=model.task,
             context_length=context,
             dtype=model.dtype,
             quantization=model.quantization or "",

@@ -23,7 +23,7 @@ import grpc
 import msgspec
 
 from protocol.advert import PROTOCOL_VERSION, Advert, sign_registration
-from protocol.completions import CHAT, COMPLETIONS
+from protocol.completions import CHAT, COMPLETIONS, EMBEDDINGS
 from protocol.identity import Identity
 from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
@@ -41,7 +41,11 @@ from worker_node.jobs import (
 
 log = logging.getLogger("agora.worker.session")
 
-_ENDPOINTS = {pb.ENDPOINT_CHAT_COMPLETIONS: CHAT, pb.ENDPOINT_COMPLETIONS: COMPLETIONS}
+_ENDPOINTS = {
+    pb.ENDPOINT_CHAT_COMPLETIONS: CHAT,
+    pb.ENDPOINT_COMPLETIONS: COMPLETIONS,
+    pb.ENDPOINT_EMBEDDINGS: EMBEDDINGS,
+}
 # messages, and job frame buffers whose frames are taken when the stream is ready for them
 Outbox = asyncio.Queue[pb.WorkerMessage | FrameBuffer | None]
 Call = grpc.aio.StreamStreamCall[pb.WorkerMessage, pb.CoordinatorMessage]

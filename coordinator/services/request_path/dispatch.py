@@ -12,11 +12,11 @@ import msgspec
 from coordinator.services.registry import ModelSlot
 from coordinator.services.request_path.attempt import Attempt
 from coordinator.services.settlement import JobFacts
-from protocol.completions import CHAT, prompt_of
+from protocol.completions import CHAT, EMBEDDINGS, prompt_of
 from protocol.proto import session_pb2 as pb
 from protocol.receipt import prompt_digest
 
-ENDPOINT_PB = {CHAT: pb.ENDPOINT_CHAT_COMPLETIONS}
+ENDPOINT_PB = {CHAT: pb.ENDPOINT_CHAT_COMPLETIONS, EMBEDDINGS: pb.ENDPOINT_EMBEDDINGS}
 _encode = msgspec.json.Encoder().encode
 
 

@@ -41,6 +41,7 @@ from coordinator.services.request_path.render import (
     DONE,
     StreamRenderer,
     decode_json,
+    embeddings_response,
     error_event,
     whole_response,
 )
@@ -49,6 +50,7 @@ from coordinator.services.reservations import Hold
 from coordinator.services.routing import RouteRequest
 from coordinator.services.settlement import Settled
 from coordinator.services.spot_check import CheckCandidate
+from protocol.advert import EMBED, GENERATE
 from protocol.completions import COMPLETIONS
 from protocol.proto import session_pb2 as pb
 
@@ -80,12 +82,13 @@ class Fulfilment:
         self._admitted_tokens = admitted_tokens  # held against the key's per-minute limit
         # every choice of every prompt may run to max_tokens: that is what holds must cover
         completion_bound = max_tokens * request.choices
-        self._bound = RouteRequest(
-            request.model, path.prompt_bound(request), completion_bound, request.adapter
-        )
+        self._bound = RouteRequest(request.model, path.prompt_bound(request), completion_bound,
+                                   request.adapter, request.task)  # fmt: skip
         # the prompt's prefix blocks, for prefix-aware routing (services.prefixes)
         self._chain = (
-            prefix_chain(request.endpoint, request.prompt) if path.router.prefix_aware else ()
+            prefix_chain(request.endpoint, request.prompt)
+            if path.router.prefix_aware and request.task == GENERATE
+            else ()
         )
         self.response_id = f"{request.response_prefix}-{request_id}"
         self.created = int(time.time())
@@ -371,8 +374,12 @@ class Fulfilment:
                     request = self.request
                     value = decode_json(event.response)
                     attempt.observed.add(attempt.endpoint, value, streamed=False)
-                    result = whole_response(value, self.response_id, request.model_shown,
-                                            request.wants_token_ids)  # fmt: skip
+                    if request.task == EMBED:  # the vectors as checked, in the client's format
+                        result = embeddings_response(attempt.observed, self.response_id,
+                                                     request.model_shown, request.body)  # fmt: skip
+                    else:
+                        result = whole_response(value, self.response_id, request.model_shown,
+                                                request.wants_token_ids)  # fmt: skip
                     attempt.first_token_at = attempt.last_token_at = time.monotonic()
                 elif kind == "receipt" and result is not None:
                     attempt.receipt = event.receipt
@@ -392,7 +399,10 @@ class Fulfilment:
 
     async def _answer(self, result: dict[str, Any]) -> dict[str, Any]:
         await self._settle()
-        if isinstance(result.get("usage"), dict):
+        if self.request.task == EMBED:  # OpenAI's embedding usage: input tokens only
+            prompt = self.usage()["prompt_tokens"]
+            result["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
+        elif isinstance(result.get("usage"), dict):
             result["usage"].update(self.usage())  # what was billed
         if self.recorder is not None:
             self.recorder.whole(result)

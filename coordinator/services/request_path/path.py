@@ -43,6 +43,7 @@ from coordinator.services.routing import Decision
 from coordinator.services.settlement import Settlement
 from coordinator.services.spot_check import CheckCandidate, SpotChecker
 from coordinator.services.trust import Trust, Verdict
+from protocol.advert import EMBED
 
 log = logging.getLogger("agora.coordinator.request")
 
@@ -151,21 +152,9 @@ class RequestPath:
                    if others else ""),
                 param="model",
             )  # fmt: skip
-        context = max(s.offer.context_length for s in pool)
-        if context and request.max_tokens and request.max_tokens >= context:
-            # no prompt fits beside it on any worker: the request's fault, not the wallet's
-            raise InvalidRequest(
-                f"This model's maximum context length is {context} tokens; you asked for "
-                f"{request.max_tokens} completion tokens, which leaves no room for the prompt. "
-                "Lower max_tokens.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        body = {k: v for k, v in request.body.items() if k != "provider"}
-        max_tokens = request.max_tokens or context or None
-        if max_tokens is None:  # keep the cost bound a real bound
-            max_tokens = body["max_tokens"] = self.settings.default_max_tokens
-        body["return_token_ids"] = True  # exact metering, and continuation if a worker fails
+        if not any(s.offer.task == request.task for s in pool):
+            raise InvalidRequest(_wrong_task(request), param="model", code="wrong_model_task")
+        body, max_tokens = self._bounded(request, pool)
         request = dataclasses.replace(request, body=body)
         admitted = self.prompt_bound(request) + max_tokens * request.choices
         try:
@@ -199,6 +188,30 @@ class RequestPath:
         fulfilment.cache_status = "miss" if key else ("bypass" if bypass else "")
         await fulfilment.begin()
         return fulfilment
+
+    def _bounded(
+        self, request: CompletionRequest, pool: list[ModelSlot]
+    ) -> tuple[dict[str, Any], int]:
+        """The body a worker runs and the completion tokens it may generate (per choice):
+        every request's cost has a bound before it is held. Embeddings generate nothing."""
+        body = {k: v for k, v in request.body.items() if k != "provider"}
+        if request.task == EMBED:
+            return body, 0
+        context = max(s.offer.context_length for s in pool)
+        if context and request.max_tokens and request.max_tokens >= context:
+            # no prompt fits beside it on any worker: the request's fault, not the wallet's
+            raise InvalidRequest(
+                f"This model's maximum context length is {context} tokens; you asked for "
+                f"{request.max_tokens} completion tokens, which leaves no room for the prompt. "
+                "Lower max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        max_tokens = request.max_tokens or context or None
+        if max_tokens is None:  # keep the cost bound a real bound
+            max_tokens = body["max_tokens"] = self.settings.default_max_tokens
+        body["return_token_ids"] = True  # exact metering, and continuation if a worker fails
+        return body, max_tokens
 
     # ---------------------------------------------------------------- what requests share
     @staticmethod
@@ -310,6 +323,13 @@ class RequestPath:
         """Wait for background work (at shutdown)."""
         while self._background:  # work started by work (a check that then posts) too
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _wrong_task(request: CompletionRequest) -> str:
+    if request.task == EMBED:
+        return (f"The model `{request.model}` does not make embeddings; /v1/models shows each "
+                "model's task.")  # fmt: skip
+    return f"The model `{request.model}` is an embedding model: call /v1/embeddings."
 
 
 def _as_target(request: CompletionRequest, target: Target) -> CompletionRequest:

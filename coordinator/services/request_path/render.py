@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from coordinator.errors import CoordinatorError, UpstreamFailed, error_body
-from protocol.completions import CHAT
+from protocol.completions import CHAT, Output, vector_of
 from protocol.proto import session_pb2 as pb
 
 DONE = b"data: [DONE]\n\n"
@@ -102,3 +102,19 @@ def whole_response(
             for key in _TOKEN_ID_KEYS:
                 choice.pop(key, None)
     return result
+
+
+def embeddings_response(
+    observed: Output, response_id: str, model: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """An embeddings answer as OpenAI shapes it, from the vectors the receipt's hash covers:
+    base64 (little-endian float32) as the worker sent them, or their floats; the usage is
+    filled in once billed."""
+    as_text = body.get("encoding_format") == "base64"
+    vectors = observed.choices
+    data = [
+        {"object": "embedding", "index": index,
+         "embedding": vectors[index].text if as_text else vector_of(vectors[index].text)}
+        for index in sorted(vectors)
+    ]  # fmt: skip
+    return {"object": "list", "id": response_id, "model": model, "data": data, "usage": {}}

@@ -1,4 +1,5 @@
-"""A client's completion request as the request path sees it (validated, plain values)."""
+"""A client's request as the request path sees it (validated, plain values): a completion, or
+embeddings (which generate nothing: no completion tokens, never streamed)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ from typing import Any
 import msgspec
 
 from coordinator.services.routing import Preferences
-from protocol.completions import CHAT, prompt_of
+from protocol.advert import EMBED, GENERATE
+from protocol.completions import CHAT, EMBEDDINGS, prompt_of
 
 _encode = msgspec.json.Encoder().encode
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    endpoint: str  # CHAT or COMPLETIONS
+    endpoint: str  # CHAT, COMPLETIONS or EMBEDDINGS
     model: str
     body: dict[str, Any]  # the client's JSON, validated; unknown fields pass through
     stream: bool
@@ -54,7 +56,12 @@ class CompletionRequest:
 
     @property
     def response_prefix(self) -> str:
-        return "chatcmpl" if self.endpoint == CHAT else "cmpl"
+        return {CHAT: "chatcmpl", EMBEDDINGS: "embd"}.get(self.endpoint, "cmpl")
+
+    @property
+    def task(self) -> str:
+        """What it needs of a model (protocol.advert): vectors, or generated tokens."""
+        return EMBED if self.endpoint == EMBEDDINGS else GENERATE
 
 
 def prompt_token_bound(request: CompletionRequest) -> int:
