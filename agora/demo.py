@@ -3,7 +3,7 @@
 Starts a coordinator and worker(s) (each spawning real vLLM with a tiny offline model), then
 either sends a streamed chat completion through the official `openai` SDK and shows the text,
 usage, the verified receipt and the balances (default), or keeps the market running for your
-own client (`--serve`).
+own client (`--serve`, which also runs a tiny embedding model for /v1/embeddings).
 """
 
 from __future__ import annotations
@@ -38,14 +38,18 @@ from worker_node.tiny_model import ensure_tiny_model
 
 console = Console(stderr=True)
 MODEL = "tiny"
+EMBED_MODEL = "tiny-embed"  # the same tiny Llama, pooled into vectors (--serve only)
 DEMO_CREDIT = 10_000_000  # 10 units of account currency, in micro-units
 
 
-def _start_market(workdir: Path, workers: int) -> tuple[CoordinatorHandle, list[Process], str]:
+def _start_market(
+    workdir: Path, workers: int, embeddings: bool = False
+) -> tuple[CoordinatorHandle, list[Process], str]:
     with console.status("making the tiny model (first run only)…"):
         model_dir = ensure_tiny_model("tiny")
     console.print(f"model      {model_dir}")
-    pinned = json.dumps({MODEL: str(model_dir)})  # the coordinator recounts tokens with it
+    # the coordinator recounts tokens with the model's own tokenizer
+    pinned = json.dumps({MODEL: str(model_dir), EMBED_MODEL: str(model_dir)})
     coordinator = start_coordinator(workdir, env={"AGORA_COORDINATOR_TOKENIZERS": pinned})
     console.print(f"coordinator {coordinator.base_url}  (workers dial {coordinator.grpc_target})")
     api_key = coordinator.create_client("demo", DEMO_CREDIT)
@@ -64,6 +68,12 @@ def _start_market(workdir: Path, workers: int) -> tuple[CoordinatorHandle, list[
         )
         for i in range(workers)
     ]
+    if embeddings:
+        embedder = WorkerSpec(
+            name="embedder", served_model=EMBED_MODEL, model=str(model_dir), price_in=20_000,
+            extra_args=[*TINY_ENGINE_ARGS, "--task", "embed"],
+        )  # fmt: skip
+        procs.append(start_worker(workdir, coordinator, embedder))
     try:
         with console.status("starting vLLM…") as status:
             wait_for_workers(
@@ -72,12 +82,18 @@ def _start_market(workdir: Path, workers: int) -> tuple[CoordinatorHandle, list[
                 MODEL,
                 workers,
                 procs,
-                on_wait=lambda s: status.update(f"starting vLLM in {workers} worker(s)… {s:.0f} s"),
+                on_wait=lambda s: status.update(
+                    f"starting vLLM in {len(procs)} worker(s)… {s:.0f} s"
+                ),
             )
+            if embeddings:
+                wait_for_workers(coordinator, api_key, EMBED_MODEL, 1, procs)
     except BaseException:
         _stop(coordinator, procs)
         raise
     console.print(f"workers    {workers} serving `{MODEL}`")
+    if embeddings:
+        console.print(f"           1 serving `{EMBED_MODEL}` (POST /v1/embeddings)")
     return coordinator, procs, api_key
 
 
@@ -178,7 +194,7 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="agora-demo-") as tmp:
         workdir = Path(tmp)
         try:
-            coordinator, procs, api_key = _start_market(workdir, workers)
+            coordinator, procs, api_key = _start_market(workdir, workers, embeddings=serve)
         except StackError as exc:
             console.print(f"[red]could not start the market:[/] {exc}")
             raise typer.Exit(1) from exc

@@ -88,7 +88,7 @@ def _drive_served_demo(proc: subprocess.Popen[str], before: set[int]) -> int:
         assert set(env) == {"AGORA_BASE_URL", "AGORA_API_KEY"}, f"demo exited {proc.poll()}"
         assert env["AGORA_BASE_URL"].endswith("/v1")
         spawned = engine_pids() - before
-        assert len(spawned) >= 2  # one engine per worker (plus their own children)
+        assert len(spawned) >= 3  # one engine per worker and the embedder's (plus children)
 
         with openai.OpenAI(base_url=env["AGORA_BASE_URL"], api_key=env["AGORA_API_KEY"]) as client:
             models = {m.id: m for m in client.models.list()}
@@ -96,9 +96,13 @@ def _drive_served_demo(proc: subprocess.Popen[str], before: set[int]) -> int:
             reply = client.chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5
             )
+            vectors = client.embeddings.create(model="tiny-embed", input=["hello", "world"])
         assert reply.choices[0].message.content
         assert reply.usage is not None
         assert reply.usage.completion_tokens == 5
+        assert (models["tiny-embed"].model_extra or {})["task"] == "embed"
+        assert [len(v.embedding) for v in vectors.data] == [256, 256]  # the tiny Llama's width
+        assert vectors.usage.prompt_tokens > 0
     finally:
         proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=180)

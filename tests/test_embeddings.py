@@ -78,11 +78,13 @@ class Market:
         key = self.workdir / f"{name}.key"
         deadline = time.monotonic() + 120
         while not key.exists():
-            assert time.monotonic() < deadline and process.alive(), process.log_tail()
+            assert process.alive(), process.log_tail()
+            assert time.monotonic() < deadline, process.log_tail()
             time.sleep(0.05)
         node = Identity.load(key).node_id
         while not self.worker(node).get("models", {}).get(model, {}).get("available"):
-            assert time.monotonic() < deadline and process.alive(), process.log_tail()
+            assert process.alive(), process.log_tail()
+            assert time.monotonic() < deadline, process.log_tail()
             time.sleep(0.1)
         return node
 
