@@ -14,6 +14,9 @@ _REGISTER_DOMAIN = b"agora-register-v1\0"
 GENERATE = "generate"
 EMBED = "embed"
 TASKS = (GENERATE, EMBED)
+# a batch job (the Batch API, run on capacity online traffic leaves free) costs this much less
+# than the online price unless the offer says otherwise: OpenAI's half price
+DEFAULT_BATCH_DISCOUNT_BPS = 5_000
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class ModelOffer:
     # what the model does: "generate" (chat and completions) or "embed" (/v1/embeddings,
     # priced per input token)
     task: str = GENERATE
+    # basis points off every price for a batch job (None: DEFAULT_BATCH_DISCOUNT_BPS)
+    batch_discount_bps: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -53,23 +58,38 @@ class ModelOffer:
         )
         if any(p is not None and p < 0 for p in adapter_prices):
             raise MalformedMessage("prices cannot be negative")
+        if self.batch_discount_bps is not None and not 0 <= self.batch_discount_bps <= 10_000:
+            raise MalformedMessage("the batch discount must be between 0 and 10000 basis points")
         if self.task not in TASKS:
             raise MalformedMessage(f"unknown model task {self.task!r} (known: {', '.join(TASKS)})")
         cached = self.price_cached_prompt_per_mtok
         if cached is not None and not 0 <= cached <= self.price_prompt_per_mtok:
             raise MalformedMessage("the cached prompt price must be between 0 and the prompt price")
 
-    def prices(self, adapter: str = "") -> tuple[int, int]:
-        """(prompt, completion) per 1M tokens for a job, with a LoRA adapter or without."""
-        if adapter:
-            return self.adapter_prices()
-        return self.price_prompt_per_mtok, self.price_completion_per_mtok
+    def prices(self, adapter: str = "", batch: bool = False) -> tuple[int, int]:
+        """(prompt, completion) per 1M tokens for a job, with a LoRA adapter or without, online
+        or in a batch."""
+        prompt, completion = (
+            self.adapter_prices() if adapter
+            else (self.price_prompt_per_mtok, self.price_completion_per_mtok)
+        )  # fmt: skip
+        return (self._batch(prompt), self._batch(completion)) if batch else (prompt, completion)
 
-    def cached_price(self, adapter: str = "") -> int:
+    def cached_price(self, adapter: str = "", batch: bool = False) -> int:
         """Per 1M prompt tokens found in the prefix cache: never above the job's prompt price."""
         prompt = self.prices(adapter)[0]
         cached = self.price_cached_prompt_per_mtok
-        return prompt if cached is None else min(cached, prompt)
+        price = prompt if cached is None else min(cached, prompt)
+        return self._batch(price) if batch else price
+
+    @property
+    def batch_discount(self) -> int:
+        """Basis points off for a batch job."""
+        given = self.batch_discount_bps
+        return DEFAULT_BATCH_DISCOUNT_BPS if given is None else given
+
+    def _batch(self, price: int) -> int:
+        return price * (10_000 - self.batch_discount) // 10_000
 
     def adapter_prices(self) -> tuple[int, int]:
         """What a job with any LoRA adapter costs: the adapter price, else the base price."""
@@ -117,6 +137,7 @@ _OPTIONAL_DEFAULTS = {
     "adapter_price_completion_per_mtok": None,
     "price_cached_prompt_per_mtok": None,
     "task": GENERATE,
+    "batch_discount_bps": None,
 }
 
 

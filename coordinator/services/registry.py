@@ -64,9 +64,12 @@ class ModelSlot:
     def adapter_price_completion_per_mtok(self) -> int:
         return (self.adapter_price or self.client_price).completion_per_mtok
 
-    def worker_price(self, adapter: str = "") -> Price:
-        """What the worker charges for a job (before the network fee)."""
-        return Price(*self.offer.prices(adapter), self.offer.price_cached_prompt_per_mtok)
+    def worker_price(self, adapter: str = "", batch: bool = False) -> Price:
+        """What the worker charges for a job (before the network fee), online or batch."""
+        offer = self.offer
+        cached = (None if offer.price_cached_prompt_per_mtok is None
+                  else offer.cached_price(adapter, batch))  # fmt: skip
+        return Price(*offer.prices(adapter, batch), cached)
 
     @property
     def node_id(self) -> str:

@@ -455,6 +455,7 @@ class Job(_message.Message):
     NONCE_FIELD_NUMBER: _builtins.int
     DEADLINE_MS_FIELD_NUMBER: _builtins.int
     ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     """the advertised model name"""
@@ -467,6 +468,8 @@ class Job(_message.Message):
     """unix ms after which the coordinator has given up"""
     adapter_sha256: _builtins.str
     """run with this LoRA adapter on `model` ("" = the base model)"""
+    batch: _builtins.bool
+    """a Batch API line: signed at the offer's batch prices"""
     def __init__(
         self,
         *,
@@ -477,10 +480,11 @@ class Job(_message.Message):
         nonce: _builtins.bytes = ...,
         deadline_ms: _builtins.int = ...,
         adapter_sha256: _builtins.str = ...,
+        batch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "body", b"body", "deadline_ms", b"deadline_ms", "endpoint", b"endpoint", "model", b"model", "nonce", b"nonce", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "batch", b"batch", "body", b"body", "deadline_ms", b"deadline_ms", "endpoint", b"endpoint", "model", b"model", "nonce", b"nonce", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

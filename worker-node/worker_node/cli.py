@@ -97,6 +97,9 @@ def worker(
     price_cached_in: int | None = typer.Option(
         None, min=0, help="Per 1M prompt tokens found in the engine's prefix cache (<= price-in)."
     ),
+    batch_discount: int | None = typer.Option(
+        None, min=0, max=10_000, help="Basis points off for Batch API jobs (default 5000: half)."
+    ),
     max_concurrency: int = typer.Option(8, min=1, help="Jobs accepted at once."),
     max_model_len: int | None = typer.Option(None, help="vLLM --max-model-len."),
     dtype: str = typer.Option("auto", help="vLLM --dtype."),
@@ -136,6 +139,7 @@ def worker(
         "price_in": price_in,
         "price_out": price_out,
         "price_cached_in": price_cached_in,
+        "batch_discount_bps": batch_discount,
         "max_concurrency": max_concurrency,
         "max_model_len": max_model_len,
         "dtype": dtype,

@@ -53,6 +53,7 @@ class JobSpec:
     nonce: bytes
     adapter: str = ""  # sha256 of the LoRA adapter to run with ("" = the base model)
     fetch_adapter: Fetch | None = None  # how to get it if the node lacks it
+    batch: bool = False  # a Batch API line: billed at the offer's batch prices
 
 
 def _adapter_failure(exc: AdapterError) -> Failed:
@@ -313,9 +314,10 @@ class JobRunner:
 
     def _sign(self, job: JobSpec, offer: ModelOffer, meter: _Meter) -> SignedReceipt:
         finished = now_ms()
-        price_prompt, price_completion = offer.prices(job.adapter)
+        price_prompt, price_completion = offer.prices(job.adapter, job.batch)
         prompt_tokens = meter.output.prompt_tokens or 0
         cached = min(meter.output.cached_prompt_tokens, prompt_tokens)
+        cached_price = offer.cached_price(job.adapter, job.batch) if cached else 0
         receipt = Receipt(
             request_id=job.request_id,
             model=job.model,
@@ -333,7 +335,7 @@ class JobRunner:
             finish_reason=meter.output.finish_reason(),
             adapter_sha256=job.adapter,
             cached_prompt_tokens=cached,
-            price_cached_prompt_per_mtok=offer.cached_price(job.adapter) if cached else 0,
+            price_cached_prompt_per_mtok=cached_price,
         )
         if self._fault is not None:
             return self._fault.sign(self._identity, receipt)

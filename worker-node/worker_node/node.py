@@ -150,6 +150,7 @@ class Node:
             price_completion_per_mtok=model.price_out,
             price_cached_prompt_per_mtok=model.price_cached_in,
             task=model.task,
+            batch_discount_bps=model.batch_discount_bps,
             context_length=context,
             dtype=model.dtype,
             quantization=model.quantization or "",

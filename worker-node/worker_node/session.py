@@ -400,6 +400,7 @@ class WorkerSession:
             nonce=job.nonce,
             adapter=job.adapter_sha256,
             fetch_adapter=functools.partial(self._fetch_adapter, outbox),
+            batch=job.batch,
         )
         task = asyncio.create_task(self._run_job(spec, outbox))
         self._jobs[spec.request_id] = task

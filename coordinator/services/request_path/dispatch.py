@@ -37,6 +37,7 @@ class Dispatcher:
         continuation: bool = False,
         completion_bound: int | None = None,
         adapter: str = "",
+        batch: bool = False,
     ) -> Attempt:
         prompt = prompt_of(endpoint, body)
         facts = JobFacts(
@@ -46,7 +47,7 @@ class Dispatcher:
             model=model,
             nonce_hex=os.urandom(16).hex(),
             prompt_sha256=prompt_digest(prompt),
-            price=slot.worker_price(adapter),
+            price=slot.worker_price(adapter, batch),
             endpoint=endpoint,
             prompt=prompt,
             tools=body.get("tools"),
@@ -61,6 +62,7 @@ class Dispatcher:
             nonce=bytes.fromhex(facts.nonce_hex),
             deadline_ms=int((time.time() + self._timeout_s) * 1000),
             adapter_sha256=adapter,
+            batch=batch,
         )
         events = slot.conn.open_job(job)
         return Attempt(slot, facts, events, endpoint, segment, continuation)

@@ -148,7 +148,9 @@ class Fulfilment:
                 self.route.decision = decision
             if not decision.ranked:
                 remaining = deadline - time.monotonic()
-                if decision.excluded.get("at_capacity") and remaining > 0 and last_error is None:
+                waits = not request.batch  # a batch line goes back to its queue instead
+                if (decision.excluded.get("at_capacity") and remaining > 0
+                        and last_error is None and waits):  # fmt: skip
                     with contextlib.suppress(TimeoutError):  # a bounded wait, not an instant 503
                         async with asyncio.timeout(remaining):
                             await freed.wait()
@@ -160,7 +162,7 @@ class Fulfilment:
                 self._tried.add(scored.node_id)
                 if slot is None:  # left or went down since routing looked
                     continue
-                price = slot.worker_price(request.adapter)
+                price = slot.worker_price(request.adapter, request.batch)
                 worst = charge_for(price, self._bound.prompt_tokens, self._bound.max_tokens,
                                    path.settlement.fee_bps)  # fmt: skip
                 try:  # a dearer worker may carry on only if the client can still afford it
@@ -180,6 +182,7 @@ class Fulfilment:
                     slot, job_id=job_id, client=self.principal.client, model=request.model,
                     endpoint=endpoint, body=body, segment=segment, continuation=continuation,
                     completion_bound=self._remaining_bound(), adapter=request.adapter,
+                    batch=request.batch,
                 )  # fmt: skip
                 try:
                     first = await path.dispatcher.first_event(attempt)

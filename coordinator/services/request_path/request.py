@@ -30,6 +30,7 @@ class CompletionRequest:
     adapter: str = ""  # sha256 of the LoRA adapter its version runs ("" = the base model)
     session: str = ""  # a conversation's key (`user`, or X-Agora-Session): kept on one worker
     cache: bool = False  # the client opted in to the response cache (X-Agora-Cache: on)
+    batch: bool = False  # a Batch API line: the workers' batch prices, never queued
 
     @property
     def model_shown(self) -> str:
