@@ -28,12 +28,14 @@ from coordinator import __version__
 from coordinator.api import (
     adapter_routes,
     admin_routes,
+    batch_routes,
     dashboard_routes,
     errors,
     model_routes,
     openai_routes,
     openapi,
 )
+from coordinator.api.batch_lines import line_runner
 from coordinator.api.browser_sessions import BrowserSessions
 from coordinator.api.grpc_session import WorkerSessionService
 from coordinator.api.request_id import RequestIdMiddleware
@@ -43,6 +45,8 @@ from coordinator.observability import Metrics
 from coordinator.services.accounts import Accounts
 from coordinator.services.adapters import AdapterLibrary
 from coordinator.services.admission import Limits, RateLimiter
+from coordinator.services.batches.files import FileLibrary
+from coordinator.services.batches.runner import BatchPolicy, BatchRunner
 from coordinator.services.decisions import DecisionLog
 from coordinator.services.metering import Tokenizers
 from coordinator.services.overview import Overview
@@ -191,6 +195,17 @@ class Coordinator:
             releases=self.releases,
             elsewhere=self._elsewhere,
         )
+        self.files = FileLibrary(self.db, settings.data_dir / "files", settings.files_max_bytes,
+                                 settings.batch_max_lines)  # fmt: skip
+        self.batches = BatchRunner(
+            self.db, self.files, self.registry, line_runner(self.request_path),
+            owner=f"{self.identity.node_id}/{self.member.index if self.member else 0}",
+            policy=BatchPolicy(
+                headroom_share=settings.batch_headroom_share,
+                max_in_flight=settings.batch_max_in_flight,
+                lease_s=settings.batch_lease_s, max_lines=settings.batch_max_lines,
+            ),
+        )  # fmt: skip
         self.traffic = TrafficHistory(settings.traffic_sample_s)
         self.overview = Overview(
             self.registry, self.stats, self.trust, self.decisions, self.traffic,
@@ -264,12 +279,19 @@ class Coordinator:
             expiry = asyncio.create_task(self._expire_workers())
             sampler = asyncio.create_task(self._sample_traffic())
             catalogue = asyncio.create_task(self.releases.keep_fresh())
+            # one process of a cluster runs batches (each would count the same free slots)
+            batches = (asyncio.create_task(self.batches.run())
+                       if self.member is None or self.member.index == 0 else None)  # fmt: skip
             try:
                 yield
             finally:
                 expiry.cancel()
                 sampler.cancel()
                 catalogue.cancel()
+                if batches is not None:
+                    batches.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await batches
                 if self.network is not None:
                     await self.network.stop()
                 await self.stop_grpc()
@@ -290,6 +312,8 @@ class Coordinator:
         app.state.overview = self.overview
         app.state.releases = self.releases
         app.state.adapters = self.adapters
+        app.state.files = self.files
+        app.state.batches = self.batches
         app.state.network_view = self.network_view
         errors.install(app)
         openapi.install(app)
@@ -297,6 +321,8 @@ class Coordinator:
         app.include_router(admin_routes.router)
         app.include_router(model_routes.router)
         app.include_router(adapter_routes.router)
+        app.include_router(batch_routes.router)
+        app.include_router(batch_routes.admin)
         app.include_router(dashboard_routes.router)
         static = StaticFiles(directory=dashboard_routes.STATIC)
         app.mount("/dashboard/static", static, name="dashboard-static")

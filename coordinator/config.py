@@ -102,6 +102,16 @@ class CoordinatorSettings(BaseSettings):
     response_cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     response_cache_price_bps: int = Field(default=0, ge=0, le=10_000)
     response_cache_shared: bool = False
+    # the Files and Batch APIs: uploads up to `files_max_bytes` (kept under data_dir/files by
+    # their SHA-256), batches of up to `batch_max_lines` requests; batch lines start only while
+    # `batch_headroom_share` of a model's slots stay free for online traffic, at most
+    # `batch_max_in_flight` at once; a running line's claim lasts `batch_lease_s` (then another
+    # process may take a line whose runner died)
+    files_max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    batch_max_lines: int = Field(default=50_000, ge=1)
+    batch_headroom_share: float = Field(default=0.25, ge=0, le=1)
+    batch_max_in_flight: int = Field(default=64, ge=1)
+    batch_lease_s: float = Field(default=600.0, gt=0)
     # latency objectives: a job slower than either is SLO-miss evidence against its worker
     slo_ttft_s: float = Field(default=10.0, gt=0)
     slo_itl_s: float = Field(default=0.5, gt=0)  # mean inter-token latency of the job

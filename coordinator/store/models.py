@@ -233,3 +233,62 @@ class CacheHitRecord(SQLModel, table=True):
     amount: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     document: str = Field(sa_column=Column(Text, nullable=False))  # JSON, signed statement
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class StoredFile(SQLModel, table=True):
+    """A file of the Files API (a client's batch input, or a batch's output): who owns it and
+    what it is; its bytes live on disk under their SHA-256 (services.batches.files)."""
+
+    id: str = Field(primary_key=True, max_length=64)  # "file-<hex>"
+    client: str = Field(index=True, max_length=200)
+    purpose: str = Field(max_length=32)  # "batch" or "batch_output"
+    filename: str = Field(max_length=255)
+    size_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    sha256: str = Field(max_length=64)
+    lines: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    deleted: bool = False
+
+
+class BatchJob(SQLModel, table=True):
+    """A batch of the Batch API: its input, its state and when each state began."""
+
+    id: str = Field(primary_key=True, max_length=64)  # "batch_<hex>"
+    client: str = Field(index=True, max_length=200)
+    key_id: int = 0  # the API key that created it (its lines run as that key)
+    endpoint: str = Field(max_length=64)
+    model: str = Field(max_length=200)  # every line's model (one per batch, as OpenAI)
+    input_file_id: str = Field(max_length=64)
+    completion_window: str = Field(max_length=16)
+    status: str = Field(index=True, max_length=16)
+    metadata_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    total: int = 0
+    output_file_id: str | None = Field(default=None, max_length=64)
+    error_file_id: str | None = Field(default=None, max_length=64)
+    stop_reason: str | None = Field(default=None, max_length=64)  # why lines were left unrun
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime = Field(default_factory=utcnow)
+    in_progress_at: datetime | None = None
+    finalizing_at: datetime | None = None
+    completed_at: datetime | None = None
+    expired_at: datetime | None = None
+    cancelling_at: datetime | None = None
+    cancelled_at: datetime | None = None
+
+
+class BatchLine(SQLModel, table=True):
+    """One request of a batch: what to run, who runs it now, and how it ended."""
+
+    batch_id: str = Field(primary_key=True, max_length=64)
+    line: int = Field(primary_key=True)  # 0-based place in the input file
+    custom_id: str = Field(max_length=512)
+    body: str = Field(sa_column=Column(Text, nullable=False))  # the request's JSON
+    request_id: str = Field(max_length=64)  # fixed: a line is billed under it at most once
+    state: str = Field(default="pending", index=True, max_length=16)  # pending/running/done/failed
+    owner: str | None = Field(default=None, max_length=200)  # the process running it
+    lease_until: datetime | None = None  # a running line whose owner died is taken after this
+    status_code: int | None = None
+    response: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # JSON
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finished_at: datetime | None = None

@@ -10,6 +10,8 @@ from coordinator.store.models import (
     Account,
     ApiKey,
     AuditEvent,
+    BatchJob,
+    BatchLine,
     CacheHitRecord,
     CreditHold,
     LedgerPosting,
@@ -23,6 +25,7 @@ from coordinator.store.models import (
     PendingPosting,
     Quarantine,
     ReleaseEvent,
+    StoredFile,
     StoredReceipt,
     TrustEvent,
     UnsignedSegment,
@@ -47,3 +50,6 @@ VERSIONS: Table = ModelVersion.__table__  # type: ignore[attr-defined]
 RELEASE_EVENTS: Table = ReleaseEvent.__table__  # type: ignore[attr-defined]
 ADAPTERS: Table = LoraAdapter.__table__  # type: ignore[attr-defined]
 CACHE_HITS: Table = CacheHitRecord.__table__  # type: ignore[attr-defined]
+FILES: Table = StoredFile.__table__  # type: ignore[attr-defined]
+BATCHES: Table = BatchJob.__table__  # type: ignore[attr-defined]
+BATCH_LINES: Table = BatchLine.__table__  # type: ignore[attr-defined]

