@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +44,9 @@ class Market:
         self.worker = self._worker()
 
     def _coordinator(self) -> CoordinatorHandle:
-        return start_coordinator(self.workdir, env={"AGORA_COORDINATOR_SPOT_CHECK_RATE": "0",
-                                                    "AGORA_COORDINATOR_SPOT_CHECK_PROBATION_RATE": "0"})  # fmt: skip
+        quiet = {"AGORA_COORDINATOR_SPOT_CHECK_RATE": "0",
+                 "AGORA_COORDINATOR_SPOT_CHECK_PROBATION_RATE": "0"}  # fmt: skip
+        return start_coordinator(self.workdir, env=quiet)
 
     def _worker(self) -> Process:
         spec = WorkerSpec("node", MODEL, engine_url=self.engine.base_url, price_in=PRICE_IN,
@@ -97,6 +99,16 @@ def chat_line(custom_id: str, max_tokens: int = 8, **body: Any) -> dict[str, Any
 def upload(sdk: openai.OpenAI, lines: list[dict[str, Any]]) -> str:
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
     return sdk.files.create(file=("input.jsonl", data), purpose="batch").id
+
+
+def start(sdk: openai.OpenAI, lines: list[dict[str, Any]]) -> Any:
+    return sdk.batches.create(input_file_id=upload(sdk, lines),
+                              endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+
+
+def completed(sdk: openai.OpenAI, batch_id: str) -> int:
+    counts = sdk.batches.retrieve(batch_id).request_counts
+    return counts.completed if counts is not None else 0
 
 
 def until_done(sdk: openai.OpenAI, batch_id: str, timeout_s: float = 300) -> Any:
@@ -171,10 +183,9 @@ def test_a_cancelled_batch_stops_and_keeps_what_it_did(market: Market) -> None:
     key = market.coordinator.create_client("canceller", CREDIT)
     sdk = market.sdk(key)
     lines = [chat_line(f"c{i}", max_tokens=48, ignore_eos=True) for i in range(60)]
-    batch = sdk.batches.create(input_file_id=upload(sdk, lines),
-                               endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+    batch = start(sdk, lines)
     deadline = time.monotonic() + 120
-    while (sdk.batches.retrieve(batch.id).request_counts.completed or 0) < 2:  # type: ignore[union-attr]
+    while completed(sdk, batch.id) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert sdk.batches.cancel(batch.id).status in ("cancelling", "cancelled")
@@ -197,10 +208,9 @@ def test_a_coordinator_killed_mid_batch_finishes_it_after_restart_billing_no_lin
     key = market.coordinator.create_client("survivor", CREDIT)
     sdk = market.sdk(key)
     lines = [chat_line(f"r{i}", max_tokens=32, ignore_eos=True) for i in range(40)]
-    batch = sdk.batches.create(input_file_id=upload(sdk, lines),
-                               endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+    batch = start(sdk, lines)
     deadline = time.monotonic() + 120
-    while (sdk.batches.retrieve(batch.id).request_counts.completed or 0) < 5:  # type: ignore[union-attr]
+    while completed(sdk, batch.id) < 5:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     market.restart(kill=True)  # lines were running: they run again after the restart
@@ -233,22 +243,52 @@ def _ttfts(market: Market, key: str, count: int) -> list[float]:
     return out
 
 
+def _streams(market: Market, key: str, stop: threading.Event) -> None:
+    """Online streams of a batch line's shape, one after another, until `stop`."""
+    with market.sdk(key) as sdk:
+        while not stop.is_set():
+            for _chunk in sdk.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "load"}], max_tokens=128,
+                stream=True, extra_body={"ignore_eos": True},
+            ):  # fmt: skip
+                pass
+
+
 def test_online_requests_keep_their_time_to_first_token_while_a_batch_runs(
     market: Market,
 ) -> None:
-    """The batch never takes the slots kept free for online traffic, so an online request
-    never waits for a batch line to finish: its TTFT grows only by the engine sharing its
-    steps with the batch (bound: 3x the idle median + 0.25 s), far below one line's time."""
+    """The batch never takes the slots kept free for online traffic (a quarter of them, 2 of
+    the node's 8), so an online request never waits for a batch line to finish: it only
+    shares the engine's steps, and a running batch costs its time to first token no more than
+    the same number of online streams would (bound: 1.5x their median + 0.1 s; on this 2-core
+    machine every running sequence slows the engine, GPUs batch them nearly for free)."""
     key = market.coordinator.create_client("online", CREDIT)
-    idle = statistics.median(_ttfts(market, key, 8))
+    stop = threading.Event()
+    load = [threading.Thread(target=_streams, args=(market, key, stop)) for _ in range(6)]
+    for thread in load:
+        thread.start()
+    time.sleep(1.0)
+    try:
+        beside_online = _ttfts(market, key, 8)
+    finally:
+        stop.set()
+        for thread in load:
+            thread.join()
     sdk = market.sdk(key)
-    lines = [chat_line(f"o{i}", max_tokens=96, ignore_eos=True) for i in range(80)]
-    batch = sdk.batches.create(input_file_id=upload(sdk, lines),
-                               endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
-    time.sleep(1.0)  # the batch fills the slots it may take
-    busy = _ttfts(market, key, 8)
+    lines = [chat_line(f"o{i}", max_tokens=128, ignore_eos=True) for i in range(400)]
+    batch = start(sdk, lines)
+    in_flight = []  # the node's jobs while only the batch runs: never into the headroom
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        with market.coordinator.admin() as admin:
+            workers = admin.get("/workers").json()["workers"]
+        in_flight.append(workers[0]["models"][MODEL]["in_flight"])
+        time.sleep(0.05)
+    assert max(in_flight) == 8 - 2
+    beside_batch = _ttfts(market, key, 8)
     running = sdk.batches.retrieve(batch.id)
     assert running.status == "in_progress"  # the batch was running throughout
     sdk.batches.cancel(batch.id)
     until_done(sdk, batch.id)
-    assert statistics.median(busy) <= 3 * idle + 0.25, (idle, busy)
+    bound = 1.5 * statistics.median(beside_online) + 0.1
+    assert statistics.median(beside_batch) <= bound, (beside_online, beside_batch)

@@ -65,6 +65,9 @@ def line_runner(path: RequestPath) -> RunLine:
             finally:
                 dispatched()
             answer = await fulfilment.whole()
+            # the line counts as done once its charge is posted: a crash before that runs it
+            # again (its request id was not billed), never leaves it answered and unbilled
+            await fulfilment.posted.wait()
             usage = answer.get("usage") or {}
             prompt = int(usage.get("prompt_tokens") or 0)
             completion = int(usage.get("completion_tokens") or 0)

@@ -106,6 +106,7 @@ class Fulfilment:
         self.failed_attempts = 0  # attempts that failed through a worker's fault
         self.began_at = time.monotonic()
         self.ended = asyncio.Event()  # set once released
+        self.posted = asyncio.Event()  # set once its charge is in the ledger (or cannot be)
         self.cache_status = ""  # "miss" or "bypass" when the client asked for the cache
         # what the client got, for the response cache (when it may keep this answer)
         self.recorder = AnswerRecorder(cache_key) if cache_key else None
@@ -457,12 +458,14 @@ class Fulfilment:
         records = [a.record() for a in self.attempts if a.observed.choices]
         if not records:
             self._free_hold()
+            self.posted.set()
             return None
         try:
             settled = await path.settlement.check(self.request_id, self.principal.client, records)
         except Exception:  # the client already has its tokens; the operator must see this
             log.exception("could not check request %s", self.request_id)
             self._free_hold()
+            self.posted.set()
             return None
         path.in_background(self._commit(settled))
         await path.settlement.room()  # the writer is behind: the answer waits for it
@@ -479,6 +482,7 @@ class Fulfilment:
             return
         finally:
             self._free_hold()
+            self.posted.set()
         path.count_tokens(self.request.model, settled.usage)
         # reputation learns once the books show the request: a quarantine's refunds and
         # claw-backs then find its receipt and its charge
