@@ -277,13 +277,14 @@ def test_online_requests_keep_their_time_to_first_token_while_a_batch_runs(
     sdk = market.sdk(key)
     lines = [chat_line(f"o{i}", max_tokens=128, ignore_eos=True) for i in range(400)]
     batch = start(sdk, lines)
-    in_flight = []  # the node's jobs while only the batch runs: never into the headroom
-    deadline = time.monotonic() + 1.5
-    while time.monotonic() < deadline:
-        with market.coordinator.admin() as admin:
+    in_flight: list[int] = []  # the node's jobs while only the batch runs: never in the headroom
+    deadline = time.monotonic() + 30
+    with market.coordinator.admin() as admin:
+        while len(in_flight) < 20 or not any(in_flight):
+            assert time.monotonic() < deadline, f"the batch did not start: {in_flight}"
             workers = admin.get("/workers").json()["workers"]
-        in_flight.append(workers[0]["models"][MODEL]["in_flight"])
-        time.sleep(0.05)
+            in_flight.append(workers[0]["models"][MODEL]["in_flight"])
+            time.sleep(0.05)
     assert max(in_flight) == 8 - 2
     beside_batch = _ttfts(market, key, 8)
     running = sdk.batches.retrieve(batch.id)
