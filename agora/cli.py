@@ -6,6 +6,7 @@ import typer
 
 from agora import demo, keys, receipts, simulate
 from agora.bench.cli import app as bench_app
+from coordinator.batches_cli import batches
 from coordinator.cli import app as coordinator_app
 from coordinator.ledger_cli import app as ledger_app
 from coordinator.models_cli import app as models_app
@@ -26,6 +27,7 @@ app.add_typer(payouts_app, name="payouts")
 app.add_typer(models_app, name="models")
 app.command("demo")(demo.demo)
 app.command("status")(status)
+app.command("batches")(batches)
 app.command("simulate")(simulate.simulate)
 
 

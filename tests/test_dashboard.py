@@ -7,6 +7,7 @@ dashboard shows it and its workers as heard on gossip. Screenshots land in test-
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
@@ -293,3 +295,30 @@ def test_the_operator_sees_each_release_and_its_rollback(dash: Dash, page: Page)
     expect(page.get_by_test_id("release-share-assistant-v1")).to_have_text("100 %")
     expect(page.get_by_test_id("release-note-assistant-v2")).to_contain_text("wrong language")
     shot(page, "dashboard-releases")
+
+
+def test_the_operator_sees_batches_on_the_dashboard_and_in_agora_batches(
+    dash: Dash, page: Page
+) -> None:
+    key = dash.clients["acme"]
+    line = {"method": "POST", "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": "The night shift", "max_tokens": 4}}  # fmt: skip
+    data = "".join(json.dumps({"custom_id": f"n{i}", **line}) + "\n" for i in range(5))
+    with openai.OpenAI(base_url=dash.coordinator.base_url, api_key=key, max_retries=0) as sdk:
+        upload = sdk.files.create(file=("night.jsonl", data.encode()), purpose="batch")
+        batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/completions",
+                                   completion_window="24h")  # fmt: skip
+    sign_in_operator(page, dash)
+    expect(page.get_by_test_id(f"batch-{batch.id}-status")).to_have_text("completed",
+                                                                        timeout=60_000)  # fmt: skip
+    expect(page.get_by_test_id(f"batch-{batch.id}-done")).to_have_text("5")
+    expect(page.get_by_test_id("batches-by-status")).to_contain_text("completed 1")
+    shot(page, "dashboard-batches")
+    result = subprocess.run(
+        [sys.executable, "-m", "agora", "batches", "--url", dash.root,
+         "--admin-token", dash.coordinator.admin_token],
+        capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert batch.id in result.stdout
+    assert "completed" in result.stdout

@@ -68,6 +68,19 @@ function releases(models) {  // GET /admin/v1/models: versions, shares, how each
     ["Errors", "num"], ["TTFT p95", "num"], ["Shadow"], ["Last change"]], rows, "no models in the catalogue (agora models create)"));
 }
 
+function batches(b) {  // GET /admin/v1/batches: every client's batches and what they use now
+  const counts = Object.entries(b.by_status).map(([status, n]) => `${status} ${n}`).join(", ") || "none";
+  const summary = el("p", { class: "muted" }, "by status: ", el("span", { "data-testid": "batches-by-status" }, counts),
+    " · lines running now ", el("span", { "data-testid": "batches-running" }, b.running_lines),
+    ` (queued ${b.queued_lines}) on ${b.model_slots} slots of their models, ${(b.headroom_share * 100).toFixed(0)} % kept for online traffic`);
+  const rows = b.batches.map((x) => [[x.id, "mono", `batch-${x.id}`], [x.client], [x.model],
+    [x.status, "", `batch-${x.id}-status`], [x.request_counts.completed, "num", `batch-${x.id}-done`],
+    [x.request_counts.failed, "num"], [x.request_counts.total, "num"],
+    [new Date(x.created_at * 1000).toLocaleTimeString()]]);
+  fill("batches", el("div", {}, summary, table([["Batch"], ["Client"], ["Model"], ["Status"], ["Done", "num"],
+    ["Failed", "num"], ["Total", "num"], ["Created"]], rows, "no batches yet")));
+}
+
 function network(n) {  // GET /admin/v1/network: the other coordinators this one hears on gossip
   if (!n.enabled) {
     fill("network", el("p", { class: "empty", "data-testid": "network-off" },
@@ -121,9 +134,9 @@ function routing(records) {
 }
 
 Agora.every(2000, async () => {
-  const [o, n, r] = await Promise.all([Agora.getJson("/admin/v1/overview"), Agora.getJson("/admin/v1/network"),
-    Agora.getJson("/admin/v1/models")]);
+  const [o, n, r, b] = await Promise.all([Agora.getJson("/admin/v1/overview"), Agora.getJson("/admin/v1/network"),
+    Agora.getJson("/admin/v1/models"), Agora.getJson("/admin/v1/batches")]);
   kpis(o); capacity(o.capacity.by_model, "model", "capacity-model"); capacity(o.capacity.by_gpu, "gpu", "capacity-gpu");
-  workers(o.workers); releases(r.models); network(n); traffic(o.traffic); money(o); routing(o.routing);
+  workers(o.workers); releases(r.models); batches(b); network(n); traffic(o.traffic); money(o); routing(o.routing);
   document.getElementById("updated").textContent = "updated " + new Date(o.at * 1000).toLocaleTimeString();
 });

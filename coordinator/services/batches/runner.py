@@ -368,7 +368,7 @@ def batch_object(row: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
         "request_counts": {"total": total, "completed": counts.get("done", 0),
                            "failed": counts.get("failed", 0)},
         "metadata": json.loads(row["metadata_json"] or "{}") or None,
-        "model": row["model"],
+        "model": row["model"], "client": row["client"],
     }  # fmt: skip
 
 
