@@ -226,6 +226,30 @@ def test_a_coordinator_killed_mid_batch_finishes_it_after_restart_billing_no_lin
     assert spent == paid  # one charge per line, whichever run of it was billed
 
 
+def test_a_batch_that_runs_out_of_credit_stops_with_its_unrun_lines_as_errors(
+    market: Market,
+) -> None:
+    """Credit is held per line as it runs: the lines the balance covers run, the rest become
+    error lines, and the client never goes below zero."""
+    credit = 40  # micro-units: a few lines' worth at the batch price
+    key = market.coordinator.create_client("thrifty", credit)
+    sdk = market.sdk(key)
+    batch = start(sdk, [chat_line(f"t{i}") for i in range(30)])
+    done = until_done(sdk, batch.id)
+    assert done.status == "completed"
+    outputs, errors = lines_of(sdk, done.output_file_id), lines_of(sdk, done.error_file_id)
+    assert 1 <= len(outputs) < 30
+    assert len(outputs) + len(errors) == 30
+    codes = {(e["response"] or {}).get("status_code") or e["error"]["code"]
+             for e in errors.values()}  # fmt: skip
+    assert codes <= {402, "insufficient_credit"}
+    balance = market.coordinator.balances()[client_account("thrifty")]
+    assert balance >= 0
+    paid = sum(receipt(market, key, o["response"]["request_id"])["amount_total"]
+               for o in outputs.values())  # fmt: skip
+    assert credit - balance == paid
+
+
 def _ttfts(market: Market, key: str, count: int) -> list[float]:
     out = []
     for i in range(count):

@@ -100,6 +100,7 @@ class BatchRunner:
         self.policy = policy
         self._tasks: set[asyncio.Task[None]] = set()
         self._launching: dict[str, int] = {}  # model -> lines started, no slot held yet
+        self._running: dict[str, int] = {}  # batch id -> its lines running here
         self._wake = asyncio.Event()
 
     # ------------------------------------------------------------------ the API's operations
@@ -246,6 +247,7 @@ class BatchRunner:
         )
         for line in lines:
             self._launching[model] = self._launching.get(model, 0) + 1
+            self._running[batch["id"]] = self._running.get(batch["id"], 0) + 1
             job = asyncio.get_running_loop().create_task(self._run(batch, line))
             self._tasks.add(job)
             job.add_done_callback(self._tasks.discard)
@@ -272,6 +274,7 @@ class BatchRunner:
                                                 "code": None}})  # fmt: skip
         finally:
             dispatched()
+            self._running[batch["id"]] -= 1
         await self._record(batch, line, result)
         self._wake.set()
 
@@ -279,7 +282,9 @@ class BatchRunner:
         self, batch: dict[str, Any], line: dict[str, Any], result: LineResult
     ) -> None:
         db, batch_id, number = self._db, batch["id"], line["line"]
-        if result.retry:
+        # credit held by this batch's other running lines comes back when they are charged
+        # (a hold is a line's worst case): only a line refused with none running stops it
+        if result.retry or (result.out_of_credit and self._running.get(batch_id, 0) > 0):
             await asyncio.to_thread(batches_store.release, db, batch_id, number, self._owner)
             return
         await asyncio.to_thread(
