@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from agora.bench.adapters import adapters
+from agora.bench.batch import batch
 from agora.bench.gateway import gateway
 from agora.bench.holds import holds
 from agora.bench.prefixes import prefixes
@@ -15,6 +16,7 @@ from agora.bench.trust import trust
 
 app = typer.Typer(help="Benchmarks; each writes its numbers to a file.", no_args_is_help=True)
 app.command("adapters")(adapters)
+app.command("batch")(batch)
 app.command("gateway")(gateway)
 app.command("holds")(holds)
 app.command("prefixes")(prefixes)
