@@ -212,3 +212,28 @@ def test_a_node_returning_made_up_vectors_fails_its_spot_check_and_is_punished(
     until(lambda: "spot check" in (market.worker(cheat)["quarantined"] or ""))
     until(lambda: market.balance(client_account(victim)) == CREDIT)  # refunded
     assert market.balance(bond_account(cheat)) == BOND - SLASH
+
+
+def test_a_batch_of_embeddings_through_the_sdk_at_the_batch_price(market: Market) -> None:
+    _name, key = market.client("batch-embedder")
+    lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": MODEL, "input": [text, "and more"]}}
+             for i, text in enumerate(TEXTS)]  # fmt: skip
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    sdk = openai.OpenAI(base_url=market.coordinator.base_url, api_key=key, max_retries=0)
+    upload = sdk.files.create(file=("vectors.jsonl", data), purpose="batch")
+    batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings",
+                               completion_window="24h")  # fmt: skip
+    until(lambda: sdk.batches.retrieve(batch.id).status == "completed", timeout_s=120)
+    done = sdk.batches.retrieve(batch.id)
+    assert done.output_file_id is not None
+    output = [json.loads(line) for line in sdk.files.content(done.output_file_id).text.split()]
+    assert sorted(o["custom_id"] for o in output) == ["e0", "e1", "e2"]
+    for line in output:
+        body = line["response"]["body"]
+        assert [len(d["embedding"]) for d in body["data"]] == [256, 256]
+        document = httpx.get(
+            f"{market.coordinator.base_url}/receipts/{line['response']['request_id']}",
+            headers={"Authorization": f"Bearer {key}"}, timeout=30,
+        ).json()  # fmt: skip
+        assert document["receipt"]["price_prompt_per_mtok"] == PRICE_IN // 2  # batch price
