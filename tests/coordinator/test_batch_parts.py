@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from coordinator.api.batch_lines import line_request
+from coordinator.errors import InvalidRequest
 from coordinator.services.batches.lines import (
     InvalidInput,
     jsonl,
@@ -85,3 +87,18 @@ def test_a_batch_takes_only_what_online_traffic_leaves_beyond_the_headroom(
     slots: list[tuple[int, int]], share: float, launching: int, expected: int
 ) -> None:
     assert room(slots, share, launching) == expected
+
+
+def test_a_line_runs_as_a_batch_request_on_the_cheapest_worker_unless_it_says_otherwise() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    request = line_request("/v1/chat/completions", body)
+    assert (request.batch, request.prefs.sort, request.stream) == (True, "price", False)
+    assert request.max_tokens == 4
+    chosen = line_request("/v1/chat/completions", {**body, "provider": {"sort": "latency"}})
+    assert chosen.prefs.sort == "latency"
+    vectors = line_request("/v1/embeddings", {"model": "e", "input": ["a", "b"]})
+    assert (vectors.batch, vectors.task) == (True, "embed")
+    with pytest.raises(InvalidRequest, match="stream"):
+        line_request("/v1/chat/completions", {**body, "stream": True})
+    with pytest.raises(InvalidRequest):
+        line_request("/v1/completions", {"model": "m"})  # no prompt: that line's 400
