@@ -205,6 +205,7 @@ class Coordinator:
                 max_in_flight=settings.batch_max_in_flight,
                 lease_s=settings.batch_lease_s, max_lines=settings.batch_max_lines,
             ),
+            served_by=self._served_by,
         )  # fmt: skip
         self.traffic = TrafficHistory(settings.traffic_sample_s)
         self.overview = Overview(
@@ -374,6 +375,11 @@ class Coordinator:
             self.identity, settings, self.registry, self.trust, self.endpoints
         )
         await self.network.start()
+
+    def _served_by(self, name: str) -> list[str]:
+        """The served models behind a client's model name (a release's versions, or itself)."""
+        targets = self.releases.targets(name, "")
+        return [t.serves for t in targets] if targets else [name]
 
     def _elsewhere(self, model: str) -> list[str]:
         """Other coordinators of the p2p market that serve `model` (none without a market)."""

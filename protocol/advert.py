@@ -14,8 +14,8 @@ _REGISTER_DOMAIN = b"agora-register-v1\0"
 GENERATE = "generate"
 EMBED = "embed"
 TASKS = (GENERATE, EMBED)
-# a batch job (the Batch API, run on capacity online traffic leaves free) costs this much less
-# than the online price unless the offer says otherwise: OpenAI's half price
+# what a node takes off its prices for a batch job (the Batch API, run on capacity online
+# traffic leaves free) unless its operator says otherwise: OpenAI's half price
 DEFAULT_BATCH_DISCOUNT_BPS = 5_000
 
 
@@ -40,7 +40,8 @@ class ModelOffer:
     # what the model does: "generate" (chat and completions) or "embed" (/v1/embeddings,
     # priced per input token)
     task: str = GENERATE
-    # basis points off every price for a batch job (None: DEFAULT_BATCH_DISCOUNT_BPS)
+    # basis points off every price for a batch job; None: the node signs no batch prices
+    # (software from before them), so no batch job goes to it
     batch_discount_bps: int | None = None
 
     def __post_init__(self) -> None:
@@ -84,9 +85,8 @@ class ModelOffer:
 
     @property
     def batch_discount(self) -> int:
-        """Basis points off for a batch job."""
-        given = self.batch_discount_bps
-        return DEFAULT_BATCH_DISCOUNT_BPS if given is None else given
+        """Basis points off for a batch job (0 for a node that takes none)."""
+        return self.batch_discount_bps or 0
 
     def _batch(self, price: int) -> int:
         return price * (10_000 - self.batch_discount) // 10_000

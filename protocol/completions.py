@@ -123,11 +123,20 @@ class Output:
             self.cached_prompt_tokens = cached_tokens_of(usage)
 
     def _add_vectors(self, response: dict[str, Any]) -> None:
+        """Each well-formed vector (an int index; floats or a base64 string); anything else
+        is left out, so a worker's malformed answer shows as missing vectors."""
         for item in response.get("data") or ():
-            if not isinstance(item, dict):
+            index = item.get("index") if isinstance(item, dict) else None
+            embedding = item.get("embedding") if isinstance(item, dict) else None
+            if type(index) is not int or index < 0:
                 continue
-            out = self._choice(int(item.get("index", 0)))
-            out.parts[:] = [vector_text(item.get("embedding"))]
+            if not isinstance(embedding, str) and not (
+                isinstance(embedding, list)
+                and all(isinstance(x, int | float) and not isinstance(x, bool) for x in embedding)
+            ):
+                continue
+            out = self._choice(index)
+            out.parts[:] = [vector_text(embedding)]
             out.finish_reason = "stop"
         usage = response.get("usage")
         if isinstance(usage, dict):

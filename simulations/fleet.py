@@ -105,6 +105,10 @@ class SimWorker:
         return "generate"
 
     @property
+    def takes_batches(self) -> bool:  # batches are not simulated
+        return False
+
+    @property
     def free(self) -> bool:
         return self.available and self.in_flight < self.gpu.slots
 

@@ -179,6 +179,14 @@ def test_wrong_calls_are_refused_before_anything_runs_or_is_billed(market: Marke
                                                                  "input": "hi"})  # fmt: skip
         assert vectors.status_code == 400
         assert vectors.json()["error"]["code"] == "wrong_model_task"
+        lines = json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/embeddings",
+                            "body": {"model": "tiny-chat", "input": "hi"}}) + "\n"  # fmt: skip
+        upload = client.post("/files", headers=auth, files={"file": ("x.jsonl", lines.encode())},
+                             data={"purpose": "batch"})  # fmt: skip
+        batch = client.post("/batches", headers=auth, json={
+            "input_file_id": upload.json()["id"], "endpoint": "/v1/embeddings"})  # fmt: skip
+        assert batch.status_code == 400, batch.text  # a batch no node of the model can run
+        assert batch.json()["error"]["code"] == "wrong_model_task"
     bad: dict[str, Any]
     for bad in ({"input": []}, {"input": [""]}, {"input": "hi", "encoding_format": "hex"},
                 {"input": 7}, {"input": "hi", "dimensions": 0}):  # fmt: skip

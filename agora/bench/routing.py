@@ -39,6 +39,7 @@ class Offer:
     adapter_price_prompt_per_mtok: int = 0
     adapter_price_completion_per_mtok: int = 0
     task: str = "generate"
+    takes_batches: bool = True
 
     @property
     def price_cached_prompt_per_mtok(self) -> int:  # no cached-prompt discount here

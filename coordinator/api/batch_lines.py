@@ -61,9 +61,10 @@ def line_runner(path: RequestPath) -> RunLine:
         token = request_id_var.set(request_id)
         try:
             try:
-                fulfilment = await path.begin(principal, line_request(url, body))
+                request = dataclasses.replace(line_request(url, body), on_dispatch=dispatched)
+                fulfilment = await path.begin(principal, request)
             finally:
-                dispatched()
+                dispatched()  # (already, unless it never reached a worker)
             answer = await fulfilment.whole()
             # the line counts as done once its charge is posted: a crash before that runs it
             # again (its request id was not billed), never leaves it answered and unbilled

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
 
 from coordinator.api.deps import AdminDep, BodyDep, PrincipalDep, validated
 from coordinator.api.errors import documented
-from coordinator.errors import PayloadTooLarge
+from coordinator.errors import InvalidRequest, PayloadTooLarge
 from coordinator.services.batches.files import FileLibrary
 from coordinator.services.batches.lines import ENDPOINTS
 from coordinator.services.batches.runner import BatchRunner
@@ -45,17 +46,37 @@ def _page(data: list[dict[str, Any]], limit: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- files
-@router.post("/files")
-async def upload_file(
-    request: Request, principal: PrincipalDep, files: FilesDep,
-    file: Annotated[UploadFile, File(description="JSONL: one request per line")],
-    purpose: Annotated[str, Form()],
-) -> dict[str, Any]:  # fmt: skip
+_UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file", "purpose"],
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "JSONL: one request per line"},
+                           "purpose": {"type": "string", "enum": ["batch"]}},
+        }}},
+    }
+}  # fmt: skip
+
+
+@router.post("/files", openapi_extra=_UPLOAD_DOC)
+async def upload_file(request: Request, principal: PrincipalDep, files: FilesDep) -> dict[str, Any]:
     """Upload a batch input file (checked line by line; a bad file is refused whole, every
-    bad line named)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > files.max_bytes + 65_536:
+    bad line named). The key is checked and the size bounded before the body is read."""
+    declared = request.headers.get("content-length") or ""
+    if not declared.isdigit():
+        raise InvalidRequest("An upload needs a Content-Length header.", param="file")
+    if int(declared) > files.max_bytes + 65_536:  # the file and the form around it
         raise PayloadTooLarge(f"The file is larger than {files.max_bytes} bytes.")
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:  # starlette's multipart errors: the body is not a form
+        raise InvalidRequest(f"The body is not a multipart form: {exc}", param="file") from exc
+    file, purpose = form.get("file"), form.get("purpose")
+    if not isinstance(file, UploadFile):
+        raise InvalidRequest("Send the file as the form's `file` part.", param="file")
+    if not isinstance(purpose, str):
+        raise InvalidRequest("Say the file's `purpose` (batch).", param="purpose")
     data = await file.read(files.max_bytes + 1)
     return await files.upload(principal.client, file.filename or "", purpose, data)
 
@@ -86,7 +107,7 @@ async def delete_file(file_id: str, principal: PrincipalDep, files: FilesDep) ->
 
 # ---------------------------------------------------------------------- batches
 class BatchBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # e.g. the SDK's output_expires_after
     input_file_id: Annotated[str, Field(strict=True, min_length=1)]
     endpoint: Literal[ENDPOINTS]  # type: ignore[valid-type]
     completion_window: Annotated[str, Field(strict=True)] = "24h"

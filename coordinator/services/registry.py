@@ -96,6 +96,11 @@ class ModelSlot:
         return self.offer.task
 
     @property
+    def takes_batches(self) -> bool:
+        """The node signs batch prices (nodes from before them would sign online ones)."""
+        return self.offer.batch_discount_bps is not None
+
+    @property
     def in_flight(self) -> int:
         return self.own_jobs + self.jobs_elsewhere
 

@@ -50,6 +50,8 @@ class CandidateView(Protocol):
     def price_cached_prompt_per_mtok(self) -> int: ...  # client price of a cached prompt token
     @property
     def task(self) -> str: ...  # "generate" or "embed" (protocol.advert)
+    @property
+    def takes_batches(self) -> bool: ...  # it signs batch prices (Batch API jobs)
 
 
 class StatsView(Protocol):
@@ -72,6 +74,7 @@ class RouteRequest:
     max_tokens: int  # upper bound of completion tokens
     adapter: str = ""  # sha256 of the LoRA adapter it runs with ("" = the base model)
     task: str = "generate"  # what it needs of the model: "generate" or "embed"
+    batch: bool = False  # a Batch API line: only workers that sign batch prices
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,8 @@ def _exclusion(
         return "unavailable"
     if c.task != request.task:  # an embedding model under a chat model's name, or back
         return "wrong_task"
+    if request.batch and not c.takes_batches:
+        return "no_batch_price"
     if request.adapter and request.adapter not in c.adapters and c.max_loras < 1:
         return "no_adapter"
     if c.in_flight >= c.max_concurrency:

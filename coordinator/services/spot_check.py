@@ -31,6 +31,7 @@ from coordinator.services.spot_judgement import (
     sampling_temperature,
 )
 from coordinator.services.trust import Trust, Verdict
+from protocol.advert import EMBED, GENERATE
 from protocol.completions import COMPLETIONS, EMBEDDINGS, Output, cached_tokens_of
 
 if TYPE_CHECKING:  # the request path uses spot checks, and spot checks its dispatcher
@@ -151,7 +152,7 @@ class SpotChecker:
         return answer
 
     def _reference_for(
-        self, trust: Trust, model: str, checked: str, adapter: str
+        self, trust: Trust, model: str, checked: str, adapter: str, task: str = GENERATE
     ) -> ModelSlot | None:
         """The most trusted other worker with a free slot, if it is more trusted than the
         checked one or past probation (an unproven reference could accuse an honest worker).
@@ -159,7 +160,7 @@ class SpotChecker:
         mine = trust.score(checked)
         candidates = [
             s for s in self._registry.pool(model)
-            if s.node_id != checked and s.available and s.free_slots > 0
+            if s.node_id != checked and s.available and s.free_slots > 0 and s.task == task
             and (trust.score(s.node_id) > mine or not trust.on_probation(s.node_id))
             and (not adapter or adapter in s.adapters or s.max_loras > 0)
         ]  # fmt: skip
@@ -194,7 +195,7 @@ class SpotChecker:
 
     async def _check_vectors(self, candidate: CheckCandidate, trust: Trust) -> None:
         """Embed the same inputs on the most trusted other worker and compare the vectors."""
-        reference = self._reference_for(trust, candidate.model, candidate.node_id, "")
+        reference = self._reference_for(trust, candidate.model, candidate.node_id, "", EMBED)
         if reference is None:
             return
         body = {k: v for k, v in candidate.body.items() if k not in ("provider", "models")}

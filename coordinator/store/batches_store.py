@@ -93,14 +93,16 @@ def usage(engine: Engine, batch_id: str) -> tuple[int, int]:
 
 
 def transition(
-    engine: Engine, batch_id: str, from_states: tuple[str, ...], to: str, **values: Any
-) -> bool:
-    """Move a batch to `to` if it is in one of `from_states` (False: someone else moved it)."""
+    engine: Engine, batch_id: str, from_states: tuple[str, ...], to: str,
+    finalizing_before: datetime | None = None, **values: Any,
+) -> bool:  # fmt: skip
+    """Move a batch to `to` if it is in one of `from_states` (False: someone else moved it);
+    with `finalizing_before`, only if its finalizing began before then (a takeover)."""
+    where = [_B.id == batch_id, _B.status.in_(from_states)]
+    if finalizing_before is not None:
+        where.append(_B.finalizing_at < finalizing_before)
     with writers_turn(engine), for_writes(engine).begin() as conn:
-        done = conn.execute(
-            update(BATCHES).where(_B.id == batch_id, _B.status.in_(from_states))
-            .values(status=to, **values)
-        )  # fmt: skip
+        done = conn.execute(update(BATCHES).where(*where).values(status=to, **values))
         return bool(done.rowcount)
 
 
@@ -156,12 +158,15 @@ def finish(
 
 
 def fail_unrun(engine: Engine, batch_id: str, response: str, now: datetime) -> int:
-    """Every pending line failed with `response` (the batch stopped before running them)."""
+    """Every line not run failed with `response` (the batch stopped before running them):
+    pending ones, and running ones whose owner died (its lease ran out)."""
+    unrun = or_(_L.state == "pending", and_(_L.state == "running", _L.lease_until < now))
     with writers_turn(engine), for_writes(engine).begin() as conn:
         done = conn.execute(
             update(BATCH_LINES)
-            .where(_L.batch_id == batch_id, _L.state == "pending")
-            .values(state="failed", response=response, finished_at=now)
+            .where(_L.batch_id == batch_id, unrun)
+            .values(state="failed", status_code=None, response=response, finished_at=now,
+                    owner=None, lease_until=None)
         )  # fmt: skip
         return int(done.rowcount)
 

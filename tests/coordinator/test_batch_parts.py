@@ -45,7 +45,7 @@ def test_every_bad_line_is_named_and_nothing_is_taken() -> None:
         'line 4: `method` must be "POST"',
         "line 5: `url` must be one of /v1/chat/completions, /v1/completions, /v1/embeddings",
         "line 6: `body` must be a JSON object",
-        "line 7: `body.model` must be a non-empty string",
+        "line 7: `body.model` must be a string of 1 to 200 characters",
         "line 8: not a JSON object",
         "line 9: `custom_id` must be a non-empty string",
     ]

@@ -98,3 +98,9 @@ def test_routing_sends_a_request_only_to_offers_of_its_task() -> None:
     assert vectors.excluded == {"wrong_task": 1}
     chat = route(RouteRequest("m", 10, 10), pool, {}, Preferences(), random.Random(0), 0.0)
     assert [c.node_id for c in chat.ranked] == ["generator"]
+    older = Offer("older", 10, 20, takes_batches=False)  # signs no batch prices
+    lines = route(RouteRequest("m", 10, 10, batch=True), [generator, older], {}, Preferences(),
+                  random.Random(0), 0.0)  # fmt: skip
+    assert [c.node_id for c in lines.ranked] == ["generator"]
+    assert lines.excluded == {"no_batch_price": 1}
+    assert [c.node_id for c in chat.ranked] == ["generator"]

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protocol.advert import DEFAULT_BATCH_DISCOUNT_BPS
 from worker_node.errors import ConfigError
 
 
@@ -67,8 +68,8 @@ class ModelConfig(_Strict):
     price_out: int = Field(default=200_000, ge=0)  # micro-units per 1M completion tokens
     # per 1M prompt tokens the engine finds in its prefix cache (<= price_in; None: price_in)
     price_cached_in: int | None = Field(default=None, ge=0)
-    # basis points off every price for Batch API jobs (None: the default, 5000 = half price)
-    batch_discount_bps: int | None = Field(default=None, ge=0, le=10_000)
+    # basis points off every price for Batch API jobs (5000: half price, as OpenAI)
+    batch_discount_bps: int = Field(default=DEFAULT_BATCH_DISCOUNT_BPS, ge=0, le=10_000)
     max_concurrency: int = Field(default=8, ge=1, le=4096)  # jobs accepted at once
     max_model_len: int | None = Field(default=None, ge=16)
     dtype: str = "auto"

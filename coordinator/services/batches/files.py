@@ -89,8 +89,7 @@ class FileLibrary:
         return file_object(await self.get(client, file_id))
 
     async def content(self, client: str, file_id: str) -> bytes:
-        row = await self.get(client, file_id)
-        return await asyncio.to_thread(self._path(row["sha256"]).read_bytes)
+        return await self._bytes(await self.get(client, file_id))
 
     async def requests(self, client: str, file_id: str) -> tuple[dict[str, Any], list[InputLine]]:
         """A batch input file's row and its requests (checked again: the bytes are the file's)."""
@@ -98,8 +97,19 @@ class FileLibrary:
         if row["purpose"] != "batch":
             raise InvalidRequest(f"{file_id} is not a batch input file (purpose "
                                  f"{row['purpose']!r}).", param="input_file_id")  # fmt: skip
-        data = await asyncio.to_thread(self._path(row["sha256"]).read_bytes)
-        return row, await asyncio.to_thread(parse_input, data, self.max_lines)
+        data = await self._bytes(row)
+        try:
+            return row, await asyncio.to_thread(parse_input, data, self.max_lines)
+        except InvalidInput as exc:  # e.g. the operator lowered the line limit since
+            raise InvalidRequest(f"{file_id} cannot run as a batch: {exc}",
+                                 param="input_file_id") from exc  # fmt: skip
+
+    async def _bytes(self, row: dict[str, Any]) -> bytes:
+        try:
+            return await asyncio.to_thread(self._path(row["sha256"]).read_bytes)
+        except FileNotFoundError as exc:  # e.g. a replica on another host stored it
+            raise NotFound(f"The bytes of {row['id']} are not on this coordinator.",
+                           param="file_id") from exc  # fmt: skip
 
     async def listed(
         self, client: str, purpose: str | None, limit: int, after: str | None

@@ -10,6 +10,7 @@ import msgspec
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_CUSTOM_ID = 512
+MAX_MODEL = 200
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
@@ -48,8 +49,9 @@ def _problem(value: Any, seen: set[str]) -> str | None:
     body = value.get("body")
     if not isinstance(body, dict):
         return "`body` must be a JSON object"
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        return "`body.model` must be a non-empty string"
+    model = body.get("model")
+    if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL:
+        return f"`body.model` must be a string of 1 to {MAX_MODEL} characters"
     return None
 
 

@@ -14,14 +14,16 @@ lease; a line's request id is fixed, so it is billed at most once however often 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from coordinator.errors import InvalidRequest, NotFound
 from coordinator.services.accounts import Principal
@@ -34,6 +36,7 @@ from coordinator.store.db import Engine
 from protocol.advert import EMBED, GENERATE
 
 log = logging.getLogger("agora.coordinator.batches")
+T = TypeVar("T")
 WINDOWS = {"24h": timedelta(hours=24)}
 _UNRUN = {  # why lines were left unrun -> (error code, message)
     "expired": ("batch_expired", "The batch expired before this request ran."),
@@ -65,6 +68,9 @@ class BatchPolicy:
     max_in_flight: int = 64  # lines this process runs at once, all batches together
     lease_s: float = 600.0  # a running line's claim (another process takes it after this)
     tick_s: float = 0.5  # how often batches are looked at when no slot frees up
+    min_tick_s: float = 0.05  # and at most this often (each look reads the database)
+    retry_s: float = 1.0  # a line that could not run now: its batch starts none for this long
+    finalize_takeover_s: float = 300.0  # a batch left `finalizing` this long is finished again
     max_lines: int = 50_000  # requests one batch may hold
 
 
@@ -91,17 +97,27 @@ class BatchRunner:
     def __init__(
         self, db: Engine, files: FileLibrary, registry: Registry, run_line: RunLine,
         owner: str, policy: BatchPolicy,
+        served_by: Callable[[str], list[str]] = lambda name: [name],
     ) -> None:  # fmt: skip
         self._db = db
         self._files = files
         self._registry = registry
         self._run_line = run_line
+        self._served_by = served_by  # a client's model name (a release's too) -> served models
         self._owner = owner  # this process, the same across its restarts
         self.policy = policy
         self._tasks: set[asyncio.Task[None]] = set()
         self._launching: dict[str, int] = {}  # model -> lines started, no slot held yet
         self._running: dict[str, int] = {}  # batch id -> its lines running here
+        self._paused: dict[str, datetime] = {}  # batch id -> no new lines before then
         self._wake = asyncio.Event()
+        # the runner's reads and writes wait on their own thread: the default pool stays free
+        # for the request path (a busy batch once left online requests queued behind it)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="agora-batches")
+
+    async def _store(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(call, *args, **kwargs))
 
     # ------------------------------------------------------------------ the API's operations
     async def create(
@@ -123,11 +139,13 @@ class BatchRunner:
                 f"{input_file_id} asks {len(models)} models ({_few(sorted(models))}); a batch "
                 "runs one model, as OpenAI's does.", param="input_file_id",
             )  # fmt: skip
+        model = next(iter(models))
+        self._check_model(model, _task_of(endpoint))
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
         now = _now()
         batch = {
             "id": batch_id, "client": principal.client, "key_id": principal.key_id,
-            "endpoint": endpoint, "model": models.pop(), "input_file_id": file["id"],
+            "endpoint": endpoint, "model": model, "input_file_id": file["id"],
             "completion_window": window, "status": "in_progress",
             "metadata_json": json.dumps(metadata or {}), "total": len(lines), "created_at": now,
             "in_progress_at": now, "expires_at": now + WINDOWS[window],
@@ -139,29 +157,38 @@ class BatchRunner:
              "prompt_tokens": 0, "completion_tokens": 0}
             for i, line in enumerate(lines)
         ]  # fmt: skip
-        await asyncio.to_thread(batches_store.create, self._db, batch, rows)
+        await self._store(batches_store.create, self._db, batch, rows)
         self._wake.set()
         return await self.describe(principal.client, batch_id)
 
+    def _check_model(self, model: str, task: str) -> None:
+        """Refuse a batch for a model whose nodes all do another task (one that no node serves
+        now may still get one within the batch's window: its lines wait)."""
+        slots = [s for served in self._served_by(model) for s in self._registry.pool(served)]
+        if slots and not any(s.task == task for s in slots):
+            kind = "an embedding model" if task == GENERATE else "not an embedding model"
+            raise InvalidRequest(f"The model `{model}` is {kind}; this batch's endpoint cannot "
+                                 "run on it.", param="model", code="wrong_model_task")  # fmt: skip
+
     async def describe(self, client: str | None, batch_id: str) -> dict[str, Any]:
-        row = await asyncio.to_thread(batches_store.get, self._db, batch_id, client)
+        row = await self._store(batches_store.get, self._db, batch_id, client)
         if row is None:
             raise NotFound(f"No such batch: {batch_id}.", param="batch_id")
-        counts = await asyncio.to_thread(batches_store.counts, self._db, [batch_id])
+        counts = await self._store(batches_store.counts, self._db, [batch_id])
         return batch_object(row, counts[batch_id])
 
     async def listed(
         self, client: str | None, limit: int, after: str | None
     ) -> list[dict[str, Any]]:
-        rows = await asyncio.to_thread(batches_store.listed, self._db, client, limit, after)
-        counts = await asyncio.to_thread(batches_store.counts, self._db, [r["id"] for r in rows])
+        rows = await self._store(batches_store.listed, self._db, client, limit, after)
+        counts = await self._store(batches_store.counts, self._db, [r["id"] for r in rows])
         return [batch_object(r, counts[r["id"]]) for r in rows]
 
     async def cancel(self, client: str, batch_id: str) -> dict[str, Any]:
         """Stop starting lines; those running finish; then the batch is `cancelled` with what
         was done in its output file."""
         await self.describe(client, batch_id)  # 404 unless it is the client's
-        moved = await asyncio.to_thread(
+        moved = await self._store(
             batches_store.transition, self._db, batch_id, ("validating", "in_progress"),
             "cancelling", cancelling_at=_now(),
         )  # fmt: skip
@@ -176,7 +203,7 @@ class BatchRunner:
     # ------------------------------------------------------------------ running
     async def run(self) -> None:
         """Run batches until cancelled (the coordinator's lifespan owns this task)."""
-        taken_back = await asyncio.to_thread(batches_store.reset_owned, self._db, self._owner)
+        taken_back = await self._store(batches_store.reset_owned, self._db, self._owner)
         if taken_back:
             log.warning("%d batch line(s) this process was running when it stopped run again",
                         taken_back)  # fmt: skip
@@ -194,32 +221,41 @@ class BatchRunner:
                                    return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
                 for future in pending:
                     future.cancel()
+                await asyncio.sleep(self.policy.min_tick_s)
         finally:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._executor.shutdown(wait=False)
 
     async def _tick(self) -> None:
-        batches = await asyncio.to_thread(batches_store.active, self._db)
+        batches = await self._store(batches_store.active, self._db)
         if not batches:
             return
-        counts = await asyncio.to_thread(batches_store.counts, self._db, [b["id"] for b in batches])
+        counts = await self._store(batches_store.counts, self._db, [b["id"] for b in batches])
         now = _now()
         for batch in batches:
             mine = counts[batch["id"]]
             stop = self._stop_reason(batch, now)
-            if stop is not None and mine.get("pending"):
+            if batch["status"] == "finalizing":  # whoever began it died: finish it again
+                taken = now - timedelta(seconds=self.policy.finalize_takeover_s)
+                if await self._store(
+                    batches_store.transition, self._db, batch["id"], ("finalizing",),
+                    "finalizing", finalizing_before=taken, finalizing_at=now,
+                ):  # fmt: skip
+                    await self._write_files(batch, batch["stop_reason"])
+                continue
+            if stop is not None and (mine.get("pending") or mine.get("running")):
                 code, message = _UNRUN[stop]
                 response = json.dumps({"code": code, "message": message})
-                await asyncio.to_thread(
-                    batches_store.fail_unrun, self._db, batch["id"], response, now
-                )
-                mine = (await asyncio.to_thread(batches_store.counts, self._db, [batch["id"]]))[
+                await self._store(batches_store.fail_unrun, self._db, batch["id"], response, now)
+                mine = (await self._store(batches_store.counts, self._db, [batch["id"]]))[
                     batch["id"]
                 ]
             if not mine.get("pending") and not mine.get("running"):
                 await self._finalize(batch, stop)
-            elif stop is None and batch["status"] == "in_progress":
+            elif (stop is None and batch["status"] == "in_progress"
+                    and self._paused.get(batch["id"], now) <= now):  # fmt: skip
                 await self._launch(batch)
 
     @staticmethod
@@ -232,17 +268,17 @@ class BatchRunner:
         return reason
 
     async def _launch(self, batch: dict[str, Any]) -> None:
-        model = batch["model"]
-        task = EMBED if batch["endpoint"] == "/v1/embeddings" else GENERATE
-        slots = [(s.free_slots, s.max_concurrency) for s in self._registry.pool(model)
-                 if s.available and s.task == task]  # fmt: skip
+        model, task = batch["model"], _task_of(batch["endpoint"])
+        pool = [s for served in self._served_by(model) for s in self._registry.pool(served)]
+        slots = [(s.free_slots, s.max_concurrency) for s in pool
+                 if s.available and s.task == task and s.takes_batches]  # fmt: skip
         free = room(slots, self.policy.headroom_share, self._launching.get(model, 0))
         free = min(free, self.policy.max_in_flight - len(self._tasks))
         if free <= 0:
             return
         now = _now()
         lease = now + timedelta(seconds=self.policy.lease_s)
-        lines = await asyncio.to_thread(
+        lines = await self._store(
             batches_store.claim, self._db, batch["id"], self._owner, now, lease, free
         )
         for line in lines:
@@ -276,7 +312,8 @@ class BatchRunner:
             dispatched()
             self._running[batch["id"]] -= 1
         await self._record(batch, line, result)
-        self._wake.set()
+        if not result.retry:
+            self._wake.set()
 
     async def _record(
         self, batch: dict[str, Any], line: dict[str, Any], result: LineResult
@@ -285,9 +322,10 @@ class BatchRunner:
         # credit held by this batch's other running lines comes back when they are charged
         # (a hold is a line's worst case): only a line refused with none running stops it
         if result.retry or (result.out_of_credit and self._running.get(batch_id, 0) > 0):
-            await asyncio.to_thread(batches_store.release, db, batch_id, number, self._owner)
+            await self._store(batches_store.release, db, batch_id, number, self._owner)
+            self._paused[batch_id] = _now() + timedelta(seconds=self.policy.retry_s)
             return
-        await asyncio.to_thread(
+        await self._store(
             batches_store.finish, db, batch_id, number, self._owner,
             state="done" if result.status_code == 200 else "failed",
             status_code=result.status_code, response=json.dumps(result.body),
@@ -296,22 +334,38 @@ class BatchRunner:
         )  # fmt: skip
         if result.out_of_credit:
             log.info("batch %s stops: its client's credit ran out", batch_id)
-            await asyncio.to_thread(batches_store.transition, db, batch_id, ("in_progress",),
+            await self._store(batches_store.transition, db, batch_id, ("in_progress",),
                                     "in_progress", stop_reason="insufficient_credit")  # fmt: skip
 
     async def _finalize(self, batch: dict[str, Any], stop: str | None) -> None:
-        """Write the output and error files and end the batch (one process wins the move to
-        `finalizing`)."""
-        db, batch_id, now = self._db, batch["id"], _now()
-        if batch["status"] == "finalizing":
-            return  # another process is writing its files
-        moved = await asyncio.to_thread(
-            batches_store.transition, db, batch_id, (batch["status"],), "finalizing",
-            finalizing_at=now,
+        """Move the batch to `finalizing` (one process wins; why it stopped is kept with it),
+        then write its files and end it."""
+        moved = await self._store(
+            batches_store.transition, self._db, batch["id"], (batch["status"],), "finalizing",
+            finalizing_at=_now(), stop_reason=stop,
         )  # fmt: skip
-        if not moved:
+        if moved:
+            await self._write_files(batch, stop)
+
+    async def _write_files(self, batch: dict[str, Any], stop: str | None) -> None:
+        """The output and error files, then the final state. A failure leaves the batch
+        `finalizing`: the same or another process finishes it after `finalize_takeover_s`."""
+        db, batch_id = self._db, batch["id"]
+        try:
+            files = await self._files_of(batch)
+        except Exception:
+            log.exception("batch %s: could not write its files; finishing it later", batch_id)
             return
-        results = await asyncio.to_thread(batches_store.results, db, batch_id)
+        now = _now()
+        final = {"cancelled": "cancelled", "expired": "expired"}.get(stop or "", "completed")
+        values: dict[str, Any] = {**files, f"{final}_at": now}
+        await self._store(batches_store.transition, db, batch_id, ("finalizing",), final,
+                                **values)  # fmt: skip
+        log.info("batch %s %s", batch_id, final)
+
+    async def _files_of(self, batch: dict[str, Any]) -> dict[str, str]:
+        batch_id, client = batch["id"], batch["client"]
+        results = await self._store(batches_store.results, self._db, batch_id)
         outputs, errors = [], []
         for r in results:
             response = json.loads(r["response"] or "null")
@@ -324,8 +378,7 @@ class BatchRunner:
             else:
                 errors.append(output_line(r["custom_id"], r["request_id"], r["status_code"],
                                           response))  # fmt: skip
-        client = batch["client"]
-        files: dict[str, Any] = {}
+        files: dict[str, str] = {}
         if outputs:
             out = await self._files.store(client, f"{batch_id}_output.jsonl", "batch_output",
                                           jsonl(outputs), len(outputs))  # fmt: skip
@@ -334,11 +387,8 @@ class BatchRunner:
             err = await self._files.store(client, f"{batch_id}_error.jsonl", "batch_output",
                                           jsonl(errors), len(errors))  # fmt: skip
             files["error_file_id"] = err["id"]
-        final = {"cancelled": "cancelled", "expired": "expired"}.get(stop or "", "completed")
-        stamps = {f"{final}_at": now} if final != "completed" else {"completed_at": now}
-        await asyncio.to_thread(batches_store.transition, db, batch_id, ("finalizing",), final,
-                                **files, **stamps)  # fmt: skip
-        log.info("batch %s %s: %d answered, %d errors", batch_id, final, len(outputs), len(errors))
+        log.info("batch %s: %d answered, %d errors", batch_id, len(outputs), len(errors))
+        return files
 
     # ------------------------------------------------------------------ the operator's view
     async def overview(self, listed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -375,6 +425,10 @@ def batch_object(row: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
         "metadata": json.loads(row["metadata_json"] or "{}") or None,
         "model": row["model"], "client": row["client"],
     }  # fmt: skip
+
+
+def _task_of(endpoint: str) -> str:
+    return EMBED if endpoint == "/v1/embeddings" else GENERATE
 
 
 def _few(items: list[Any]) -> str:

@@ -83,7 +83,7 @@ class Fulfilment:
         # every choice of every prompt may run to max_tokens: that is what holds must cover
         completion_bound = max_tokens * request.choices
         self._bound = RouteRequest(request.model, path.prompt_bound(request), completion_bound,
-                                   request.adapter, request.task)  # fmt: skip
+                                   request.adapter, request.task, request.batch)  # fmt: skip
         # the prompt's prefix blocks, for prefix-aware routing (services.prefixes)
         self._chain = (
             prefix_chain(request.endpoint, request.prompt)
@@ -185,6 +185,8 @@ class Fulfilment:
                     completion_bound=self._remaining_bound(), adapter=request.adapter,
                     batch=request.batch,
                 )  # fmt: skip
+                if request.on_dispatch is not None:
+                    request.on_dispatch()
                 try:
                     first = await path.dispatcher.first_event(attempt)
                 except BaseException:  # cancelled while waiting (the client left)
@@ -379,6 +381,12 @@ class Fulfilment:
                     value = decode_json(event.response)
                     attempt.observed.add(attempt.endpoint, value, streamed=False)
                     if request.task == EMBED:  # the vectors as checked, in the client's format
+                        if sorted(attempt.observed.choices) != list(range(request.choices)):
+                            # not one vector per input: nothing delivered, nothing billed
+                            attempt.observed.choices.clear()
+                            attempt.end(cancel=True)
+                            self._worker_failed(attempt)
+                            raise UpstreamFailed("the worker did not return one vector per input")
                         result = embeddings_response(attempt.observed, self.response_id,
                                                      request.model_shown, request.body)  # fmt: skip
                     else:

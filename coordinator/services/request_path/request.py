@@ -3,6 +3,7 @@ embeddings (which generate nothing: no completion tokens, never streamed)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ class CompletionRequest:
     session: str = ""  # a conversation's key (`user`, or X-Agora-Session): kept on one worker
     cache: bool = False  # the client opted in to the response cache (X-Agora-Cache: on)
     batch: bool = False  # a Batch API line: the workers' batch prices, never queued
+    # told once its first job is sent to a worker (holding a slot): a batch counts its lines
+    on_dispatch: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def model_shown(self) -> str:
