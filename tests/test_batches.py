@@ -267,39 +267,39 @@ def _ttfts(market: Market, key: str, count: int) -> list[float]:
     return out
 
 
-def _streams(market: Market, key: str, stop: threading.Event) -> None:
-    """Online streams of a batch line's shape, one after another, until `stop`."""
+def _requests(market: Market, key: str, stop: threading.Event) -> None:
+    """Online requests of a batch line's shape (whole answers, 128 tokens), one after another,
+    until `stop`."""
     with market.sdk(key) as sdk:
         while not stop.is_set():
-            for _chunk in sdk.chat.completions.create(
+            sdk.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "load"}], max_tokens=128,
-                stream=True, extra_body={"ignore_eos": True},
-            ):  # fmt: skip
-                pass
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
 
 
 def test_online_requests_keep_their_time_to_first_token_while_a_batch_runs(
     market: Market,
 ) -> None:
     """The batch never takes the slots kept free for online traffic (a quarter of them, 2 of
-    the node's 8), so an online request never waits for a batch line to finish: it only
-    shares the engine's steps, and a running batch costs its time to first token no more than
-    the same number of online streams would (bound: 1.5x their median + 0.1 s; on this 2-core
-    machine every running sequence slows the engine, GPUs batch them nearly for free)."""
+    the node's 8), so an online request never waits for a batch line to finish: a running
+    batch costs a stream's time to first token no more than the same number of online
+    requests of the lines' shape would (bound: 1.5x their median + 0.25 s; on this 2-core
+    machine every running sequence slows everything, GPUs batch them nearly for free)."""
     key = market.coordinator.create_client("online", CREDIT)
     stop = threading.Event()
-    load = [threading.Thread(target=_streams, args=(market, key, stop)) for _ in range(6)]
+    load = [threading.Thread(target=_requests, args=(market, key, stop)) for _ in range(6)]
     for thread in load:
         thread.start()
     time.sleep(1.0)
     try:
-        beside_online = _ttfts(market, key, 8)
+        beside_online = _ttfts(market, key, 12)
     finally:
         stop.set()
         for thread in load:
             thread.join()
     sdk = market.sdk(key)
-    lines = [chat_line(f"o{i}", max_tokens=128, ignore_eos=True) for i in range(400)]
+    lines = [chat_line(f"o{i}", max_tokens=128, ignore_eos=True) for i in range(2000)]
     batch = start(sdk, lines)
     in_flight: list[int] = []  # the node's jobs while only the batch runs: never in the headroom
     deadline = time.monotonic() + 30
@@ -310,10 +310,10 @@ def test_online_requests_keep_their_time_to_first_token_while_a_batch_runs(
             in_flight.append(workers[0]["models"][MODEL]["in_flight"])
             time.sleep(0.05)
     assert max(in_flight) == 8 - 2
-    beside_batch = _ttfts(market, key, 8)
+    beside_batch = _ttfts(market, key, 12)
     running = sdk.batches.retrieve(batch.id)
-    assert running.status == "in_progress"  # the batch was running throughout
+    assert running.status == "in_progress"  # the batch was running throughout (far from done)
     sdk.batches.cancel(batch.id)
     until_done(sdk, batch.id)
-    bound = 1.5 * statistics.median(beside_online) + 0.1
+    bound = 1.5 * statistics.median(beside_online) + 0.25
     assert statistics.median(beside_batch) <= bound, (beside_online, beside_batch)
