@@ -7,13 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from coordinator.config import default_data_dir
-from coordinator.status_cli import admin_token_of
+from coordinator.status_cli import admin_get, admin_token_of
 
 console = Console()
 
@@ -43,13 +42,4 @@ def batches(
 ) -> None:
     """Every client's batches: status, progress, and what they use of the market now."""
     token = admin_token_of(admin_token, data_dir)
-    try:
-        response = httpx.get(f"{url.rstrip('/')}/admin/v1/batches", params={"limit": limit},
-                             headers={"Authorization": f"Bearer {token}"}, timeout=30)  # fmt: skip
-    except httpx.HTTPError as exc:
-        console.print(f"[red]error:[/] cannot reach the coordinator at {url}: {exc}")
-        raise typer.Exit(1) from exc
-    if response.status_code != 200:
-        console.print(f"[red]error:[/] {response.status_code} {response.text}")
-        raise typer.Exit(1)
-    show(response.json())
+    show(admin_get(url, token, "/batches", {"limit": limit}))

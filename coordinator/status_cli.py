@@ -76,9 +76,15 @@ def status(
     data_dir: Path = typer.Option(default_data_dir(), help="The coordinator's data directory."),
 ) -> None:
     """The market at a glance: capacity, workers, money, top clients."""
-    token = admin_token_of(admin_token, data_dir)
+    show(admin_get(url, admin_token_of(admin_token, data_dir), "/overview"))
+
+
+def admin_get(
+    url: str, token: str, path: str, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """GET an admin API path (under /admin/v1) as JSON; a clear error and exit 1 otherwise."""
     try:
-        response = httpx.get(f"{url.rstrip('/')}/admin/v1/overview", timeout=30,
+        response = httpx.get(f"{url.rstrip('/')}/admin/v1{path}", params=params, timeout=30,
                              headers={"Authorization": f"Bearer {token}"})  # fmt: skip
     except httpx.HTTPError as exc:
         console.print(f"[red]error:[/] cannot reach the coordinator at {url}: {exc}")
@@ -86,4 +92,5 @@ def status(
     if response.status_code != 200:
         console.print(f"[red]error:[/] {response.status_code} {response.text}")
         raise typer.Exit(1)
-    show(response.json())
+    result: dict[str, Any] = response.json()
+    return result
