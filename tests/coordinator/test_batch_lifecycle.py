@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from coordinator.app import Coordinator
+from coordinator.services.accounts import Principal
 from coordinator.store import batches_store
 from tests.coordinator.test_request_path import client
 
@@ -18,13 +20,19 @@ def _file(lines: int) -> bytes:
                    for i in range(lines)).encode()  # fmt: skip
 
 
+async def _batch(coordinator: Coordinator, lines: int) -> tuple[Principal, dict[str, Any]]:
+    """A client and its batch of `lines` requests, created (nothing runs them here)."""
+    alice = await client(coordinator)
+    upload = await coordinator.files.upload(alice.client, "in.jsonl", "batch", _file(lines))
+    batch = await coordinator.batches.create(alice, upload["id"], "/v1/chat/completions",
+                                             "24h", None)  # fmt: skip
+    return alice, batch
+
+
 async def test_an_expired_batch_settles_what_ran_and_names_the_rest_expired(
     coordinator: Coordinator,
 ) -> None:
-    alice = await client(coordinator)
-    upload = await coordinator.files.upload(alice.client, "in.jsonl", "batch", _file(3))
-    batch = await coordinator.batches.create(alice, upload["id"], "/v1/chat/completions",
-                                             "24h", None)  # fmt: skip
+    alice, batch = await _batch(coordinator, 3)
     # one line ran before the window closed (no worker serves `m` here: it is written as done)
     now = datetime.now(UTC)
     [first] = batches_store.claim(coordinator.db, batch["id"], "someone", now,
@@ -51,10 +59,7 @@ async def test_an_expired_batch_settles_what_ran_and_names_the_rest_expired(
 async def test_a_running_line_is_taken_again_after_a_restart_or_its_lease_under_its_request_id(
     coordinator: Coordinator,
 ) -> None:
-    alice = await client(coordinator)
-    upload = await coordinator.files.upload(alice.client, "in.jsonl", "batch", _file(2))
-    batch = await coordinator.batches.create(alice, upload["id"], "/v1/chat/completions",
-                                             "24h", None)  # fmt: skip
+    _alice, batch = await _batch(coordinator, 2)
     owner = coordinator.batches._owner
     now = datetime.now(UTC)
     taken = batches_store.claim(coordinator.db, batch["id"], owner, now,
