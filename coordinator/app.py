@@ -34,6 +34,7 @@ from coordinator.api import (
     model_routes,
     openai_routes,
     openapi,
+    policy_routes,
 )
 from coordinator.api.batch_lines import line_runner
 from coordinator.api.browser_sessions import BrowserSessions
@@ -51,6 +52,7 @@ from coordinator.services.decisions import DecisionLog
 from coordinator.services.metering import Tokenizers
 from coordinator.services.overview import Overview
 from coordinator.services.payouts import Payouts
+from coordinator.services.policy.book import PolicyBook
 from coordinator.services.prefixes import PrefixIndex
 from coordinator.services.registry import Registry
 from coordinator.services.releases.book import ReleaseBook
@@ -160,6 +162,12 @@ class Coordinator:
             answers = CachedAnswers(cache, self.db, self.writer, self.identity, holds,
                                     settings.response_cache_price_bps,
                                     settings.response_cache_shared)  # fmt: skip
+        self.policies = PolicyBook(
+            self.db, refresh_s=settings.catalogue_refresh_s,
+            on_hit=lambda policy, step, entity, action, count: self.metrics.policy_actions.labels(
+                policy, step, entity, action).inc(count),
+        )  # fmt: skip
+        self.policies.load()
         self.request_path = RequestPath(
             settings=settings,
             registry=self.registry,
@@ -193,6 +201,7 @@ class Coordinator:
             trust=self.trust,
             metrics=self.metrics,
             releases=self.releases,
+            policies=self.policies,
             elsewhere=self._elsewhere,
         )
         self.files = FileLibrary(self.db, settings.data_dir / "files", settings.files_max_bytes,
@@ -313,6 +322,7 @@ class Coordinator:
         app.state.overview = self.overview
         app.state.releases = self.releases
         app.state.adapters = self.adapters
+        app.state.policies = self.policies
         app.state.files = self.files
         app.state.batches = self.batches
         app.state.network_view = self.network_view
@@ -322,6 +332,7 @@ class Coordinator:
         app.include_router(admin_routes.router)
         app.include_router(model_routes.router)
         app.include_router(adapter_routes.router)
+        app.include_router(policy_routes.router)
         app.include_router(batch_routes.router)
         app.include_router(batch_routes.admin)
         app.include_router(dashboard_routes.router)

@@ -77,6 +77,10 @@ class Metrics:
             "agora_response_cache", "Requests that asked for the response cache, by result",
             ["model", "result"], registry=r,
         )  # fmt: skip
+        self.policy_actions = Counter(
+            "agora_policy_actions", "What policy steps did (kinds and counts, never values)",
+            ["policy", "step", "entity", "action"], registry=r,
+        )  # fmt: skip
         self.rollbacks = Counter(
             "agora_release_rollbacks", "Versions rolled back (automatically or by an operator)",
             ["model", "version", "trigger"], registry=r,

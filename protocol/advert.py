@@ -109,10 +109,17 @@ class Advert:
     protocol_version: str = PROTOCOL_VERSION
     software: dict[str, str] = field(default_factory=dict)  # component -> version
     hardware: dict[str, str] = field(default_factory=dict)  # see worker_node.hardware
+    # declarations clients' policies can require: how long the node keeps prompts and outputs
+    # ("none": not beyond the job; "": undeclared) and the region it runs in
+    data_retention: str = ""
+    region: str = ""
 
     def to_bytes(self) -> bytes:
         value = asdict(self)
         value["models"] = [_offer_fields(m) for m in self.models]
+        for name in ("data_retention", "region"):  # only when declared: earlier adverts keep
+            if not value[name]:  # the bytes every earlier coordinator reads
+                del value[name]
         return canonical_json(value)
 
     @classmethod

@@ -74,18 +74,22 @@ def charge_statement(
     fee_bps: int,
     signed: list[tuple[int, SignedReceipt]],
     unsigned: list[UnsignedPart],
+    policy: str = "",
 ) -> dict[str, Any]:
     """What the coordinator asserts the client paid for a request: every segment in order,
     signed by its worker or not (tokens a worker delivered before it died are the client's,
     and charged, though no receipt exists for them), and the network fee applied. The amount
     follows from these by billing.pricing.segments_charge."""
     entries = [_signed_entry(i, r) for i, r in signed] + [u.to_json() for u in unsigned]
-    return {
+    statement = {
         "request_id": request_id,
         "amount_total": amount_total,
         "fee_bps": fee_bps,
         "segments": sorted(entries, key=lambda e: int(e["segment"])),
     }
+    if policy:  # the client's policy version that ran (its SHA-256; never its findings)
+        statement["policy_sha256"] = policy
+    return statement
 
 
 def sign_statement(identity: Identity, statement: dict[str, Any]) -> str:
@@ -99,15 +103,18 @@ def receipt_document(
     fee_bps: int,
     signed: list[tuple[int, SignedReceipt]],
     unsigned: list[UnsignedPart],
+    policy: str = "",
 ) -> dict[str, Any]:
     """The document for a request: its first signed receipt at the top (as before), the other
     signed ones as continuations, the unsigned segments, and the signed charge statement."""
-    statement = charge_statement(request_id, amount_total, fee_bps, signed, unsigned)
+    statement = charge_statement(request_id, amount_total, fee_bps, signed, unsigned, policy)
     receipts = [r for _i, r in signed]
+    shown_policy = {"policy_sha256": policy} if policy else {}
     return {
         "object": "receipt",
         "request_id": request_id,
         "amount_total": amount_total,
+        **shown_policy,
         **receipts[0].to_json(),
         "continuations": [r.to_json() for r in receipts[1:]],
         "unsigned_segments": [u.to_json() for u in unsigned],
@@ -160,6 +167,8 @@ def verify_document(document: dict[str, Any]) -> Verified:
         raise MalformedMessage("the document's request_id is not the one the charge was signed for")
     if document.get("amount_total") != statement.get("amount_total"):
         raise MalformedMessage("the document's amount_total is not the amount signed")
+    if document.get("policy_sha256") != statement.get("policy_sha256"):
+        raise MalformedMessage("the document's policy_sha256 is not the policy signed")
     entries = list(statement.get("segments") or ())
     signed_entries = [e for e in entries if e.get("signed")]
     if len(signed_entries) != len(signed) or any(

@@ -109,6 +109,14 @@ class SimWorker:
         return False
 
     @property
+    def data_retention(self) -> str:  # declarations are not simulated
+        return ""
+
+    @property
+    def region(self) -> str:
+        return ""
+
+    @property
     def free(self) -> bool:
         return self.available and self.in_flight < self.gpu.slots
 

@@ -40,6 +40,8 @@ class Offer:
     adapter_price_completion_per_mtok: int = 0
     task: str = "generate"
     takes_batches: bool = True
+    data_retention: str = ""  # declared in the advert
+    region: str = ""
 
     @property
     def price_cached_prompt_per_mtok(self) -> int:  # no cached-prompt discount here

@@ -58,6 +58,9 @@ def _headers(answer: Fulfilment | CacheHit) -> dict[str, str]:
         "X-Agora-Worker": answer.worker_id,
         "X-Agora-Route": route.decision.explain() if route else "",
     }
+    policy = answer.request.policy
+    if policy is not None:  # which policy version ran (its findings are in the audit log)
+        headers["X-Agora-Policy"] = f"{policy.policy.label} {policy.policy.sha256[:16]}"
     if answer.cache_status:  # hit, miss, or bypass (asked for, but not cacheable)
         headers["X-Agora-Cache"] = answer.cache_status
     if isinstance(answer, CacheHit):

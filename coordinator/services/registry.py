@@ -96,6 +96,14 @@ class ModelSlot:
         return self.offer.task
 
     @property
+    def data_retention(self) -> str:
+        return self.conn.advert.data_retention
+
+    @property
+    def region(self) -> str:
+        return self.conn.advert.region
+
+    @property
     def takes_batches(self) -> bool:
         """The node signs batch prices (nodes from before them would sign online ones)."""
         return self.offer.batch_discount_bps is not None

@@ -52,6 +52,10 @@ class CandidateView(Protocol):
     def task(self) -> str: ...  # "generate" or "embed" (protocol.advert)
     @property
     def takes_batches(self) -> bool: ...  # it signs batch prices (Batch API jobs)
+    @property
+    def data_retention(self) -> str: ...  # declared in its signed advert ("" = undeclared)
+    @property
+    def region(self) -> str: ...  # declared in its signed advert ("" = undeclared)
 
 
 class StatsView(Protocol):
@@ -87,6 +91,10 @@ class Preferences:
     order: tuple[str, ...] = ()  # node ids (or their last characters) to try first
     ignore: frozenset[str] = frozenset()  # node ids (or their last characters) never to use
     allow_fallbacks: bool = True  # if False, only `order` (or the single best) is tried
+    # the client's policy (services.policy): what a worker must declare, how trusted it is
+    data_retention: frozenset[str] = frozenset()  # accepted declarations (empty: any)
+    regions: frozenset[str] = frozenset()  # accepted regions (empty: any)
+    min_reputation: float | None = None
 
 
 @dataclass(frozen=True)
@@ -179,7 +187,7 @@ def _cost(request: RouteRequest, c: CandidateView, cached: float = 0.0) -> float
 
 def _exclusion(
     request: RouteRequest, c: CandidateView, prefs: Preferences, stats: StatsView | None,
-    now: float,
+    now: float, reputation: Mapping[str, float],
 ) -> str | None:  # fmt: skip
     if not c.available:
         return "unavailable"
@@ -193,6 +201,12 @@ def _exclusion(
         return "at_capacity"
     if prefs.ignore and _matches(c.node_id, prefs.ignore):
         return "ignored"
+    if prefs.data_retention and c.data_retention not in prefs.data_retention:
+        return "policy_retention"
+    if prefs.regions and c.region not in prefs.regions:
+        return "policy_region"
+    if prefs.min_reputation is not None and reputation.get(c.node_id, 0.5) < prefs.min_reputation:
+        return "policy_reputation"
     prompt, completion = _prices(request, c)
     if prefs.max_price_prompt is not None and prompt > prefs.max_price_prompt:
         return "over_max_price"
@@ -319,7 +333,7 @@ def route(
             return
         seen.add(index)
         c = pool[index]
-        why = _exclusion(request, c, prefs, stats.get(c.node_id), now)
+        why = _exclusion(request, c, prefs, stats.get(c.node_id), now, reputation or {})
         if why:
             excluded[why] = excluded.get(why, 0) + 1
             if why == "at_capacity":

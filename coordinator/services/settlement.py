@@ -130,6 +130,7 @@ class ReceiptRecord:
     segments: list[SignedReceipt]  # continuation receipts, if the request had any
     signed_at: list[int]  # each receipt's place among the segments (0 = the first worker)
     unsigned: list[UnsignedPart]  # segments a dead worker delivered without a receipt
+    policy: str = ""  # SHA-256 of the client's policy version it ran under ("" = none)
 
 
 def check_receipt(facts: JobFacts, signed: SignedReceipt, observed: Output) -> Receipt:
@@ -195,13 +196,16 @@ class Settlement:
         """SHA-256 of the tokenizer the network recounts `model` with, if one is pinned."""
         return self._tokenizers.fingerprints.get(model) if self._tokenizers else None
 
-    async def check(self, request_id: str, client: str, records: list[SegmentRecord]) -> Settled:
-        """Check and recount every segment and work out the charge; nothing is written."""
+    async def check(
+        self, request_id: str, client: str, records: list[SegmentRecord], policy: str = ""
+    ) -> Settled:
+        """Check and recount every segment and work out the charge; nothing is written.
+        `policy`: the SHA-256 of the client's policy version that ran (kept with receipts)."""
         model = records[0].facts.model
         if self._tokenizers is not None and self._tokenizers.covers(model):
-            plan = await asyncio.to_thread(self._plan, request_id, client, records)  # CPU work
+            plan = await asyncio.to_thread(self._plan, request_id, client, records, policy)
         else:
-            plan = self._plan(request_id, client, records)
+            plan = self._plan(request_id, client, records, policy)
         return Settled(request_id, client, plan.charge, plan.countersigned, plan.usage,
                        plan.verdicts, plan)  # fmt: skip
 
@@ -249,7 +253,9 @@ class Settlement:
         if self._in_flight:
             await asyncio.gather(*self._in_flight.values())
 
-    def _plan(self, request_id: str, client: str, records: list[SegmentRecord]) -> _Plan:
+    def _plan(
+        self, request_id: str, client: str, records: list[SegmentRecord], policy: str = ""
+    ) -> _Plan:
         tokenizer = self._tokenizers.for_model(records[0].facts.model) if self._tokenizers else None
         segments: list[Segment] = []
         verified: list[tuple[int, Receipt, SignedReceipt, Count]] = []
@@ -308,6 +314,7 @@ class Settlement:
                     "billed_completion_tokens": bill.completion_tokens,
                     "price_prompt_per_mtok": facts.price.prompt_per_mtok,
                     "price_completion_per_mtok": facts.price.completion_per_mtok,
+                    "policy_sha256": policy,
                 })  # fmt: skip
         charge, earned = segments_charge(segments, self._fee_bps)
         rows = [
@@ -327,6 +334,7 @@ class Settlement:
                 "billed_prompt_tokens": bill.prompt_tokens,
                 "billed_completion_tokens": bill.completion_tokens,
                 "amount_total": earned.get(receipt.worker_id, 0),
+                "policy_sha256": policy,
             }
             for index, receipt, signed, bill in verified
         ]
@@ -345,7 +353,13 @@ class Settlement:
         parent = record.receipt.receipt.request_id.split("~", 1)[0]
         signed = list(zip(record.signed_at, [record.receipt, *record.segments], strict=True))
         return receipt_document(
-            self._identity, parent, record.amount_total, self._fee_bps, signed, record.unsigned
+            self._identity,
+            parent,
+            record.amount_total,
+            self._fee_bps,
+            signed,
+            record.unsigned,
+            record.policy,
         )
 
     def load(self, request_id: str) -> ReceiptRecord | None:
@@ -369,5 +383,11 @@ class Settlement:
             for u in unsigned_rows
         ]  # fmt: skip
         return ReceiptRecord(
-            rows[0].client, signed[0], paid, signed[1:], [r.segment for r in rows], unsigned
+            rows[0].client,
+            signed[0],
+            paid,
+            signed[1:],
+            [r.segment for r in rows],
+            unsigned,
+            rows[0].policy_sha256,
         )

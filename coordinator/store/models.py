@@ -63,6 +63,7 @@ class StoredReceipt(SQLModel, table=True):
     billed_prompt_tokens: int = 0
     billed_completion_tokens: int = 0
     epoch_id: int | None = Field(default=None, index=True)  # the payout epoch that paid it
+    policy_sha256: str = Field(default="", max_length=64)  # the client's policy version that ran
 
 
 class UnsignedSegment(SQLModel, table=True):
@@ -81,6 +82,7 @@ class UnsignedSegment(SQLModel, table=True):
     price_prompt_per_mtok: int = Field(sa_column=Column(BigInteger, nullable=False))
     price_completion_per_mtok: int = Field(sa_column=Column(BigInteger, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
+    policy_sha256: str = Field(default="", max_length=64)
 
 
 class PendingPosting(SQLModel, table=True):
@@ -292,3 +294,24 @@ class BatchLine(SQLModel, table=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finished_at: datetime | None = None
+
+
+class PolicyVersion(SQLModel, table=True):
+    """One version of a named policy (its JSON); the newest version of a name is the one
+    that runs. Old versions stay: receipts and the audit log name them by SHA-256."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, max_length=100)
+    version: int
+    sha256: str = Field(index=True, max_length=64)
+    spec: str = Field(sa_column=Column(Text, nullable=False))  # canonical JSON
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class PolicyAttachment(SQLModel, table=True):
+    """Which policy a key or a client runs ("key:<id>" or "client:<name>"; a key's own
+    policy wins over its client's)."""
+
+    subject: str = Field(primary_key=True, max_length=220)
+    policy: str = Field(max_length=100)
+    created_at: datetime = Field(default_factory=utcnow)

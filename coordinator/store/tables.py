@@ -23,6 +23,8 @@ from coordinator.store.models import (
     PayoutEpoch,
     PayoutStatement,
     PendingPosting,
+    PolicyAttachment,
+    PolicyVersion,
     Quarantine,
     ReleaseEvent,
     StoredFile,
@@ -53,3 +55,5 @@ CACHE_HITS: Table = CacheHitRecord.__table__  # type: ignore[attr-defined]
 FILES: Table = StoredFile.__table__  # type: ignore[attr-defined]
 BATCHES: Table = BatchJob.__table__  # type: ignore[attr-defined]
 BATCH_LINES: Table = BatchLine.__table__  # type: ignore[attr-defined]
+POLICY_VERSIONS: Table = PolicyVersion.__table__  # type: ignore[attr-defined]
+POLICY_ATTACHMENTS: Table = PolicyAttachment.__table__  # type: ignore[attr-defined]

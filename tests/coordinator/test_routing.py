@@ -40,6 +40,8 @@ class Offer:
     cached_price: int | None = None  # None: a cached prompt token costs the prompt price
     task: str = "generate"
     takes_batches: bool = True
+    data_retention: str = ""  # declared in the advert
+    region: str = ""
 
     @property
     def price_cached_prompt_per_mtok(self) -> int:

@@ -118,6 +118,10 @@ def worker(
     bootstrap: list[str] = typer.Option([], help="p2p bootstrap peer multiaddr; repeatable."),
     max_coordinators: int = typer.Option(3, min=1, help="With --discover: sessions at once."),
     p2p_same_host: bool = typer.Option(False, hidden=True),  # every peer on one machine (tests)
+    data_retention: str = typer.Option(
+        "", help="Declared in the signed advert: how long prompts/outputs are kept (none = not)."
+    ),
+    region: str = typer.Option("", help="Declared in the signed advert: where it runs."),
     log_level: str = typer.Option("INFO", help="Logging level."),
 ) -> None:
     """Without a subcommand: run a node from flags alone (no config file)."""
@@ -156,6 +160,8 @@ def worker(
         "bootstrap": bootstrap,
         "max_coordinators": max_coordinators,
         "p2p_same_host": p2p_same_host,
+        "data_retention": data_retention,
+        "region": region,
     }
     if state_dir:
         node["state_dir"] = state_dir

@@ -113,6 +113,11 @@ class NodeSection(_Strict):
     p2p_listen: str = "/ip4/0.0.0.0/tcp/0"  # outbound DHT lookups only: any free port
     p2p_same_host: bool = False  # lift py-libp2p's per-IP limits (all peers on one machine)
     ban_s: float = Field(default=60.0, gt=0)  # a coordinator that dropped us is not retried
+    # what this node declares in its signed advert, for clients whose policy requires it:
+    # how long it keeps prompts and outputs ("none" = not kept beyond the job; "" = not
+    # declared) and where it runs (e.g. "eu-west")
+    data_retention: str = Field(default="", max_length=40, pattern=r"^[A-Za-z0-9_.-]*$")
+    region: str = Field(default="", max_length=40, pattern=r"^[A-Za-z0-9_.-]*$")
 
     @model_validator(mode="after")
     def _where_to_connect(self) -> NodeSection:

@@ -12,6 +12,7 @@ hash, the engine's usage for the counts it claims.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -54,6 +55,8 @@ class JobSpec:
     adapter: str = ""  # sha256 of the LoRA adapter to run with ("" = the base model)
     fetch_adapter: Fetch | None = None  # how to get it if the node lacks it
     batch: bool = False  # a Batch API line: billed at the offer's batch prices
+    # set when the coordinator asks to end the job now and sign for what was generated
+    stop: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
 
 
 def _adapter_failure(exc: AdapterError) -> Failed:
@@ -288,6 +291,8 @@ class JobRunner:
                     relayed += 1
                     if buffer.add(chunk):
                         yield FramesWaiting(buffer)
+                if job.stop.is_set():  # signed for what was generated (closing aborts it)
+                    return
         finally:
             response.release()  # back to the pool once read to the end, else closed
 
@@ -315,7 +320,11 @@ class JobRunner:
     def _sign(self, job: JobSpec, offer: ModelOffer, meter: _Meter) -> SignedReceipt:
         finished = now_ms()
         price_prompt, price_completion = offer.prices(job.adapter, job.batch)
-        prompt_tokens = meter.output.prompt_tokens or 0
+        # a job stopped early has no usage from its engine: its counts are its token ids
+        counted = meter.output.token_counts()
+        prompt_tokens = meter.output.prompt_tokens
+        if prompt_tokens is None:
+            prompt_tokens = counted[0]
         cached = min(meter.output.cached_prompt_tokens, prompt_tokens)
         cached_price = offer.cached_price(job.adapter, job.batch) if cached else 0
         receipt = Receipt(
@@ -326,7 +335,11 @@ class JobRunner:
             prompt_sha256=prompt_digest(prompt_of(job.endpoint, job.body)),
             output_sha256=output_digest(meter.output.texts()),
             prompt_tokens=prompt_tokens,
-            completion_tokens=meter.output.completion_tokens or 0,
+            completion_tokens=(
+                counted[1]
+                if meter.output.completion_tokens is None
+                else meter.output.completion_tokens
+            ),
             price_prompt_per_mtok=price_prompt,
             price_completion_per_mtok=price_completion,
             started_at_ms=meter.started_ms,

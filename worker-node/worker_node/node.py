@@ -169,6 +169,8 @@ class Node:
             protocol_version=PROTOCOL_VERSION,
             software={"agora": __version__, "engine": engine_version()},
             hardware=self.hardware.advert_fields(),
+            data_retention=self.config.node.data_retention,
+            region=self.config.node.region,
         )
 
     # ---------------------------------------------------------------- live state

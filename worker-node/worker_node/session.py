@@ -168,6 +168,7 @@ class WorkerSession:
         self._heartbeat = heartbeat
         self._on_registered = on_registered
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._stops: dict[str, asyncio.Event] = {}  # per running job: end it and sign
         self._job_models: dict[str, str] = {}  # request id -> model
         # set by a SessionPool: the node's jobs per model through its other sessions, and a
         # hook to tell those sessions when this one's jobs change
@@ -340,8 +341,11 @@ class WorkerSession:
             if kind == "job":
                 self._start_job(msg.job, outbox)
             elif kind == "cancel":
-                task = self._jobs.get(msg.cancel.request_id)
-                if task:
+                rid = msg.cancel.request_id
+                stop = self._stops.get(rid)
+                if msg.cancel.sign and stop is not None:
+                    stop.set()  # the job ends now and signs for what it generated
+                elif task := self._jobs.get(rid):
                     task.cancel()
             elif kind == "adapter_part":
                 self._adapter_part(msg.adapter_part)
@@ -404,12 +408,14 @@ class WorkerSession:
         )
         task = asyncio.create_task(self._run_job(spec, outbox))
         self._jobs[spec.request_id] = task
+        self._stops[spec.request_id] = spec.stop
         self._job_models[spec.request_id] = spec.model
         task.add_done_callback(lambda _t: self._job_ended(spec.request_id))
         self.on_jobs_changed()
 
     def _job_ended(self, request_id: str) -> None:
         self._jobs.pop(request_id, None)
+        self._stops.pop(request_id, None)
         self._job_models.pop(request_id, None)
         self.on_jobs_changed()
 

@@ -297,6 +297,8 @@ class Fulfilment:
                                 request.model_shown, request.wants_token_ids)  # fmt: skip
         out: list[bytes] = []
         status = "error"
+        policy = request.policy
+        gate = policy if policy is not None and policy.gates_output else None
         try:
             while True:
                 attempt = self.current
@@ -305,6 +307,11 @@ class Fulfilment:
                 if kind == "frames":
                     assert event is not None
                     attempt.saw_frames(event.frames, time.monotonic())
+                    if gate is not None and gate.frames(event.frames):
+                        # held back, put back, or withheld: and now the rest is withheld, so
+                        # the worker ends the job and signs for what it generated (frames it
+                        # sent before it heard are billed, never shown)
+                        attempt.events.stop()
                     out += render.frames(event.frames)
                     if self.recorder is not None:
                         self.recorder.frames(event.frames)
@@ -322,7 +329,7 @@ class Fulfilment:
                     return
                 if kind in ("error", "stalled"):
                     workers_fault = self._failed(attempt, event)
-                    if self._answered():
+                    if self._answered() or (gate is not None and gate.stopped):
                         # every choice had finished when the worker died, before its receipt:
                         # nothing is left to generate (a continuation would overrun the bound),
                         # the client has its answer and pays for it; the worker signed nothing
@@ -392,6 +399,8 @@ class Fulfilment:
                     else:
                         result = whole_response(value, self.response_id, request.model_shown,
                                                 request.wants_token_ids)  # fmt: skip
+                        if request.policy is not None and request.policy.gates_output:
+                            request.policy.whole(request.endpoint, result)
                     attempt.first_token_at = attempt.last_token_at = time.monotonic()
                 elif kind == "receipt" and result is not None:
                     attempt.receipt = event.receipt
@@ -424,6 +433,14 @@ class Fulfilment:
         """From admission to the first token the client got."""
         first = self.attempts[0].first_token_at if self.attempts else None
         return None if first is None else first - self.began_at
+
+    def texts(self) -> dict[int, str]:
+        """Each choice's text as the worker(s) generated it, every segment together."""
+        out: dict[int, str] = {}
+        for attempt in self.attempts:
+            for index, choice in attempt.observed.choices.items():
+                out[index] = out.get(index, "") + choice.text
+        return out
 
     def text(self) -> str:
         """What the client got as its first choice's text, every segment together."""
@@ -469,7 +486,10 @@ class Fulfilment:
             self.posted.set()
             return None
         try:
-            settled = await path.settlement.check(self.request_id, self.principal.client, records)
+            policy = self.request.policy.policy.sha256 if self.request.policy else ""
+            settled = await path.settlement.check(
+                self.request_id, self.principal.client, records, policy
+            )
         except Exception:  # the client already has its tokens; the operator must see this
             log.exception("could not check request %s", self.request_id)
             self._free_hold()

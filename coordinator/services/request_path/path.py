@@ -29,6 +29,9 @@ from coordinator.services.admission import RateLimiter
 from coordinator.services.catalogue import model_cards
 from coordinator.services.decisions import DecisionLog, RouteRecord
 from coordinator.services.metering import Count
+from coordinator.services.policy.book import PolicyBook
+from coordinator.services.policy.run import PolicyRun
+from coordinator.services.policy.steps import PolicyViolation
 from coordinator.services.registry import ModelSlot, Registry
 from coordinator.services.releases.book import ReleaseBook, Target
 from coordinator.services.request_path.cache_hit import CachedAnswers, CacheHit
@@ -66,6 +69,7 @@ class RequestPath:
         trust: Trust | None = None,
         metrics: Metrics | None = None,
         releases: ReleaseBook | None = None,
+        policies: PolicyBook | None = None,  # the clients' policies (None: none run)
         # other coordinators' API URLs for a model (the p2p market's view), for 404 hints
         elsewhere: Callable[[str], list[str]] = lambda _model: [],
     ) -> None:
@@ -83,6 +87,7 @@ class RequestPath:
         self._trust = trust
         self._metrics = metrics
         self.releases = releases
+        self.policies = policies
         self._elsewhere = elsewhere
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -103,6 +108,7 @@ class RequestPath:
         The client's `model` may be a release (`name` or `name@version`): its policy picks
         the version, and a canary that fails before its first token hands the request to
         the stable version. Then each of the client's fallback `models`, in order."""
+        request = self._under_policy(principal, request)
         last: CoordinatorError | None = None
         tries = 0
         admitted = False  # an earlier try took the request from the key's per-minute limit
@@ -134,7 +140,49 @@ class RequestPath:
                     self.in_background(shadow_copy(self, fulfilment, shadow, self.releases))
                 return fulfilment
         assert last is not None
+        if request.policy is not None:  # what it did to a request that found no worker
+            self._record_policy(principal, request_id_var.get() or "", request.policy)
         raise last
+
+    def _under_policy(self, principal: Principal, request: CompletionRequest) -> CompletionRequest:
+        """The request as its policy lets it go: the prompt redacted, the workers it may go to
+        narrowed, the response cache off (answers differ by what a policy put back)."""
+        run = self.policies.for_principal(principal) if self.policies is not None else None
+        if run is None:
+            return request
+        policy = run.policy
+        if policy.changes_output:
+            asked = [k for k in _RAW_OUTPUT if request.body.get(k) not in (None, False)]
+            if asked or request.wants_token_ids:
+                raise InvalidRequest(
+                    f"Your key's policy `{policy.label}` filters output, so "
+                    f"{', '.join(asked) or 'return_token_ids'} cannot be returned (it would "
+                    "show what the policy holds back).", param=(asked or ["return_token_ids"])[0],
+                    code="policy_conflict",
+                )  # fmt: skip
+        try:
+            body = run.redact(request.endpoint, request.body)
+        except PolicyViolation as exc:
+            self._record_policy(principal, request_id_var.get() or uuid.uuid4().hex, run)
+            raise InvalidRequest(
+                f"Your key's policy `{policy.label}` refuses this request: {exc}.",
+                code="policy_rejected",
+            ) from exc
+        prefs = request.prefs
+        constraints = policy.constraints()
+        if constraints is not None:
+            floor = constraints.min_reputation
+            if prefs.min_reputation is not None and floor is not None:
+                floor = max(floor, prefs.min_reputation)
+            prefs = dataclasses.replace(
+                prefs, data_retention=constraints.data_retention, regions=constraints.regions,
+                min_reputation=floor if floor is not None else prefs.min_reputation,
+            )  # fmt: skip
+        return dataclasses.replace(request, body=body, prefs=prefs, cache=False, policy=run)
+
+    def _record_policy(self, principal: Principal, request_id: str, run: PolicyRun) -> None:
+        if self.policies is not None and run.hits():
+            self.in_background(asyncio.to_thread(self.policies.record, principal, request_id, run))
 
     def _targets(self, model: str, principal: Principal) -> list[Target]:
         targets = self.releases.targets(model, str(principal.key_id)) if self.releases else None
@@ -262,6 +310,10 @@ class RequestPath:
     def request_finished(self, fulfilment: Fulfilment, status: str, unused_tokens: int) -> None:
         principal, request = fulfilment.principal, fulfilment.request
         self.limiter.refund(str(principal.key_id), principal.limits, unused_tokens)
+        if request.policy is not None:
+            if status == "ok":
+                request.policy.finish(fulfilment.texts())
+            self._record_policy(principal, fulfilment.request_id, request.policy)
         recorder = fulfilment.recorder
         if status == "ok" and recorder is not None and self.answers is not None:
             answer = recorder.answer(
@@ -323,6 +375,10 @@ class RequestPath:
         """Wait for background work (at shutdown)."""
         while self._background:  # work started by work (a check that then posts) too
             await asyncio.gather(*self._background, return_exceptions=True)
+
+
+# what shows the engine's own output beside the text (under a policy that filters output)
+_RAW_OUTPUT = ("logprobs", "top_logprobs", "echo", "return_token_ids", "prompt_logprobs")
 
 
 def _wrong_task(request: CompletionRequest) -> str:

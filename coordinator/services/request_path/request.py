@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from coordinator.services.policy.run import PolicyRun
 from coordinator.services.routing import Preferences
 from protocol.advert import EMBED, GENERATE
 from protocol.completions import CHAT, EMBEDDINGS, prompt_of
@@ -34,6 +35,8 @@ class CompletionRequest:
     batch: bool = False  # a Batch API line: the workers' batch prices, never queued
     # told once its first job is sent to a worker (holding a slot): a batch counts its lines
     on_dispatch: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    # the client's policy at work on this request (its body is already the redacted one)
+    policy: PolicyRun | None = field(default=None, compare=False, repr=False)
 
     @property
     def model_shown(self) -> str:
