@@ -52,6 +52,7 @@ class FaultProxy:
         self.cut_after_events: int | None = None  # drop the connection after N events
         self.inflate_usage = 0  # add this to the engine's reported prompt and completion tokens
         self.requests = 0  # POSTs (jobs) received
+        self.bodies: list[bytes] = []  # every POST's body: what the engine was asked
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -73,6 +74,8 @@ class FaultProxy:
         if request.method == "POST":
             self.requests += 1  # completions only, not the worker's health and metrics probes
         body = await request.body()
+        if request.method == "POST":
+            self.bodies.append(body)
         failing = self.fail_jobs_status if request.method == "POST" else None
         if self.fail_status is not None or failing is not None:
             error = {"error": {"message": "injected failure", "type": "server_error"}}

@@ -52,12 +52,13 @@ class Fleet:
         return cls(start_coordinator(workdir, env={**FAST, **(env or {})}), workdir, engine_url)
 
     def add(
-        self, name: str, model: str, price_in: int, price_out: int, max_concurrency: int = 8
-    ) -> Member:
+        self, name: str, model: str, price_in: int, price_out: int, max_concurrency: int = 8,
+        extra_args: tuple[str, ...] = (),
+    ) -> Member:  # fmt: skip
         proxy = FaultProxy(self.engine_url).start()
         spec = WorkerSpec(
             name, model, engine_url=proxy.base_url, engine_model="tiny", price_in=price_in,
-            price_out=price_out, max_concurrency=max_concurrency,
+            price_out=price_out, max_concurrency=max_concurrency, extra_args=list(extra_args),
         )  # fmt: skip
         member = Member(spec, proxy, self._launch(spec), "")
         key = self.workdir / f"{name}.key"

@@ -75,9 +75,9 @@ class PiiStep(Step):
         for placeholder, original in scope.placeholders.items():
             if original == value and placeholder.startswith(f"[{label}_"):
                 return placeholder  # the same value, the same placeholder
-        n = 1 + sum(p.startswith(f"[{label}_") for p in scope.placeholders)
-        while f"[{label}_{n}]" in text:  # never one the client itself wrote
-            n += 1
+        n = 1
+        while f"[{label}_{n}]" in scope.placeholders or f"[{label}_{n}]" in text:
+            n += 1  # never one taken, nor one the client itself wrote
         placeholder = f"[{label}_{n}]"
         scope.placeholders[placeholder] = value
         return placeholder

@@ -70,12 +70,15 @@ def _ssn(value: str) -> bool:
 
 
 _DATE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}")
+_DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")  # an address-like number, valid or not
 
 
 def _phone(value: str) -> bool:
     """Enough digits for a full number (a + prefix: 8, else 10), and not a date."""
     digits = sum(ch.isdigit() for ch in value)
-    return (8 if value.startswith("+") else 10) <= digits <= 15 and not _DATE.fullmatch(value)
+    if _DATE.fullmatch(value) or _DOTTED_QUAD.fullmatch(value):
+        return False
+    return (8 if value.startswith("+") else 10) <= digits <= 15
 
 
 _SECRETS = "|".join(
