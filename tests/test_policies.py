@@ -84,7 +84,7 @@ def test_every_pii_kind_reaches_the_engine_redacted_and_comes_back_to_the_client
         member.proxy.bodies.clear()
     _name, client = policy_client(fleet, [{"kind": "pii", "mode": "placeholder"}])
     with client:
-        asked = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}],
+        asked: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}],
                  "max_tokens": 120, "temperature": 0,
                  "extra_body": forced(re.escape(ECHO))}  # fmt: skip
         if stream:
@@ -101,7 +101,7 @@ def test_every_pii_kind_reaches_the_engine_redacted_and_comes_back_to_the_client
 
 
 def test_a_blocked_phrase_never_appears_in_any_streamed_chunk(fleet: Fleet) -> None:
-    asked = {"model": MODEL, "messages": [{"role": "user", "content": "tell me"}],
+    asked: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "tell me"}],
              "max_tokens": 200, "temperature": 0, "stream": True,
              "extra_body": forced("The secret project is( Atlas)+")}  # fmt: skip
     _plain, key = fleet.client()
