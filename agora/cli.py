@@ -11,6 +11,7 @@ from coordinator.cli import app as coordinator_app
 from coordinator.ledger_cli import app as ledger_app
 from coordinator.models_cli import app as models_app
 from coordinator.payouts_cli import app as payouts_app
+from coordinator.policies_cli import app as policies_app
 from coordinator.status_cli import status
 from worker_node.cli import app as worker_app
 
@@ -25,6 +26,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(payouts_app, name="payouts")
 app.add_typer(models_app, name="models")
+app.add_typer(policies_app, name="policies")
 app.command("demo")(demo.demo)
 app.command("status")(status)
 app.command("batches")(batches)

@@ -27,7 +27,7 @@ Token = typer.Option(
 DataDir = typer.Option(default_data_dir(), help="The coordinator's data directory.")
 
 
-def _call(
+def admin_call(
     method: str, url: str, token: str | None, data_dir: Path, path: str,
     body: dict[str, Any] | None = None, *, base: str = "/admin/v1/models",
     content: bytes | None = None, params: dict[str, str] | None = None,
@@ -86,7 +86,7 @@ def _parse_weights(pairs: list[str]) -> dict[str, int]:
 @app.command("list")
 def list_models(url: str = Url, admin_token: str | None = Token, data_dir: Path = DataDir) -> None:
     """Every public model with its versions and how each is doing."""
-    models = _call("GET", url, admin_token, data_dir, "")["models"]
+    models = admin_call("GET", url, admin_token, data_dir, "")["models"]
     if not models:
         console.print("no models in the catalogue yet: `agora models create NAME VERSION=SERVED`")
     for model in models:
@@ -109,7 +109,7 @@ def create(
         if not sep or not version or not serves or (plus and not adapter):
             raise typer.BadParameter(f"`{item}`: give VERSION=SERVED_MODEL, e.g. v1=llama-3-8b")
         specs.append({"version": version, "serves": serves, **_adapter(adapter or None)})
-    _show(_call("POST", url, admin_token, data_dir, "", {"name": name, "versions": specs}))
+    _show(admin_call("POST", url, admin_token, data_dir, "", {"name": name, "versions": specs}))
 
 
 @app.command("add-version")
@@ -120,7 +120,7 @@ def add_version(
 ) -> None:  # fmt: skip
     """A new version at weight 0 (release it to give it traffic)."""
     body = {"version": version, "serves": serves, **_adapter(adapter)}
-    _show(_call("POST", url, admin_token, data_dir, f"/{name}/versions", body))
+    _show(admin_call("POST", url, admin_token, data_dir, f"/{name}/versions", body))
 
 
 @app.command("release")
@@ -142,7 +142,7 @@ def release(
         body["shadow"] = (
             {"version": None} if shadow == "off" else {"version": version, "share": float(share)}
         )
-    _show(_call("POST", url, admin_token, data_dir, f"/{name}/release", body))
+    _show(admin_call("POST", url, admin_token, data_dir, f"/{name}/release", body))
 
 
 @app.command("promote")
@@ -151,7 +151,7 @@ def promote(
     data_dir: Path = DataDir,
 ) -> None:  # fmt: skip
     """Make VERSION the stable one, with all the traffic."""
-    _show(_call("POST", url, admin_token, data_dir, f"/{name}/promote", {"version": version}))
+    _show(admin_call("POST", url, admin_token, data_dir, f"/{name}/promote", {"version": version}))
 
 
 @app.command("rollback")
@@ -163,7 +163,7 @@ def rollback(
 ) -> None:  # fmt: skip
     """Take a version (or every candidate) out of traffic now."""
     body = {"version": version, "reason": reason}
-    _show(_call("POST", url, admin_token, data_dir, f"/{name}/rollback", body))
+    _show(admin_call("POST", url, admin_token, data_dir, f"/{name}/rollback", body))
 
 
 @app.command("history")
@@ -172,7 +172,9 @@ def history(
     url: str = Url, admin_token: str | None = Token, data_dir: Path = DataDir,
 ) -> None:  # fmt: skip
     """What happened to NAME's releases, newest first (automatic rollbacks and why)."""
-    events = _call("GET", url, admin_token, data_dir, f"/{name}/history?limit={limit}")["events"]
+    events = admin_call("GET", url, admin_token, data_dir, f"/{name}/history?limit={limit}")[
+        "events"
+    ]
     if as_json:
         typer.echo(json.dumps(events, indent=2))
         return
@@ -200,7 +202,7 @@ def add_adapter(
         archive = pack(folder)
     except MalformedMessage as exc:
         raise typer.BadParameter(str(exc)) from exc
-    card = _call("POST", url, admin_token, data_dir, "", base="/admin/v1/adapters",
+    card = admin_call("POST", url, admin_token, data_dir, "", base="/admin/v1/adapters",
                  content=archive, params={"name": name, "base_model": base})  # fmt: skip
     console.print(f"{card['sha256']}  {card['name']} on {card['base_model']}, "
                   f"{card['size_bytes']} bytes")  # fmt: skip
@@ -209,7 +211,7 @@ def add_adapter(
 @app.command("adapters")
 def adapters(url: str = Url, admin_token: str | None = Token, data_dir: Path = DataDir) -> None:
     """The registered LoRA adapters."""
-    cards = _call("GET", url, admin_token, data_dir, "", base="/admin/v1/adapters")["adapters"]
+    cards = admin_call("GET", url, admin_token, data_dir, "", base="/admin/v1/adapters")["adapters"]
     table = Table("sha256", "name", "base model", "bytes", "registered", title="LoRA adapters")
     for c in cards:
         table.add_row(c["sha256"], c["name"], c["base_model"], str(c["size_bytes"]),
