@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from typer.testing import CliRunner
 
+from agora.cli import app as cli
 from tests.conftest import books_problems
 from tests.fleet import Fleet
 from tests.policy_plugin import install
@@ -180,8 +183,19 @@ def test_a_plugin_step_loads_in_the_coordinator_through_its_entry_point(fleet: F
     assert answer.choices[0].finish_reason == "content_filter"
 
 
-def test_the_audit_log_counts_policy_actions_and_holds_no_raw_values(fleet: Fleet) -> None:
-    _name, client = policy_client(fleet, [{"kind": "pii", "mode": "mask"}])
+def test_the_audit_log_counts_policy_actions_and_holds_no_raw_values(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """The operator's way in: `agora policies set` and `attach`, then `hits`."""
+    name, key = fleet.client()
+    spec = tmp_path / "mask.json"
+    spec.write_text(json.dumps({"steps": [{"kind": "pii", "mode": "mask"}]}))
+    where = ["--url", fleet.coordinator.base_url.removesuffix("/v1"),
+             "--admin-token", fleet.coordinator.admin_token]  # fmt: skip
+    for args in (["set", "masking", str(spec)], ["attach", "masking", "--client", name]):
+        done = CliRunner().invoke(cli, ["policies", *args, *where])
+        assert done.exit_code == 0, done.output
+    client = openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key, max_retries=0)
     with client:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=2
@@ -200,3 +214,7 @@ def test_the_audit_log_counts_policy_actions_and_holds_no_raw_values(fleet: Flee
     assert any(h["action"] == "block" for h in hits["hits"])  # the earlier tests' blocks
     text = fleet.coordinator.process.log_path.read_text()
     assert not any(v in text for v in VALUES.values())  # nor does the coordinator's own log
+    shown = CliRunner().invoke(cli, ["policies", "hits", *where], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "masking" in shown.output
+    assert "national_id" in shown.output
