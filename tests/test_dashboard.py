@@ -322,3 +322,28 @@ def test_the_operator_sees_batches_on_the_dashboard_and_in_agora_batches(
     )  # fmt: skip
     assert batch.id in result.stdout
     assert "completed" in result.stdout
+
+
+def test_the_operator_sees_policy_hits_on_the_dashboard_without_the_values(
+    dash: Dash, page: Page
+) -> None:
+    secret = "sk-live-Zq3xXb7LmN0pQ2rS4tU6vW8y"
+    key = dash.coordinator.create_client("initech", 50_000_000)
+    with dash.coordinator.admin() as admin:
+        steps = [{"kind": "pii", "mode": "mask", "entities": ["email", "secret"]}]
+        admin.put("/policies/no-secrets", json={"steps": steps}).raise_for_status()
+        attach = {"policy": "no-secrets", "client": "initech"}
+        admin.post("/policies/attach", json=attach).raise_for_status()
+    with openai.OpenAI(base_url=dash.coordinator.base_url, api_key=key, max_retries=0) as sdk:
+        for _ in range(2):
+            sdk.completions.create(
+                model=MODEL, prompt=f"ops@initech.example key {secret}", max_tokens=2
+            )
+    sign_in_operator(page, dash)
+    expect(page.get_by_test_id("policy-no-secrets-attached")).to_have_text("client:initech")
+    expect(page.get_by_test_id("policy-no-secrets-requests")).to_have_text("2", timeout=20_000)
+    expect(page.get_by_test_id("policy-hit-no-secrets-secret-mask-count")).to_have_text("2")
+    expect(page.get_by_test_id("policy-hit-no-secrets-email-mask-count")).to_have_text("2")
+    assert secret not in page.content()
+    assert "ops@initech.example" not in page.content()
+    shot(page, "dashboard-policies")

@@ -8,6 +8,7 @@ from agora.bench.adapters import adapters
 from agora.bench.batch import batch
 from agora.bench.gateway import gateway
 from agora.bench.holds import holds
+from agora.bench.policy import policy
 from agora.bench.prefixes import prefixes
 from agora.bench.resilience import resilience
 from agora.bench.routing import routing
@@ -19,6 +20,7 @@ app.command("adapters")(adapters)
 app.command("batch")(batch)
 app.command("gateway")(gateway)
 app.command("holds")(holds)
+app.command("policy")(policy)
 app.command("prefixes")(prefixes)
 app.command("resilience")(resilience)
 app.command("routing")(routing)

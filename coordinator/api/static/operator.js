@@ -81,6 +81,17 @@ function batches(b) {  // GET /admin/v1/batches: every client's batches and what
     ["Failed", "num"], ["Total", "num"], ["Created"]], rows, "no batches yet")));
 }
 
+function policies(p, h) {  // GET /admin/v1/policies and /hits: who runs what, what it did (counts only)
+  const names = p.policies.map((x) => [[x.name, "", `policy-${x.name}`], [x.version == null ? "—" : "v" + x.version],
+    [(x.sha256 || "").slice(0, 16), "mono"], [(x.steps || []).map((s) => s.kind).join(", ") || x.error || "", "wrap"],
+    [x.attached.join(", ") || "—", "wrap", `policy-${x.name}-attached`], [h.requests[x.name] || 0, "num", `policy-${x.name}-requests`]]);
+  const hits = h.hits.map((x) => [[x.policy], [x.step], [x.entity, "", `policy-hit-${x.policy}-${x.entity}-${x.action}`],
+    [x.action], [x.count, "num", `policy-hit-${x.policy}-${x.entity}-${x.action}-count`]]);
+  fill("policies", el("div", {}, table([["Policy"], ["Version"], ["SHA-256"], ["Steps"], ["Runs for"], ["Requests acted on", "num"]],
+    names, "no policies (agora policies set)"), table([["Policy"], ["Step"], ["Entity"], ["Action"], ["Count", "num"]],
+    hits, "no policy actions yet")));
+}
+
 function network(n) {  // GET /admin/v1/network: the other coordinators this one hears on gossip
   if (!n.enabled) {
     fill("network", el("p", { class: "empty", "data-testid": "network-off" },
@@ -134,9 +145,10 @@ function routing(records) {
 }
 
 Agora.every(2000, async () => {
-  const [o, n, r, b] = await Promise.all([Agora.getJson("/admin/v1/overview"), Agora.getJson("/admin/v1/network"),
-    Agora.getJson("/admin/v1/models"), Agora.getJson("/admin/v1/batches")]);
+  const [o, n, r, b, p, h] = await Promise.all([Agora.getJson("/admin/v1/overview"), Agora.getJson("/admin/v1/network"),
+    Agora.getJson("/admin/v1/models"), Agora.getJson("/admin/v1/batches"), Agora.getJson("/admin/v1/policies"),
+    Agora.getJson("/admin/v1/policies/hits")]);
   kpis(o); capacity(o.capacity.by_model, "model", "capacity-model"); capacity(o.capacity.by_gpu, "gpu", "capacity-gpu");
-  workers(o.workers); releases(r.models); batches(b); network(n); traffic(o.traffic); money(o); routing(o.routing);
+  workers(o.workers); releases(r.models); batches(b); policies(p, h); network(n); traffic(o.traffic); money(o); routing(o.routing);
   document.getElementById("updated").textContent = "updated " + new Date(o.at * 1000).toLocaleTimeString();
 });

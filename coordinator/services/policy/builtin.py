@@ -87,10 +87,15 @@ class _Rules:
     """Deny-list phrases (case-insensitive, whitespace-tolerant) and regular expressions."""
 
     def __init__(self, phrases: Sequence[str], patterns: Sequence[str], window: int) -> None:
-        alternatives = [
-            r"\s+".join(re.escape(word) for word in phrase.split()) for phrase in phrases
-        ]
-        self.phrases = re.compile("|".join(alternatives), re.IGNORECASE) if phrases else None
+        def alternatives(lower: bool) -> str:
+            return "|".join(
+                r"\s+".join(re.escape(w.lower() if lower else w) for w in phrase.split())
+                for phrase in phrases
+            )
+
+        self.phrases = re.compile(alternatives(False), re.IGNORECASE) if phrases else None
+        # the same over lower-cased text: a case-insensitive alternation is ~6x slower
+        self._lowered = re.compile(alternatives(True)) if phrases else None
         try:
             self.patterns = [re.compile(p) for p in patterns]
         except re.error as exc:
@@ -100,8 +105,13 @@ class _Rules:
 
     def first(self, text: str) -> tuple[int, str] | None:
         found: list[tuple[int, str]] = []
-        if self.phrases is not None and (m := self.phrases.search(text)):
-            found.append((m.start(), "phrase"))
+        if self.phrases is not None and self._lowered is not None:
+            lowered = text.lower()  # same offsets unless lower-casing changed a length
+            m = (self._lowered if len(lowered) == len(text) else self.phrases).search(
+                lowered if len(lowered) == len(text) else text
+            )
+            if m:
+                found.append((m.start(), "phrase"))
         for pattern in self.patterns:
             if m := pattern.search(text):
                 found.append((m.start(), "pattern"))

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from coordinator.services.policy.steps import Block, Step
 
 _CONTEXT = 64  # released characters kept as context for rules that look behind
+_LOOK_BEHIND = 8  # characters before a step's window it is shown (word boundaries, …)
 
 
 class OutputGate:
@@ -38,9 +39,10 @@ class OutputGate:
         """The text the client may see now (everything once `final`); after a block, nothing."""
         if self.blocked is not None:
             return ""
-        self._pending += self._restore(delta, final)
-        if self._steps:
-            found = self._first_block()
+        new = delta if self._placeholder is None else self._restore(delta, final)
+        self._pending += new
+        if self._steps and (new or final):
+            found = self._first_block(len(new))
             if found is not None:
                 cut = max(0, found.at - len(self._context))
                 out, self._pending = self._pending[:cut], ""
@@ -59,12 +61,14 @@ class OutputGate:
         return out
 
     def _restore(self, delta: str, final: bool) -> str:
-        if self._placeholder is None:
-            return delta
-        text = self._raw + delta
-        keep = 0 if final else self._partial_tail(text)
-        ready, self._raw = (text[: len(text) - keep], text[len(text) - keep :])
-        return self._placeholder.sub(self._put_back, ready)
+        assert self._placeholder is not None
+        text = self._raw + delta if self._raw else delta
+        keep = 0 if final or "[" not in text else self._partial_tail(text)
+        if keep:
+            text, self._raw = text[:-keep], text[-keep:]
+        else:
+            self._raw = ""
+        return self._placeholder.sub(self._put_back, text) if "[" in text else text
 
     def _put_back(self, match: re.Match[str]) -> str:
         self.restored += 1
@@ -78,7 +82,15 @@ class OutputGate:
         tail = text[start:]
         return len(tail) if any(p.startswith(tail) for p in self._values) else 0
 
-    def _first_block(self) -> Block | None:
+    def _first_block(self, new: int) -> Block | None:
+        """The earliest match that takes in some of the `new` characters: each step sees the
+        end of the text, as far back as its own window (and a little context) reaches;
+        matches without new characters were looked for before."""
         window = self._context + self._pending
-        found = [b for s in self._steps if (b := s.blocked_at(window)) is not None]
-        return min(found, key=lambda b: b.at) if found else None
+        found: Block | None = None
+        for step in self._steps:
+            start = max(0, len(window) - new - step.hold_back - _LOOK_BEHIND)
+            hit = step.blocked_at(window[start:] if start else window)
+            if hit is not None and (found is None or hit.at + start < found.at):
+                found = Block(hit.at + start, hit.step, hit.entity)
+        return found

@@ -91,12 +91,14 @@ class PolicyRun:
         if self.stopped:
             del frames.choices[:]
             return False
+        gates = self._gates
         for frame in frames.choices:
-            gate = self._gate(frame.index)
+            index = frame.index
+            gate = gates.get(index) or self._gate(index)
             final = bool(frame.finish_reason)
             frame.text = gate.feed(frame.text, final)
             if final:
-                self._finished.add(frame.index)
+                self._finished.add(index)
             if gate.blocked is not None:
                 frame.finish_reason = CONTENT_FILTER
                 self._stop(frames, frame.index)
