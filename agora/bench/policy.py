@@ -126,6 +126,7 @@ def policy(
     out.write_text(json.dumps(report, indent=2) + "\n")
     table = Table(
         "prompt",
+        "tokens/frame",
         "frames",
         "input p50",
         "input p99",
