@@ -26,6 +26,7 @@ from tests.fleet import Fleet
 from tests.policy_plugin import install
 from worker_node.engines.vllm import VllmEngine
 
+pytestmark = pytest.mark.engine
 MODEL = "tiny-p"
 VALUES = {  # one of each kind the pii step finds, and the placeholder it becomes
     "EMAIL": "jane.doe@example.com",

@@ -14,6 +14,7 @@ from coordinator.errors import InvalidRequest, NoCapacity
 from coordinator.services.accounts import Principal
 from coordinator.services.request_path.request import CompletionRequest
 from coordinator.store import audit_store
+from protocol.errors import MalformedMessage, ProtocolError
 from protocol.receipt_document import verify_document
 from tests.coordinator.test_request_path import (
     PlayedWorker,
@@ -74,6 +75,11 @@ async def test_placeholders_reach_the_worker_and_the_values_come_back(
     document = coordinator.settlement.document(answer.request_id, "alice")
     assert document is not None
     assert verify_document(document).statement["policy_sha256"] == stored.policy_sha256
+    with pytest.raises(MalformedMessage):  # the shown policy must be the one signed …
+        verify_document({**document, "policy_sha256": "0" * 64})
+    forged = {**document, "charge": {**document["charge"], "policy_sha256": "0" * 64}}
+    with pytest.raises(ProtocolError):  # … and the signed one cannot be changed
+        verify_document({**forged, "policy_sha256": "0" * 64})
     log = json.dumps(audit_store.latest(coordinator.db))
     assert EMAIL not in log
     assert CARD not in log
