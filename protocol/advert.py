@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from protocol.canonical import canonical_json, parse_canonical
@@ -130,7 +130,10 @@ class Advert:
                 ModelOffer(**{**m, "lora_adapters": tuple(m.get("lora_adapters", ()))})
                 for m in value.pop("models")
             )
-            return cls(models=models, **value)
+            # fields a later node declares that this software does not know are left out
+            # (they are signed, so they stay in the bytes relayed on gossip)
+            known = {f.name for f in fields(cls)}
+            return cls(models=models, **{k: v for k, v in value.items() if k in known})
         except (KeyError, TypeError) as exc:
             raise MalformedMessage(f"malformed advert: {exc}") from exc
 

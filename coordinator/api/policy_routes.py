@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from coordinator.api.deps import AdminDep, BodyDep
 from coordinator.api.errors import documented
-from coordinator.errors import InvalidRequest
+from coordinator.errors import InvalidRequest, NotFound
 from coordinator.services.policy.book import PolicyBook
 
 router = APIRouter(prefix="/admin/v1/policies", responses=documented(400, 401, 403, 404, 413))
@@ -35,7 +35,7 @@ class Attachment(BaseModel):
 @router.get("")
 async def list_policies(_admin: AdminDep, policies: PoliciesDep) -> dict[str, Any]:
     """Every policy's newest version: its steps, SHA-256, and the keys and clients it runs for."""
-    await asyncio.to_thread(policies.load)
+    await asyncio.to_thread(policies.fresh)
     return {"policies": policies.describe()}
 
 
@@ -62,6 +62,15 @@ async def attach_policy(body: BodyDep, _admin: AdminDep, policies: PoliciesDep) 
         policies.attach, wanted.policy, key_id=wanted.key_id, client=wanted.client
     )
     return {"subject": subject, "policy": wanted.policy}
+
+
+@router.get("/versions/{sha256}")
+async def policy_version(sha256: str, _admin: AdminDep, policies: PoliciesDep) -> dict[str, Any]:
+    """The policy version a receipt names (by its SHA-256): name, version and JSON."""
+    found = await asyncio.to_thread(policies.version, sha256)
+    if found is None:
+        raise NotFound(f"No policy version {sha256}.", param="sha256")
+    return found
 
 
 @router.get("/hits")

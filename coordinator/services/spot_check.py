@@ -54,6 +54,9 @@ class CheckCandidate:
     segments: int
     adapter: str = ""  # the LoRA adapter it ran with: the check runs with the same one
     endpoint: str = COMPLETIONS  # what the client called (a cache probe calls it again)
+    # the client's policy on who may see its prompt: a reference must meet it too
+    data_retention: frozenset[str] = frozenset()
+    regions: frozenset[str] = frozenset()
 
 
 class SpotChecker:
@@ -152,8 +155,9 @@ class SpotChecker:
         return answer
 
     def _reference_for(
-        self, trust: Trust, model: str, checked: str, adapter: str, task: str = GENERATE
-    ) -> ModelSlot | None:
+        self, trust: Trust, model: str, checked: str, adapter: str, task: str = GENERATE,
+        candidate: CheckCandidate | None = None,
+    ) -> ModelSlot | None:  # fmt: skip
         """The most trusted other worker with a free slot, if it is more trusted than the
         checked one or past probation (an unproven reference could accuse an honest worker).
         With an adapter: one that holds it loaded, else one that can load it."""
@@ -163,6 +167,7 @@ class SpotChecker:
             if s.node_id != checked and s.available and s.free_slots > 0 and s.task == task
             and (trust.score(s.node_id) > mine or not trust.on_probation(s.node_id))
             and (not adapter or adapter in s.adapters or s.max_loras > 0)
+            and (candidate is None or _may_see(candidate, s))
         ]  # fmt: skip
         return max(
             candidates,
@@ -172,7 +177,7 @@ class SpotChecker:
 
     async def _check(self, candidate: CheckCandidate, trust: Trust, temperature: float) -> None:
         reference = self._reference_for(
-            trust, candidate.model, candidate.node_id, candidate.adapter
+            trust, candidate.model, candidate.node_id, candidate.adapter, GENERATE, candidate
         )
         if reference is None:
             return
@@ -195,7 +200,9 @@ class SpotChecker:
 
     async def _check_vectors(self, candidate: CheckCandidate, trust: Trust) -> None:
         """Embed the same inputs on the most trusted other worker and compare the vectors."""
-        reference = self._reference_for(trust, candidate.model, candidate.node_id, "", EMBED)
+        reference = self._reference_for(
+            trust, candidate.model, candidate.node_id, "", EMBED, candidate
+        )
         if reference is None:
             return
         body = {k: v for k, v in candidate.body.items() if k not in ("provider", "models")}
@@ -210,3 +217,10 @@ class SpotChecker:
                  verdict.detail)  # fmt: skip
         outcome = Outcome.VERIFIED if verdict.genuine else Outcome.FRAUD
         trust.observe([Verdict(candidate.node_id, outcome, candidate.request_id, verdict.detail)])
+
+
+def _may_see(candidate: CheckCandidate, slot: ModelSlot) -> bool:
+    """Whether the client's policy lets this worker see its prompt (as a reference)."""
+    return (not candidate.data_retention or slot.data_retention in candidate.data_retention) and (
+        not candidate.regions or slot.region in candidate.regions
+    )

@@ -45,8 +45,8 @@ def save(engine: Engine, name: str, spec: str, sha256: str, actor: str) -> tuple
         return version, True
 
 
-def current(engine: Engine) -> list[StoredPolicy]:
-    """The newest version of every policy."""
+def snapshot(engine: Engine) -> tuple[list[StoredPolicy], dict[str, str]]:
+    """The newest version of every policy and every attachment, read together."""
     newest = (
         select(POLICY_VERSIONS.c.name, func.max(POLICY_VERSIONS.c.version).label("v"))
         .group_by(POLICY_VERSIONS.c.name)
@@ -56,11 +56,11 @@ def current(engine: Engine) -> list[StoredPolicy]:
         newest,
         (POLICY_VERSIONS.c.name == newest.c.name) & (POLICY_VERSIONS.c.version == newest.c.v),
     )
-    with engine.connect() as conn:
-        return [
-            StoredPolicy(r.name, r.version, r.sha256, json.loads(r.spec))
-            for r in conn.execute(query)
-        ]
+    with engine.connect() as conn, conn.begin():
+        policies = [StoredPolicy(r.name, r.version, r.sha256, json.loads(r.spec))
+                    for r in conn.execute(query)]  # fmt: skip
+        rows = conn.execute(select(POLICY_ATTACHMENTS.c.subject, POLICY_ATTACHMENTS.c.policy))
+        return policies, {r.subject: r.policy for r in rows}
 
 
 def by_sha256(engine: Engine, sha256: str) -> StoredPolicy | None:
@@ -78,12 +78,6 @@ def attach(engine: Engine, subject: str, policy: str | None, actor: str) -> None
                 subject=subject, policy=policy, created_at=utcnow()))  # fmt: skip
         audit_store.append(conn, actor, "policy.attach" if policy else "policy.detach", subject,
                            policy=policy)  # fmt: skip
-
-
-def attachments(engine: Engine) -> dict[str, str]:
-    with engine.connect() as conn:
-        rows = conn.execute(select(POLICY_ATTACHMENTS.c.subject, POLICY_ATTACHMENTS.c.policy))
-        return {r.subject: r.policy for r in rows}
 
 
 def record_hits(engine: Engine, subject: str, detail: dict[str, Any]) -> None:

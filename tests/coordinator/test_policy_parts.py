@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +225,37 @@ def test_an_operators_step_loads_through_its_entry_point(
     finally:
         installed.cache_clear()
         sys.modules.pop("agora_policy_example", None)
+
+
+def test_finding_is_linear_on_long_unbroken_text() -> None:
+    """A prompt is attacker-controlled: no pattern may backtrack quadratically (an earlier
+    email pattern took 2.4 s on 40 KB and ~16x that on 160 KB)."""
+    for text in ("a" * 160_000, "a1" * 80_000, "1 " * 80_000, "a@" * 80_000, "ab:" * 53_000):
+        started = time.perf_counter()
+        pii.find(text)
+        assert time.perf_counter() - started < 5.0
+
+
+def test_phrase_words_may_be_a_few_spaces_apart_and_are_still_held_back() -> None:
+    gate = OutputGate({}, [BlockStep(phrases=["secret plan"])])
+    released = feed(gate, ["the secret", " \n\t", "plan is", " here"])
+    assert "".join(released) == "the "
+    with pytest.raises(PolicyError):
+        BlockStep(phrases=["  "])
+
+
+def test_providers_steps_that_no_worker_could_meet_together_are_refused() -> None:
+    with pytest.raises(PolicyError):
+        Policy.build("p", 1, {"steps": [{"kind": "providers", "regions": ["eu"]},
+                                        {"kind": "providers", "regions": ["us"]}]})  # fmt: skip
+
+
+def test_a_block_keeps_what_other_choices_had_before_it_in_the_same_batch() -> None:
+    run = run_of([{"kind": "block", "phrases": ["stop"]}])
+    batch = pb.Frames(choices=[pb.TokenFrame(index=1, text="fine words, all of them"),
+                               pb.TokenFrame(index=0, text="please stop now"),
+                               pb.TokenFrame(index=1, text=" never sent")])  # fmt: skip
+    assert run.frames(batch)
+    assert [(f.index, f.finish_reason) for f in batch.choices] == [
+        (1, ""), (0, CONTENT_FILTER), (1, CONTENT_FILTER)]  # fmt: skip
+    assert batch.choices[1].text == "please "

@@ -4,6 +4,7 @@ billed and signed, and what the audit log keeps."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import msgspec
@@ -12,6 +13,7 @@ import pytest
 from coordinator.app import Coordinator
 from coordinator.errors import InvalidRequest, NoCapacity
 from coordinator.services.accounts import Principal
+from coordinator.services.request_path import fulfilment as fulfilment_module
 from coordinator.services.request_path.request import CompletionRequest
 from coordinator.store import audit_store
 from protocol.errors import MalformedMessage, ProtocolError
@@ -169,3 +171,54 @@ async def test_a_key_without_a_policy_is_untouched_and_a_key_policy_wins_over_it
     answer = await coordinator.request_path.begin(bob, asking(f"mail {EMAIL}"))
     await relay(answer)
     assert EMAIL in worker_saw(worker)  # the key's own policy (flags only) runs instead
+
+
+async def test_a_node_that_ignores_the_stop_is_not_blamed_and_the_client_is_not_kept_waiting(
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fulfilment_module, "STOP_GRACE_S", 0.05)
+    coordinator.settings.idle_token_timeout_s = 30.0  # the grace, not this, must end it
+    tokens = ["ok ", "then ", "bad", " word", " and", " more"]
+    worker = PlayedWorker("old", Script(tokens=tokens, silent_stop=True))
+    join(coordinator, worker)
+    principal = await client_with(coordinator, [{"kind": "block", "phrases": ["bad word"]}])
+    answer = await coordinator.request_path.begin(principal, asking("go"))
+    async with asyncio.timeout(5):
+        text, _usage, raw = await relay(answer)
+    assert text == "ok then "
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert coordinator.stats.get(worker.node_id, "m").consecutive_failures == 0
+    await coordinator.request_path.drain()
+    assert coordinator.accounts.balance("alice") < 10**9  # what it delivered is still billed
+
+
+@pytest.mark.parametrize("field", ["logprobs", "tools"])
+async def test_output_policies_refuse_what_they_cannot_filter(
+    coordinator: Coordinator, field: str
+) -> None:
+    join(coordinator, PlayedWorker("w"))
+    principal = await client_with(coordinator, [{"kind": "pii", "mode": "placeholder"}])
+    request = asking("hi")
+    value = 0 if field == "logprobs" else [{"type": "function", "function": {"name": "f"}}]
+    request.body[field] = value  # `logprobs: 0` still returns each token's text
+    with pytest.raises(InvalidRequest) as refused:
+        await coordinator.request_path.begin(principal, request)
+    assert refused.value.code == "policy_conflict"
+
+
+async def test_earlier_tool_call_arguments_are_redacted_too(coordinator: Coordinator) -> None:
+    worker = PlayedWorker("w")
+    join(coordinator, worker)
+    principal = await client_with(coordinator, [{"kind": "pii", "mode": "mask"}])
+    request = asking("and now?")
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "send", "arguments": json.dumps({"to": EMAIL})}}  # fmt: skip
+    request.body["messages"] = [
+        {"role": "user", "content": "mail him"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": f"sent to {EMAIL}"},
+    ]
+    await relay(await coordinator.request_path.begin(principal, request))
+    seen = worker_saw(worker)
+    assert EMAIL not in seen
+    assert seen.count("[EMAIL]") == 2

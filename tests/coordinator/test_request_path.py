@@ -51,6 +51,7 @@ class Script:
     no_receipt: bool = False  # the whole answer, then a failure instead of the receipt
     overrun: bool = False  # ignore the job's max_tokens (and claim every token sent)
     cached: int = 0  # prompt tokens it says its engine found cached (usage and receipt)
+    silent_stop: bool = False  # asked to stop and sign, it goes quiet (a node from before)
 
 
 class PlayedWorker:
@@ -100,6 +101,8 @@ class PlayedWorker:
             tokens = []
         for i in range(0, len(tokens), script.per_frame):
             if script.stall_after is not None and len(sent) >= script.stall_after:
+                await asyncio.sleep(3600)
+            if script.silent_stop and rid in self.link.stopped:
                 await asyncio.sleep(3600)
             if script.fail_after is not None and len(sent) >= script.fail_after:
                 error = pb.JobError(http_status=502, message="engine died", type="engine_error")

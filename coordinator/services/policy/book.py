@@ -5,8 +5,10 @@ seconds so replicas agree; what policies did is written to the audit log and the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -52,23 +54,29 @@ class PolicyBook:
         self._attached: dict[str, str] = {}  # subject -> policy name
         self._loaded_at = 0.0
         self._refreshing = False
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- reading
     def load(self) -> None:
-        """Read every policy and attachment (at start, and after each change made here)."""
-        policies: dict[str, Policy] = {}
-        broken: dict[str, str] = {}
-        for stored in policies_store.current(self._engine):
-            try:
-                policies[stored.name] = Policy.build(
-                    stored.name, stored.version, stored.spec, self._kinds
-                )
-            except PolicyError as exc:  # e.g. its plugin is not installed on this replica
-                broken[stored.name] = str(exc)
-                log.error("policy %s cannot run here: %s", stored.name, exc)
-        self._policies, self._broken = policies, broken
-        self._attached = policies_store.attachments(self._engine)
-        self._loaded_at = time.monotonic()
+        """Read every policy and attachment (at start, and after each change made here).
+        One reader at a time, each reading after the one before: the newest read wins."""
+        with self._lock:
+            stored, attached = policies_store.snapshot(self._engine)
+            policies: dict[str, Policy] = {}
+            broken: dict[str, str] = {}
+            for one in stored:
+                try:
+                    policies[one.name] = Policy.build(one.name, one.version, one.spec, self._kinds)
+                except PolicyError as exc:  # e.g. its plugin is not installed on this replica
+                    broken[one.name] = str(exc)
+                    log.error("policy %s cannot run here: %s", one.name, exc)
+            self._policies, self._broken, self._attached = policies, broken, attached
+            self._loaded_at = time.monotonic()
+
+    def fresh(self) -> None:
+        """Re-read if the last read is older than the refresh interval."""
+        if time.monotonic() - self._loaded_at >= self._refresh_s:
+            self.load()
 
     def _maybe_refresh(self) -> None:
         if self._refreshing or time.monotonic() - self._loaded_at < self._refresh_s:
@@ -118,6 +126,14 @@ class PolicyBook:
                 for n, why in sorted(self._broken.items())]  # fmt: skip
         return out
 
+    def version(self, sha256: str) -> dict[str, Any] | None:
+        """A stored version by the SHA-256 receipts carry (old versions included)."""
+        found = policies_store.by_sha256(self._engine, sha256)
+        if found is None:
+            return None
+        return {"name": found.name, "version": found.version, "sha256": found.sha256,
+                "spec": found.spec}  # fmt: skip
+
     # ---------------------------------------------------------------- changes
     def save(self, name: str, spec: dict[str, Any]) -> tuple[Policy, bool]:
         """Check a policy's JSON by building it, then store it as the name's next version."""
@@ -129,11 +145,11 @@ class PolicyBook:
         except PolicyError as exc:
             raise InvalidRequest(f"Policy `{name}`: {exc}", param="steps",
                                  code="invalid_policy") from exc  # fmt: skip
-        _version, new = policies_store.save(
+        version, new = policies_store.save(
             self._engine, name, canonical(spec), built.sha256, self._actor
         )
         self.load()
-        return self._policies[name], new
+        return dataclasses.replace(built, version=version), new
 
     def attach(self, name: str | None, *, key_id: int | None = None,
                client: str | None = None) -> str:  # fmt: skip

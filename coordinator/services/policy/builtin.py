@@ -83,13 +83,22 @@ class PiiStep(Step):
         return placeholder
 
 
+_GAP = 3  # whitespace characters a phrase's words may be apart (a bound: see hold_back)
+
+
 class _Rules:
-    """Deny-list phrases (case-insensitive, whitespace-tolerant) and regular expressions."""
+    """Deny-list phrases (case-insensitive; words 1 to _GAP whitespace characters apart) and
+    regular expressions."""
 
     def __init__(self, phrases: Sequence[str], patterns: Sequence[str], window: int) -> None:
+        if any(not p.split() for p in phrases):
+            raise PolicyError("a phrase must have at least one word")
+
         def alternatives(lower: bool) -> str:
             return "|".join(
-                r"\s+".join(re.escape(w.lower() if lower else w) for w in phrase.split())
+                rf"\s{{1,{_GAP}}}".join(
+                    re.escape(w.lower() if lower else w) for w in phrase.split()
+                )
                 for phrase in phrases
             )
 
@@ -100,7 +109,11 @@ class _Rules:
             self.patterns = [re.compile(p) for p in patterns]
         except re.error as exc:
             raise PolicyError(f"a pattern does not compile: {exc}") from exc
-        longest = max((len(p) for p in phrases), default=0)
+        # the longest text a phrase can match, less one: held back, no match can start unseen
+        longest = max(
+            (sum(len(w) for w in p.split()) + _GAP * (len(p.split()) - 1) for p in phrases),
+            default=0,
+        )
         self.hold_back = max(longest - 1, window if patterns else 0)
 
     def first(self, text: str) -> tuple[int, str] | None:

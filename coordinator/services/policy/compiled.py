@@ -48,7 +48,9 @@ class Policy:
             raise PolicyError(f"`steps` must be a list of 1 to {MAX_STEPS} steps")
         steps = tuple(build(options, kinds) for options in raw)
         digest = hashlib.sha256(canonical(spec).encode()).hexdigest()
-        return cls(name, version, digest, dict(spec), steps)
+        policy = cls(name, version, digest, dict(spec), steps)
+        policy.constraints()  # steps that no worker could satisfy together are refused here
+        return policy
 
     @property
     def label(self) -> str:
@@ -95,4 +97,6 @@ def _intersect(sets: list[frozenset[str]]) -> frozenset[str]:
     out = given[0]
     for s in given[1:]:
         out &= s
-    return out or frozenset({"\0none"})  # nothing satisfies both: no worker will
+    if not out:
+        raise PolicyError("its providers steps accept no common value: no worker could serve it")
+    return out

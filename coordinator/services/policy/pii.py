@@ -7,6 +7,7 @@ kind in `KINDS` winning where two overlap (a card number is not also a phone num
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
@@ -97,7 +98,14 @@ _SECRETS = "|".join(
 
 _DETECTORS: dict[str, tuple[re.Pattern[str], Callable[[str], bool] | None]] = {
     SECRET: (re.compile(_SECRETS), None),
-    EMAIL: (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), None),
+    # bounded parts and a start that cannot be inside another local part: linear on any text
+    EMAIL: (
+        re.compile(
+            r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}"
+            r"(?:\.[A-Za-z0-9-]{1,63}){0,8}\.[A-Za-z]{2,24}(?![A-Za-z])"
+        ),
+        None,
+    ),
     IBAN: (re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"), _iban),
     CARD: (re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"), _card),
     NATIONAL_ID: (
@@ -124,7 +132,8 @@ _DETECTORS: dict[str, tuple[re.Pattern[str], Callable[[str], bool] | None]] = {
 def find(text: str, kinds: Iterable[str] = KINDS) -> list[Span]:
     """Every span of the given kinds, non-overlapping, in text order."""
     wanted = set(kinds)
-    taken: list[Span] = []
+    taken: list[Span] = []  # in text order, never overlapping
+    starts: list[int] = []
     for kind in KINDS:
         if kind not in wanted:
             continue
@@ -132,10 +141,11 @@ def find(text: str, kinds: Iterable[str] = KINDS) -> list[Span]:
         for match in pattern.finditer(text):
             group = "v" if match.groupdict().get("v") is not None else 0
             start, end = match.span(group)
+            at = bisect.bisect_left(starts, start)
+            if (at < len(taken) and taken[at].start < end) or (at and taken[at - 1].end > start):
+                continue  # an earlier kind has (part of) it
             if check is not None and not check(match.group(group)):
                 continue
-            if any(s.start < end and start < s.end for s in taken):
-                continue
-            taken.append(Span(kind, start, end))
-    taken.sort(key=lambda s: s.start)
+            taken.insert(at, Span(kind, start, end))
+            starts.insert(at, start)
     return taken

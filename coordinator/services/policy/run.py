@@ -32,6 +32,7 @@ class PolicyRun:
         self._gates: dict[int, OutputGate] = {}
         self._finished: set[int] = set()
         self.stopped = False  # a step withheld the rest of the answer
+        self.recorded = False  # its hits went to the audit log
 
     # ---------------------------------------------------------------- input
     def redact(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -56,17 +57,26 @@ class PolicyRun:
     def _message(self, message: Any) -> Any:
         if not isinstance(message, dict):
             return message
+        out = dict(message)
         content = message.get("content")
         if isinstance(content, str):
-            return {**message, "content": self._text(content)}
-        if isinstance(content, list):
-            parts = [
+            out["content"] = self._text(content)
+        elif isinstance(content, list):
+            out["content"] = [
                 {**p, "text": self._text(p["text"])}
                 if isinstance(p, dict) and isinstance(p.get("text"), str) else p
                 for p in content
             ]  # fmt: skip
-            return {**message, "content": parts}
-        return message
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):  # earlier turns' tool arguments are prompt text too
+            out["tool_calls"] = [self._call(c) for c in calls]
+        return out
+
+    def _call(self, call: Any) -> Any:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+            return call
+        return {**call, "function": {**function, "arguments": self._text(function["arguments"])}}
 
     def _text(self, text: str) -> str:
         for step in self._input:
@@ -92,29 +102,27 @@ class PolicyRun:
             del frames.choices[:]
             return False
         gates = self._gates
-        for frame in frames.choices:
+        for position, frame in enumerate(frames.choices):
             index = frame.index
             gate = gates.get(index) or self._gate(index)
             final = bool(frame.finish_reason)
             frame.text = gate.feed(frame.text, final)
+            if frame.delta_json:  # reasoning text is not filtered: it is not relayed either
+                frame.delta_json = b""
             if final:
                 self._finished.add(index)
             if gate.blocked is not None:
                 frame.finish_reason = CONTENT_FILTER
-                self._stop(frames, frame.index)
+                self._stop(frames, position)
                 return True
         return False
 
-    def _stop(self, frames: pb.Frames, at: int) -> None:
+    def _stop(self, frames: pb.Frames, position: int) -> None:
+        """End the answer at the frame in `position`: the frames before it go out as fed,
+        later ones never; every choice still open ends with `content_filter`."""
         self.stopped = True
-        keep = []
-        for frame in frames.choices:
-            if frame.index == at or frame.index in self._finished:
-                keep.append(frame)
-                if frame.index == at:
-                    break
-        del frames.choices[:]
-        frames.choices.extend(keep)
+        at = frames.choices[position].index
+        del frames.choices[position + 1 :]
         self._finished.add(at)
         for index in sorted(set(self._gates) - self._finished):
             frames.choices.append(pb.TokenFrame(index=index, finish_reason=CONTENT_FILTER))
@@ -128,6 +136,9 @@ class PolicyRun:
             gate = self._gate(int(choice.get("index") or 0))
             if endpoint == CHAT:
                 message = choice.get("message")
+                if isinstance(message, dict):
+                    for unfiltered in ("reasoning_content", "reasoning"):
+                        message.pop(unfiltered, None)  # not filtered: not relayed
                 if isinstance(message, dict) and isinstance(message.get("content"), str):
                     message["content"] = gate.feed(message["content"], final=True)
             elif isinstance(choice.get("text"), str):

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agora.coordinator.request")
 MAX_ATTEMPTS = 3  # workers tried for one request (failovers + continuations)
+STOP_GRACE_S = 5.0  # a node asked to stop and sign sends its receipt within this
 
 
 class Fulfilment:
@@ -258,12 +259,14 @@ class Fulfilment:
             path.count_continuation(request.model, "continued")
         return True
 
-    async def _next_event(self) -> pb.JobEvent | None:
-        """The current attempt's next event; None if it stalled."""
+    async def _next_event(self, stopping: bool = False) -> pb.JobEvent | None:
+        """The current attempt's next event; None if it stalled (once asked to stop, a node
+        has STOP_GRACE_S to send its receipt)."""
         if self._first is not None:
             event, self._first = self._first, None
             return event
-        return await self.current.events.next(self._path.settings.idle_token_timeout_s)
+        timeout = self._path.settings.idle_token_timeout_s
+        return await self.current.events.next(min(timeout, STOP_GRACE_S) if stopping else timeout)
 
     def _failed(self, attempt: Attempt, event: pb.JobEvent | None) -> bool:
         """The attempt ended without a receipt; True if it was the worker's fault."""
@@ -302,7 +305,7 @@ class Fulfilment:
         try:
             while True:
                 attempt = self.current
-                event = await self._next_event()
+                event = await self._next_event(stopping=gate is not None and gate.stopped)
                 kind = event.WhichOneof("kind") if event is not None else "stalled"
                 if kind == "frames":
                     assert event is not None
@@ -327,9 +330,16 @@ class Fulfilment:
                     status = "ok"
                     yield b"".join([*out, *await self._closing(render)]), True
                     return
+                if kind in ("error", "stalled") and gate is not None and gate.stopped:
+                    # asked to stop, it ended without a receipt (a node from before stops were
+                    # signed): the client has its answer; not the node's fault
+                    attempt.end(cancel=True)
+                    status = "ok"
+                    yield b"".join([*out, *await self._closing(render)]), True
+                    return
                 if kind in ("error", "stalled"):
                     workers_fault = self._failed(attempt, event)
-                    if self._answered() or (gate is not None and gate.stopped):
+                    if self._answered():
                         # every choice had finished when the worker died, before its receipt:
                         # nothing is left to generate (a continuation would overrun the bound),
                         # the client has its answer and pays for it; the worker signed nothing
@@ -526,7 +536,8 @@ class Fulfilment:
             request_id=self.request_id, model=self.request.model, client=self.principal.client,
             body=self.request.body, node_id=first.node_id, observed=first.observed,
             segments=len(self.attempts), adapter=self.request.adapter,
-            endpoint=self.request.endpoint,
+            endpoint=self.request.endpoint, data_retention=self.request.prefs.data_retention,
+            regions=self.request.prefs.regions,
         )  # fmt: skip
 
     # ---------------------------------------------------------------- release

@@ -108,7 +108,7 @@ class RequestPath:
         The client's `model` may be a release (`name` or `name@version`): its policy picks
         the version, and a canary that fails before its first token hands the request to
         the stable version. Then each of the client's fallback `models`, in order."""
-        request = self._under_policy(principal, request)
+        request = await self._under_policy(principal, request)
         last: CoordinatorError | None = None
         tries = 0
         admitted = False  # an earlier try took the request from the key's per-minute limit
@@ -144,7 +144,9 @@ class RequestPath:
             self._record_policy(principal, request_id_var.get() or "", request.policy)
         raise last
 
-    def _under_policy(self, principal: Principal, request: CompletionRequest) -> CompletionRequest:
+    async def _under_policy(
+        self, principal: Principal, request: CompletionRequest
+    ) -> CompletionRequest:
         """The request as its policy lets it go: the prompt redacted, the workers it may go to
         narrowed, the response cache off (answers differ by what a policy put back)."""
         run = self.policies.for_principal(principal) if self.policies is not None else None
@@ -152,7 +154,8 @@ class RequestPath:
             return request
         policy = run.policy
         if policy.changes_output:
-            asked = [k for k in _RAW_OUTPUT if request.body.get(k) not in (None, False)]
+            body = request.body
+            asked = [k for k in _RAW_OUTPUT if body.get(k) is not None and body.get(k) is not False]
             if asked or request.wants_token_ids:
                 raise InvalidRequest(
                     f"Your key's policy `{policy.label}` filters output, so "
@@ -160,8 +163,17 @@ class RequestPath:
                     "show what the policy holds back).", param=(asked or ["return_token_ids"])[0],
                     code="policy_conflict",
                 )  # fmt: skip
-        try:
-            body = run.redact(request.endpoint, request.body)
+            if body.get("tools") or body.get("functions"):
+                raise InvalidRequest(
+                    f"Your key's policy `{policy.label}` filters output; tool calls are not "
+                    "filtered, so requests with tools cannot run under it.", param="tools",
+                    code="policy_conflict",
+                )  # fmt: skip
+        try:  # large prompts are redacted off the event loop (linear, but ~1 ms per 2 KB)
+            if self.prompt_bound(request) > _REDACT_INLINE_BYTES:
+                body = await asyncio.to_thread(run.redact, request.endpoint, request.body)
+            else:
+                body = run.redact(request.endpoint, request.body)
         except PolicyViolation as exc:
             self._record_policy(principal, request_id_var.get() or uuid.uuid4().hex, run)
             raise InvalidRequest(
@@ -181,7 +193,10 @@ class RequestPath:
         return dataclasses.replace(request, body=body, prefs=prefs, cache=False, policy=run)
 
     def _record_policy(self, principal: Principal, request_id: str, run: PolicyRun) -> None:
-        if self.policies is not None and run.hits():
+        """What the policy did, into the audit log and metrics: once per request, however
+        many targets and fallbacks it was tried on."""
+        if self.policies is not None and not run.recorded and run.hits():
+            run.recorded = True
             self.in_background(asyncio.to_thread(self.policies.record, principal, request_id, run))
 
     def _targets(self, model: str, principal: Principal) -> list[Target]:
@@ -282,6 +297,14 @@ class RequestPath:
                 param="provider.max_price",
                 code="max_price_unmet",
             )
+        policy = request.policy.policy.label if request.policy is not None else ""
+        if reasons and policy and all(r.startswith("policy_") for r in reasons):
+            why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+            return NoCapacity(
+                f"No worker serving `{request.model}` meets your key's policy `{policy}` ({why}); "
+                "a worker that declares what it requires may join later.",
+                retry_after_s=self.settings.retry_after_s, code="policy_unroutable",
+            )  # fmt: skip
         if request.prefs.order and not request.prefs.allow_fallbacks:
             return NoCapacity(
                 "None of the workers in provider.order can take the request and "
@@ -377,6 +400,7 @@ class RequestPath:
             await asyncio.gather(*self._background, return_exceptions=True)
 
 
+_REDACT_INLINE_BYTES = 16 * 1024
 # what shows the engine's own output beside the text (under a policy that filters output)
 _RAW_OUTPUT = ("logprobs", "top_logprobs", "echo", "return_token_ids", "prompt_logprobs")
 

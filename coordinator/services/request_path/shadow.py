@@ -35,7 +35,10 @@ async def shadow_copy(
     adapter = version.adapter_sha256 or ""
     bound = RouteRequest(version.serves, path.prompt_bound(request),
                          primary.max_tokens * request.choices, adapter)  # fmt: skip
-    decision = path.router.decide(bound, Preferences(), set())
+    prefs = request.prefs  # only where the client's policy lets its prompt go
+    allowed = Preferences(data_retention=prefs.data_retention, regions=prefs.regions,
+                          min_reputation=prefs.min_reputation)  # fmt: skip
+    decision = path.router.decide(bound, allowed, set())
     slot = next(
         (s for scored in decision.ranked if (s := path.slot(scored.node_id, version.serves))),
         None,
