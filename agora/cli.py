@@ -9,6 +9,7 @@ from agora.bench.cli import app as bench_app
 from coordinator.batches_cli import batches
 from coordinator.cli import app as coordinator_app
 from coordinator.ledger_cli import app as ledger_app
+from coordinator.market_cli import market
 from coordinator.models_cli import app as models_app
 from coordinator.payouts_cli import app as payouts_app
 from coordinator.policies_cli import app as policies_app
@@ -30,6 +31,7 @@ app.add_typer(policies_app, name="policies")
 app.command("demo")(demo.demo)
 app.command("status")(status)
 app.command("batches")(batches)
+app.command("market")(market)
 app.command("simulate")(simulate.simulate)
 
 

@@ -49,8 +49,9 @@ from coordinator.services.admission import Limits, RateLimiter
 from coordinator.services.batches.files import FileLibrary
 from coordinator.services.batches.runner import BatchPolicy, BatchRunner
 from coordinator.services.decisions import DecisionLog
+from coordinator.services.demand import DemandBook
 from coordinator.services.metering import Tokenizers
-from coordinator.services.overview import Overview
+from coordinator.services.overview import CPU_ONLY, Overview, gpu_type
 from coordinator.services.payouts import Payouts
 from coordinator.services.policy.book import PolicyBook
 from coordinator.services.prefixes import PrefixIndex
@@ -76,6 +77,7 @@ from coordinator.store import outbox_store
 from coordinator.store.db import make_engine, migrate
 from coordinator.store.writer import LedgerWriter
 from protocol.identity import Identity
+from protocol.market import DemandBoard
 from protocol.proto import session_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:  # the p2p market needs libp2p, imported only when it is switched on
@@ -168,6 +170,7 @@ class Coordinator:
                 policy, step, entity, action).inc(count),
         )  # fmt: skip
         self.policies.load()
+        self.demand = DemandBook(self.registry, self._gpu_of)
         self.request_path = RequestPath(
             settings=settings,
             registry=self.registry,
@@ -202,6 +205,7 @@ class Coordinator:
             metrics=self.metrics,
             releases=self.releases,
             policies=self.policies,
+            demand=self.demand,
             elsewhere=self._elsewhere,
         )
         self.files = FileLibrary(self.db, settings.data_dir / "files", settings.files_max_bytes,
@@ -326,6 +330,7 @@ class Coordinator:
         app.state.files = self.files
         app.state.batches = self.batches
         app.state.network_view = self.network_view
+        app.state.market = self.market
         errors.install(app)
         openapi.install(app)
         app.include_router(openai_routes.router)
@@ -383,7 +388,7 @@ class Coordinator:
         )  # fmt: skip
         settings = NetworkSettings(config, s.p2p_announce_s, s.p2p_record_ttl_s)
         self.network = MarketNetwork(
-            self.identity, settings, self.registry, self.trust, self.endpoints
+            self.identity, settings, self.registry, self.trust, self.endpoints, self.sealed_board
         )
         await self.network.start()
 
@@ -391,6 +396,22 @@ class Coordinator:
         """The served models behind a client's model name (a release's versions, or itself)."""
         targets = self.releases.targets(name, "")
         return [t.serves for t in targets] if targets else [name]
+
+    def _gpu_of(self, node_id: str) -> str:
+        conn = self.registry.get(node_id)
+        return gpu_type(conn) if conn is not None else CPU_ONLY
+
+    def sealed_board(self) -> bytes:
+        """This coordinator's demand board, signed (GET /v1/market, and gossip)."""
+        now_ms = time.time_ns() // 1_000_000
+        return DemandBoard(self.identity.node_id, now_ms, self.demand.board()).seal(self.identity)
+
+    def market(self) -> dict[str, Any]:
+        """GET /v1/market: this coordinator's signed board, and its peers' as they signed them
+        (each `{body, signature}` verifies with protocol.market.DemandBoard.open)."""
+        peers = self.network.peer_boards() if self.network is not None else []
+        return {"object": "market", **json.loads(self.sealed_board()),
+                "peers": [json.loads(sealed) for sealed in peers]}  # fmt: skip
 
     def _elsewhere(self, model: str) -> list[str]:
         """Other coordinators of the p2p market that serve `model` (none without a market)."""

@@ -3,6 +3,8 @@ or billing.
 
 - `CoordinatorRecord`: "coordinator X serves models M; workers dial G; clients call U", put in
   the DHT under `record_key(X)` and signed by X's key (X is its node id = libp2p peer id).
+- `DemandBoard`: a coordinator's demand board (requests, unmet demand, clearing prices and
+  capacity per model), served at `GET /v1/market` and gossiped, signed by that coordinator.
 - `MarketUpdate`: what a coordinator gossips: the registrations of the workers connected to it
   (each still carrying the worker's own signature over the coordinator's challenge, so a relay
   cannot forge or alter an advert) and its reputation attestations, the whole update signed by
@@ -24,6 +26,8 @@ from protocol.identity import Identity, public_key_from_node_id, verify_signatur
 
 _RECORD_DOMAIN = b"agora-coordinator-record-v1\0"
 _UPDATE_DOMAIN = b"agora-market-update-v1\0"
+_BOARD_DOMAIN = b"agora-demand-board-v1\0"
+BOARD_PREFIX = b'{"body":{"board":'  # a sealed board's first bytes (canonical: keys sorted)
 RECORD_NAMESPACE = "agora"  # DHT keys are /agora/<coordinator id>
 ANY_MODEL = "*"  # provider key every coordinator announces: "I take workers of any model"
 MAX_MESSAGE_BYTES = 512 * 1024  # larger gossip/DHT payloads are refused unread
@@ -185,10 +189,39 @@ class MarketUpdate:
         return update
 
 
+@dataclass(frozen=True)
+class DemandBoard:
+    """What one coordinator saw of demand and capacity (its `board`, plain JSON values),
+    signed by it: readers believe only numbers its key signed, and only fresh ones."""
+
+    coordinator_id: str
+    issued_at_ms: int
+    board: dict[str, Any]
+
+    def seal(self, identity: Identity) -> bytes:
+        if identity.node_id != self.coordinator_id:
+            raise MalformedMessage("a demand board is signed by its own coordinator")
+        body = {"board": self.board, "coordinator_id": self.coordinator_id,
+                "issued_at_ms": self.issued_at_ms}  # fmt: skip
+        return _seal(identity, _BOARD_DOMAIN, body)
+
+    @classmethod
+    def open(cls, data: bytes, now_ms: int, max_age_ms: int) -> DemandBoard:
+        """Verify the signature and freshness; raises ProtocolError."""
+        body = _open(data, _BOARD_DOMAIN, "coordinator_id")
+        board, issued = body.get("board"), body.get("issued_at_ms")
+        if not isinstance(board, dict) or not isinstance(issued, int):
+            raise MalformedMessage("malformed demand board")
+        if abs(now_ms - issued) > max_age_ms:
+            raise MalformedMessage("demand board is stale (or the issuer's clock is off)")
+        return cls(str(body["coordinator_id"]), issued, board)
+
+
 __all__ = [
     "ANY_MODEL",
     "Attestation",
     "CoordinatorRecord",
+    "DemandBoard",
     "MarketUpdate",
     "ProtocolError",
     "RelayedRegistration",

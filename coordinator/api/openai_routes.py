@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
@@ -179,6 +179,16 @@ async def get_receipt(
     if document is None:
         raise NotFound(f"No receipt for request `{request_id}`.", param="request_id")
     return document
+
+
+@router.get("/market")
+async def market(request: Request) -> dict[str, Any]:
+    """The demand board (public, no key): per model, over the last 60 s, 5 min and 1 h,
+    requests and tokens served, demand left unmet (no free worker; max_price no worker met),
+    queue depth and waits, clearing prices (per 1M tokens, what the serving workers signed),
+    and capacity online now; signed by this coordinator, with its p2p peers' boards."""
+    view: dict[str, Any] = request.app.state.market()
+    return view
 
 
 @router.get("/routing/{request_id}")

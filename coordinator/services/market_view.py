@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from protocol.advert import Advert
 from protocol.errors import ProtocolError
-from protocol.market import CoordinatorRecord, MarketUpdate
+from protocol.market import CoordinatorRecord, DemandBoard, MarketUpdate
 
 Evidence = tuple[float, float]  # decayed (good, bad) outcome weights
 AGREEMENT = 0.25  # two scores within this of each other agree
@@ -53,6 +53,8 @@ class MarketView:
         self._standings: dict[str, float] = {}  # issuer -> standing, see rate_issuers
         self.rejected: Counter[str] = Counter()  # why gossip was refused, for operators and tests
         self.accepted = 0
+        # other coordinators' demand boards: newest verified one each, as signed (bytes)
+        self._boards: dict[str, tuple[DemandBoard, bytes]] = {}
 
     # ------------------------------------------------------------------ writing
     def accept(self, update: MarketUpdate, now_ms: int) -> bool:
@@ -86,6 +88,23 @@ class MarketView:
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
+
+    def accept_board(self, board: DemandBoard, sealed: bytes) -> bool:
+        """Keep a verified peer board if it is newer than the one held; False otherwise."""
+        if board.coordinator_id == self.self_id:
+            return False
+        held = self._boards.get(board.coordinator_id)
+        if held is not None and held[0].issued_at_ms >= board.issued_at_ms:
+            return False
+        self._boards[board.coordinator_id] = (board, sealed)
+        return True
+
+    def boards(self, now_ms: int, max_age_ms: int) -> list[tuple[DemandBoard, bytes]]:
+        """Fresh peer boards (a stale one is dropped: its coordinator may be gone)."""
+        stale = [c for c, (b, _) in self._boards.items() if now_ms - b.issued_at_ms > max_age_ms]
+        for cid in stale:
+            del self._boards[cid]
+        return sorted(self._boards.values(), key=lambda held: held[0].coordinator_id)
 
     def expire(self, now_ms: int) -> list[str]:
         """Forget coordinators whose signed record lapsed (dead or partitioned away)."""

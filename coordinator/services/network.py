@@ -30,9 +30,11 @@ from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.market import (
     ANY_MODEL,
+    BOARD_PREFIX,
     RECORD_NAMESPACE,
     Attestation,
     CoordinatorRecord,
+    DemandBoard,
     MarketUpdate,
     RelayedRegistration,
     model_key,
@@ -71,6 +73,7 @@ class MarketNetwork:
         registry: Registry,
         trust: Trust | None,
         endpoints: Callable[[], tuple[str, str]],  # (gRPC target for workers, client API URL)
+        board: Callable[[], bytes] | None = None,  # this coordinator's sealed demand board
     ) -> None:
         self.identity = identity
         self.settings = settings
@@ -78,6 +81,7 @@ class MarketNetwork:
         self.trust = trust
         self.view = MarketView(identity.node_id, settings.attestation_weight)
         self._endpoints = endpoints
+        self._board = board
         self.node = P2PNode(
             identity.seed(), settings.p2p, record_namespace=RECORD_NAMESPACE,
             check_record=self._check_record, record_version=record_version,
@@ -126,6 +130,9 @@ class MarketNetwork:
 
     async def _gossip_round(self) -> None:
         await self._gossip(self.record(_now_ms()))
+        if self._board is not None:
+            await asyncio.sleep(MIN_GAP_S)
+            await self.node.publish(TOPIC, self._board())
 
     async def _dht_round(self) -> None:
         record = self.record(_now_ms())
@@ -174,6 +181,9 @@ class MarketNetwork:
         if topic != TOPIC:
             return
         max_age_ms = int(self.settings.record_ttl_s * 1000)
+        if data.startswith(BOARD_PREFIX):
+            self._on_board(data, sender, max_age_ms)
+            return
         try:
             update = MarketUpdate.open(data, _now_ms(), max_age_ms)
         except ProtocolError as exc:
@@ -186,7 +196,22 @@ class MarketNetwork:
             return
         self.view.accept(update, _now_ms())
 
+    def _on_board(self, data: bytes, sender: str, max_age_ms: int) -> None:
+        try:
+            board = DemandBoard.open(data, _now_ms(), max_age_ms)
+        except ProtocolError as exc:
+            reason = "forged_board" if "signature" in str(exc).lower() else "malformed_board"
+            self.view.reject(reason)
+            log.warning("refused a demand board from %s: %s", sender, exc)
+            return
+        self.view.accept_board(board, data)
+
     # ------------------------------------------------------------------ reading
+    def peer_boards(self) -> list[bytes]:
+        """Other coordinators' fresh demand boards, as they signed them."""
+        max_age_ms = int(self.settings.record_ttl_s * 1000)
+        return [sealed for _b, sealed in self.view.boards(_now_ms(), max_age_ms)]
+
     def elsewhere(self, model: str) -> list[str]:
         """Client API URLs of other coordinators that report workers for `model`."""
         return [r.api_url for r in self.view.serving(model)]

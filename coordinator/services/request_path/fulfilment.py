@@ -105,6 +105,7 @@ class Fulfilment:
         self._released = False
         self.target = target  # the release version it serves, if the client asked for one
         self.failed_attempts = 0  # attempts that failed through a worker's fault
+        self.queued_s = 0.0  # time it waited for a free slot
         self.began_at = time.monotonic()
         self.ended = asyncio.Event()  # set once released
         self.posted = asyncio.Event()  # set once its charge is in the ledger (or cannot be)
@@ -153,9 +154,17 @@ class Fulfilment:
                 waits = not request.batch  # a batch line goes back to its queue instead
                 if (decision.excluded.get("at_capacity") and remaining > 0
                         and last_error is None and waits):  # fmt: skip
-                    with contextlib.suppress(TimeoutError):  # a bounded wait, not an instant 503
-                        async with asyncio.timeout(remaining):
-                            await freed.wait()
+                    began = time.monotonic()
+                    if path.demand is not None:
+                        path.demand.waiting(request.model, +1)
+                    try:
+                        with contextlib.suppress(TimeoutError):  # a bounded wait, not a 503
+                            async with asyncio.timeout(remaining):
+                                await freed.wait()
+                    finally:
+                        self.queued_s += time.monotonic() - began
+                        if path.demand is not None:
+                            path.demand.waiting(request.model, -1)
                     continue
                 path.count_route(request.model, decision, "none")
                 raise last_error or path.no_route_error(request, decision)

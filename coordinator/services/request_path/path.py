@@ -28,6 +28,7 @@ from coordinator.services.accounts import Principal
 from coordinator.services.admission import RateLimiter
 from coordinator.services.catalogue import model_cards
 from coordinator.services.decisions import DecisionLog, RouteRecord
+from coordinator.services.demand import DemandBook
 from coordinator.services.metering import Count
 from coordinator.services.policy.book import PolicyBook
 from coordinator.services.policy.run import PolicyRun
@@ -70,6 +71,7 @@ class RequestPath:
         metrics: Metrics | None = None,
         releases: ReleaseBook | None = None,
         policies: PolicyBook | None = None,  # the clients' policies (None: none run)
+        demand: DemandBook | None = None,  # the demand board, told what happened
         # other coordinators' API URLs for a model (the p2p market's view), for 404 hints
         elsewhere: Callable[[str], list[str]] = lambda _model: [],
     ) -> None:
@@ -88,6 +90,7 @@ class RequestPath:
         self._metrics = metrics
         self.releases = releases
         self.policies = policies
+        self.demand = demand
         self._elsewhere = elsewhere
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -99,6 +102,20 @@ class RequestPath:
         return answer
 
     async def serve(
+        self, principal: Principal, request: CompletionRequest
+    ) -> Fulfilment | CacheHit:
+        """`_serve`, telling the demand board about demand the market left unmet."""
+        try:
+            return await self._serve(principal, request)
+        except (NoCapacity, InvalidRequest) as exc:
+            if self.demand is not None and not request.batch:
+                if isinstance(exc, NoCapacity):
+                    self.demand.unmet(request.model, "capacity")
+                elif exc.code == "max_price_unmet":
+                    self.demand.unmet(request.model, "price")
+            raise
+
+    async def _serve(
         self, principal: Principal, request: CompletionRequest
     ) -> Fulfilment | CacheHit:
         """Admit a request and, unless the response cache holds its answer (the client opted
@@ -355,6 +372,13 @@ class RequestPath:
             self.releases.observe(fulfilment.target, failed=failed, ttft_s=fulfilment.ttft_s())
         if self._metrics:
             self._metrics.requests.labels(request.model, request.endpoint, status).inc()
+        if status == "ok" and self.demand is not None and fulfilment.attempts:
+            usage, price = fulfilment.usage(), fulfilment.attempts[0].facts.price
+            self.demand.served(
+                request.model, fulfilment.worker_id, usage["prompt_tokens"],
+                usage["completion_tokens"], (price.prompt_per_mtok, price.completion_per_mtok),
+                fulfilment.queued_s,
+            )  # fmt: skip
         if status == "ok":
             settled = fulfilment.settled
             log.info(

@@ -1,0 +1,188 @@
+"""The demand board: what clients asked of the market and what it could not give them, per
+model and GPU class, over sliding windows, beside the capacity online now. Providers read it
+(`GET /v1/market`, `agora market`, gossip) to see where demand goes unmet and what it pays.
+
+The request path reports here (served, unmet, waiting); nothing here reaches back. Counts go
+into 10-second buckets kept for the longest window; a window's numbers are the sum of its
+buckets, so they lag by at most one bucket. Clearing prices are the prices the workers that
+served each request signed (what providers earn per 1M tokens; clients pay the fee on top)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.services.registry import Registry
+
+BUCKET_S = 10  # (every number on the board is an integer: it is signed as canonical JSON)
+WINDOWS_S = (60, 300, 3600)
+PRICE_SAMPLES = 256  # per bucket and model: enough for percentiles, bounded memory
+UNMET = ("capacity", "price")  # 503 for lack of a free worker, max_price no worker meets
+
+
+@dataclass
+class _Counts:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    unmet_capacity: int = 0
+    unmet_price: int = 0
+    waits: int = 0  # requests that queued for a slot before a worker took them
+    wait_s: float = 0.0
+    prices: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion)/1M
+    by_gpu: dict[str, int] = field(default_factory=dict)  # GPU class -> requests served
+
+    def add(self, other: _Counts) -> None:
+        self.requests += other.requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.unmet_capacity += other.unmet_capacity
+        self.unmet_price += other.unmet_price
+        self.waits += other.waits
+        self.wait_s += other.wait_s
+        self.prices += other.prices
+        for gpu, n in other.by_gpu.items():
+            self.by_gpu[gpu] = self.by_gpu.get(gpu, 0) + n
+
+
+def _pct(values: list[int], q: float) -> int | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class DemandBook:
+    def __init__(
+        self, registry: Registry, gpu_of: Callable[[str], str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
+        self._registry = registry
+        self._gpu_of = gpu_of  # a node's GPU class (overview.gpu_type of its connection)
+        self._clock = clock
+        self._buckets: deque[tuple[int, dict[str, _Counts]]] = deque()
+        self._waiting: dict[str, int] = {}  # model -> requests waiting for a slot now
+
+    # ---------------------------------------------------------------- what happened
+    def _bucket(self, model: str) -> _Counts:
+        index = int(self._clock() // BUCKET_S)
+        if not self._buckets or self._buckets[-1][0] != index:
+            self._buckets.append((index, {}))
+            oldest = index - int(max(WINDOWS_S) // BUCKET_S)
+            while self._buckets and self._buckets[0][0] <= oldest:
+                self._buckets.popleft()
+        return self._buckets[-1][1].setdefault(model, _Counts())
+
+    def served(
+        self, model: str, node_id: str, prompt_tokens: int, completion_tokens: int,
+        price: tuple[int, int], waited_s: float,
+    ) -> None:  # fmt: skip
+        counts = self._bucket(model)
+        counts.requests += 1
+        counts.prompt_tokens += prompt_tokens
+        counts.completion_tokens += completion_tokens
+        if waited_s > 0:
+            counts.waits += 1
+            counts.wait_s += waited_s
+        if len(counts.prices) < PRICE_SAMPLES:
+            counts.prices.append(price)
+        gpu = self._gpu_of(node_id)
+        counts.by_gpu[gpu] = counts.by_gpu.get(gpu, 0) + 1
+
+    def unmet(self, model: str, reason: str) -> None:
+        """A request no worker took: `capacity` (503) or `price` (max_price unmet)."""
+        counts = self._bucket(model)
+        if reason == "capacity":
+            counts.unmet_capacity += 1
+        else:
+            counts.unmet_price += 1
+
+    def waiting(self, model: str, delta: int) -> None:
+        """A request began (+1) or ended (-1) waiting for a free slot of `model`."""
+        self._waiting[model] = max(0, self._waiting.get(model, 0) + delta)
+
+    # ---------------------------------------------------------------- the board
+    def window(self, seconds: int) -> dict[str, _Counts]:
+        since = int(self._clock() // BUCKET_S) - int(seconds // BUCKET_S)
+        total: dict[str, _Counts] = {}
+        for index, models in self._buckets:
+            if index > since:
+                for model, counts in models.items():
+                    total.setdefault(model, _Counts()).add(counts)
+        return total
+
+    def board(self) -> dict[str, Any]:
+        """Plain JSON: per model, each window's demand and prices, and capacity now."""
+        capacity = self._capacity()
+        windows = {f"{s}s": self.window(s) for s in WINDOWS_S}
+        models = sorted(
+            set(capacity) | {m for w in windows.values() for m in w}
+            | {m for m, n in self._waiting.items() if n}
+        )  # fmt: skip
+        out: dict[str, Any] = {}
+        for model in models:
+            out[model] = {
+                "queue_depth": self._waiting.get(model, 0),
+                "capacity": capacity.get(model, _empty_capacity()),
+                "windows": {
+                    name: _describe(w.get(model), int(name[:-1])) for name, w in windows.items()
+                },
+            }
+        return {"bucket_s": BUCKET_S, "models": out}
+
+    def _capacity(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for model, pool in self._registry.models().items():
+            up = [s for s in pool if s.available]
+            total = sum(s.max_concurrency for s in up)
+            in_use = sum(min(s.in_flight, s.max_concurrency) for s in up)
+            by_gpu: dict[str, dict[str, int]] = {}
+            for s in up:
+                row = by_gpu.setdefault(self._gpu_of(s.node_id), {"workers": 0, "slots": 0,
+                                                                  "in_use": 0})  # fmt: skip
+                row["workers"] += 1
+                row["slots"] += s.max_concurrency
+                row["in_use"] += min(s.in_flight, s.max_concurrency)
+            asks = sorted(s.offer.price_completion_per_mtok for s in up)
+            out[model] = {
+                "workers": len(up), "slots": total, "in_use": in_use,
+                "utilisation_bps": in_use * 10_000 // total if total else None,
+                "by_gpu": by_gpu, "ask_completion_min": asks[0] if asks else None,
+                "ask_completion_median": asks[len(asks) // 2] if asks else None,
+            }  # fmt: skip
+        return out
+
+
+def _empty_capacity() -> dict[str, Any]:
+    return {"workers": 0, "slots": 0, "in_use": 0, "utilisation_bps": None, "by_gpu": {},
+            "ask_completion_min": None, "ask_completion_median": None}  # fmt: skip
+
+
+def _describe(counts: _Counts | None, seconds: int) -> dict[str, Any]:
+    c = counts or _Counts()
+    prompt = [p for p, _ in c.prices]
+    completion = [q for _, q in c.prices]
+    asked = c.requests + c.unmet_capacity + c.unmet_price
+    return {
+        "window_s": seconds,
+        "requests": c.requests,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "unmet": {"capacity": c.unmet_capacity, "price": c.unmet_price},
+        "unmet_share_bps": (asked - c.requests) * 10_000 // asked if asked else 0,
+        "queued": c.waits,
+        "mean_wait_ms": round(c.wait_s * 1000 / c.waits) if c.waits else None,
+        "served_by_gpu": dict(sorted(c.by_gpu.items())),
+        "clearing_price": {
+            "prompt": _percentiles(prompt),
+            "completion": _percentiles(completion),
+        },
+    }
+
+
+def _percentiles(values: Iterable[int]) -> dict[str, int | None]:
+    listed = list(values)
+    return {"p10": _pct(listed, 0.1), "p50": _pct(listed, 0.5), "p90": _pct(listed, 0.9)}
