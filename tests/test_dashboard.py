@@ -347,3 +347,33 @@ def test_the_operator_sees_policy_hits_on_the_dashboard_without_the_values(
     assert secret not in page.content()
     assert "ops@initech.example" not in page.content()
     shot(page, "dashboard-policies")
+
+
+def test_the_demand_board_shows_served_and_unmet_demand_and_agora_market_reads_it(
+    dash: Dash, page: Page
+) -> None:
+    for _ in range(2):
+        dash.ask("globex", "alpha", max_tokens=2)
+    body = {"model": MODEL, "prompt": "too cheap", "max_tokens": 2,
+            "provider": {"max_price": {"prompt": 0.000001, "completion": 0.000001}}}  # fmt: skip
+    headers = {"Authorization": f"Bearer {dash.clients['globex']}"}
+    with httpx.Client(base_url=dash.coordinator.base_url, timeout=60) as http:
+        assert http.post("/completions", json=body, headers=headers).status_code == 400
+        board = http.get("/market").json()  # public: no key
+    row = board["body"]["board"]["models"][MODEL]
+    assert row["windows"]["300s"]["requests"] >= 2
+    assert row["windows"]["300s"]["unmet"]["price"] >= 1
+    assert row["capacity"]["workers"] == 2
+    sign_in_operator(page, dash)
+    expect(page.get_by_test_id(f"demand-{MODEL}")).to_have_text(MODEL)
+    expect(page.get_by_test_id(f"demand-{MODEL}-unmet")).to_contain_text(" / ")
+    served = page.get_by_test_id(f"demand-{MODEL}-served").inner_text()
+    assert int(served.replace(",", "")) >= 2
+    shot(page, "dashboard-demand")
+    result = subprocess.run(
+        [sys.executable, "-m", "agora", "market", "--url", dash.root],
+        capture_output=True, text=True, timeout=60, check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert MODEL in result.stdout
+    assert "Demand over 300s" in result.stdout

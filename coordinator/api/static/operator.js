@@ -92,6 +92,20 @@ function policies(p, h) {  // GET /admin/v1/policies and /hits: who runs what, w
     hits, "no policy actions yet")));
 }
 
+function demand(m) {  // GET /v1/market: the signed demand board (what providers see)
+  const rows = Object.entries(m.body.board.models).map(([model, r]) => {
+    const w = r.windows["300s"], c = r.capacity;
+    return [[model, "", `demand-${model}`], [w.requests, "num", `demand-${model}-served`],
+      [`${w.unmet.capacity} / ${w.unmet.price}`, "num", `demand-${model}-unmet`], [r.queue_depth, "num"],
+      [w.mean_wait_ms == null ? "—" : w.mean_wait_ms + " ms", "num"],
+      [w.clearing_price.completion.p50 == null ? "—" : w.clearing_price.completion.p50.toLocaleString(), "num"],
+      [c.workers, "num"], [c.slots ? `${c.in_use} / ${c.slots}` : "—", "num"]];
+  });
+  fill("demand", el("div", {}, table([["Model"], ["Served", "num"], ["Unmet (capacity / price)", "num"], ["Queued now", "num"],
+    ["Mean wait", "num"], ["Price p50 (per 1M out)", "num"], ["Workers", "num"], ["Slots in use", "num"]], rows,
+    "no demand yet"), el("p", { class: "muted" }, `${m.peers.length} peer board(s) on gossip · GET /v1/market · agora market`)));
+}
+
 function network(n) {  // GET /admin/v1/network: the other coordinators this one hears on gossip
   if (!n.enabled) {
     fill("network", el("p", { class: "empty", "data-testid": "network-off" },
@@ -145,10 +159,10 @@ function routing(records) {
 }
 
 Agora.every(2000, async () => {
-  const [o, n, r, b, p, h] = await Promise.all([Agora.getJson("/admin/v1/overview"), Agora.getJson("/admin/v1/network"),
+  const [o, n, r, b, p, h, m] = await Promise.all([Agora.getJson("/admin/v1/overview"), Agora.getJson("/admin/v1/network"),
     Agora.getJson("/admin/v1/models"), Agora.getJson("/admin/v1/batches"), Agora.getJson("/admin/v1/policies"),
-    Agora.getJson("/admin/v1/policies/hits")]);
+    Agora.getJson("/admin/v1/policies/hits"), Agora.getJson("/v1/market")]);
   kpis(o); capacity(o.capacity.by_model, "model", "capacity-model"); capacity(o.capacity.by_gpu, "gpu", "capacity-gpu");
-  workers(o.workers); releases(r.models); batches(b); policies(p, h); network(n); traffic(o.traffic); money(o); routing(o.routing);
+  workers(o.workers); releases(r.models); batches(b); policies(p, h); demand(m); network(n); traffic(o.traffic); money(o); routing(o.routing);
   document.getElementById("updated").textContent = "updated " + new Date(o.at * 1000).toLocaleTimeString();
 });
