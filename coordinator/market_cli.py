@@ -4,11 +4,13 @@ where demand goes unmet and what it pays, per model, for providers deciding what
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from protocol.canonical import canonical_json
@@ -34,7 +36,8 @@ def show(view: dict[str, Any], window: str) -> None:
         wait = "—" if w["mean_wait_ms"] is None else f"{w['mean_wait_ms']} ms"
         used = "—" if cap["utilisation_bps"] is None else f"{cap['in_use']}/{cap['slots']}"
         price = _price(w["clearing_price"]["completion"]["p50"])
-        table.add_row(model, f"{w['requests'] / w['window_s']:.3f}", str(w["requests"]),
+        table.add_row(escape(model), f"{w['requests'] / max(1, w['window_s']):.3f}",
+                      str(w["requests"]),
                       f"{w['unmet']['capacity']} / {w['unmet']['price']}",
                       str(row["queue_depth"]), wait, price, str(cap["workers"]), used)  # fmt: skip
     console.print(table)
@@ -57,15 +60,24 @@ def market(
         console.print(f"[red]error:[/] cannot read the market at {url}: {exc}")
         raise typer.Exit(1) from exc
     view: dict[str, Any] = response.json()
-    sealed = canonical_json({"body": view["body"], "signature": view["signature"]})
     try:
-        DemandBoard.open(sealed, view["body"]["issued_at_ms"], 60_000)
-    except ProtocolError as exc:
-        console.print(f"[red]error:[/] the board's signature does not verify: {exc}")
+        _verified(view)
+    except (ProtocolError, KeyError, TypeError) as exc:
+        console.print(f"[red]error:[/] the board does not verify: {exc}")
         raise typer.Exit(1) from exc
     if as_json:
         console.print_json(json.dumps(view))
         return
     show(view, window)
     for peer in view.get("peers") or ():
-        show(peer, window)
+        try:  # a peer's board as it signed it: shown only if it verifies and reads
+            _verified(peer)
+            show(peer, window)
+        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+            console.print(f"[yellow]skipped a peer board:[/] {escape(str(exc))}")
+
+
+def _verified(view: dict[str, Any]) -> None:
+    """Raise unless the board is signed by the coordinator it names and is fresh now."""
+    sealed = canonical_json({"body": view["body"], "signature": view["signature"]})
+    DemandBoard.open(sealed, time.time_ns() // 1_000_000, 120_000)

@@ -28,6 +28,7 @@ _RECORD_DOMAIN = b"agora-coordinator-record-v1\0"
 _UPDATE_DOMAIN = b"agora-market-update-v1\0"
 _BOARD_DOMAIN = b"agora-demand-board-v1\0"
 BOARD_PREFIX = b'{"body":{"board":'  # a sealed board's first bytes (canonical: keys sorted)
+MAX_CLOCK_AHEAD_MS = 30_000  # a board dated further ahead than this is refused
 RECORD_NAMESPACE = "agora"  # DHT keys are /agora/<coordinator id>
 ANY_MODEL = "*"  # provider key every coordinator announces: "I take workers of any model"
 MAX_MESSAGE_BYTES = 512 * 1024  # larger gossip/DHT payloads are refused unread
@@ -212,7 +213,7 @@ class DemandBoard:
         board, issued = body.get("board"), body.get("issued_at_ms")
         if not isinstance(board, dict) or not isinstance(issued, int):
             raise MalformedMessage("malformed demand board")
-        if abs(now_ms - issued) > max_age_ms:
+        if now_ms - issued > max_age_ms or issued - now_ms > MAX_CLOCK_AHEAD_MS:
             raise MalformedMessage("demand board is stale (or the issuer's clock is off)")
         return cls(str(body["coordinator_id"]), issued, board)
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,10 +360,15 @@ def test_the_demand_board_shows_served_and_unmet_demand_and_agora_market_reads_i
     headers = {"Authorization": f"Bearer {dash.clients['globex']}"}
     with httpx.Client(base_url=dash.coordinator.base_url, timeout=60) as http:
         assert http.post("/completions", json=body, headers=headers).status_code == 400
-        board = http.get("/market").json()  # public: no key
-    row = board["body"]["board"]["models"][MODEL]
-    assert row["windows"]["300s"]["requests"] >= 2
-    assert row["windows"]["300s"]["unmet"]["price"] >= 1
+        deadline = time.monotonic() + 20  # a board is rebuilt at most every 5 s
+        while True:
+            board = http.get("/market").json()  # public: no key
+            row = board["body"]["board"]["models"][MODEL]
+            window = row["windows"]["300s"]
+            if window["requests"] >= 2 and window["unmet"]["price"] >= 1:
+                break
+            assert time.monotonic() < deadline, row
+            time.sleep(0.5)
     assert row["capacity"]["workers"] == 2
     sign_in_operator(page, dash)
     expect(page.get_by_test_id(f"demand-{MODEL}")).to_have_text(MODEL)

@@ -90,8 +90,12 @@ class MarketView:
         self.rejected[reason] += 1
 
     def accept_board(self, board: DemandBoard, sealed: bytes) -> bool:
-        """Keep a verified peer board if it is newer than the one held; False otherwise."""
+        """Keep a verified board of a known peer (one whose live record we hold: a throwaway
+        key cannot fill memory) if it is newer than the one held; False otherwise."""
         if board.coordinator_id == self.self_id:
+            return False
+        if board.coordinator_id not in self._peers:
+            self.rejected["board_of_unknown_coordinator"] += 1
             return False
         held = self._boards.get(board.coordinator_id)
         if held is not None and held[0].issued_at_ms >= board.issued_at_ms:
@@ -111,6 +115,7 @@ class MarketView:
         gone = [cid for cid, p in self._peers.items() if p.record.expires_at_ms <= now_ms]
         for cid in gone:
             del self._peers[cid]
+            self._boards.pop(cid, None)
         for peer in self._peers.values():  # workers it stopped reporting (left it, or died)
             ttl = peer.record.expires_at_ms - peer.record.issued_at_ms
             peer.workers = {n: at for n, at in peer.workers.items() if now_ms - at < ttl}

@@ -141,6 +141,7 @@ class MarketNetwork:
 
     async def _tidy_round(self) -> None:
         self.view.expire(_now_ms())
+        self.view.boards(_now_ms(), int(self.settings.record_ttl_s * 1000))  # drops stale ones
         if self.trust is not None:
             self.view.rate_issuers(self.trust.local_evidence())
         self.rounds += 1

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from coordinator.app import Coordinator
-from coordinator.errors import InvalidRequest, NoCapacity
+from coordinator.errors import InvalidRequest, ModelNotFound, NoCapacity
 from coordinator.services.demand import DemandBook
 from coordinator.services.network import TOPIC, MarketNetwork, NetworkSettings
 from coordinator.services.registry import Registry
@@ -17,7 +17,7 @@ from p2p.node import P2PConfig
 from protocol.canonical import canonical_json
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
-from protocol.market import DemandBoard
+from protocol.market import DemandBoard, MarketUpdate
 from protocol.proto import session_pb2 as pb
 from tests.coordinator.test_gossip_pacing import Wire
 from tests.coordinator.test_request_path import (
@@ -97,6 +97,10 @@ async def test_the_board_matches_the_coordinators_own_counters(coordinator: Coor
     join(coordinator, busy)
     with pytest.raises(NoCapacity):
         await coordinator.request_path.begin(principal, chat())
+    made_up = chat()
+    made_up = made_up.__class__(**{**made_up.__dict__, "model": "x" * 5000})
+    with pytest.raises(ModelNotFound):  # a name no worker serves never reaches the board
+        await coordinator.request_path.begin(principal, made_up)
     await coordinator.request_path.drain()
     row = coordinator.demand.board()["models"][MODEL]["windows"]["60s"]
     assert row["requests"] == _sample(coordinator, "agora_requests_total", model=MODEL,
@@ -106,6 +110,7 @@ async def test_the_board_matches_the_coordinators_own_counters(coordinator: Coor
     assert row["prompt_tokens"] == _sample(coordinator, "agora_tokens_total", model=MODEL,
                                            kind="prompt")  # fmt: skip
     assert row["unmet"] == {"capacity": 1, "price": 1}
+    assert list(coordinator.demand.board()["models"]) == [MODEL]
 
 
 def test_a_board_is_signed_gossiped_and_a_forged_one_refused() -> None:
@@ -125,7 +130,13 @@ def test_a_board_is_signed_gossiped_and_a_forged_one_refused() -> None:
 
     reader = network(bob)
     genuine = sealed()
-    reader._on_message(TOPIC, genuine, "alice")
+    reader._on_message(TOPIC, genuine, "alice")  # alice is nobody yet: refused
+    assert reader.peer_boards() == []
+    assert reader.view.rejected["board_of_unknown_coordinator"] == 1
+    now_ms = time.time_ns() // 1_000_000
+    introduction = MarketUpdate(alice.node_id, 1, now_ms, network(alice).record(now_ms))
+    reader._on_message(TOPIC, introduction.seal(alice), "alice")  # her live record …
+    reader._on_message(TOPIC, genuine, "alice")  # … and then her board is kept
     assert reader.peer_boards() == [genuine]
     forged_body = json.loads(genuine)
     forged_body["body"]["board"]["models"]["m"]["windows"]["60s"]["requests"] = 1000
@@ -135,6 +146,9 @@ def test_a_board_is_signed_gossiped_and_a_forged_one_refused() -> None:
     reader._on_message(TOPIC, forged, "mallory")
     assert reader.view.rejected["forged_board"] == 1
     assert reader.peer_boards() == [genuine]  # the genuine one stays
+    ahead = DemandBoard(alice.node_id, now_ms + 3_600_000, book.board()).seal(alice)
+    with pytest.raises(ProtocolError):  # dated an hour ahead: refused, not kept as newest
+        DemandBoard.open(ahead, now_ms, 60_000)
 
 
 async def test_a_gossip_round_publishes_the_board(monkeypatch: pytest.MonkeyPatch) -> None:

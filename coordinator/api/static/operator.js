@@ -161,8 +161,9 @@ function routing(records) {
 Agora.every(2000, async () => {
   const [o, n, r, b, p, h, m] = await Promise.all([Agora.getJson("/admin/v1/overview"), Agora.getJson("/admin/v1/network"),
     Agora.getJson("/admin/v1/models"), Agora.getJson("/admin/v1/batches"), Agora.getJson("/admin/v1/policies"),
-    Agora.getJson("/admin/v1/policies/hits"), Agora.getJson("/v1/market")]);
+    Agora.getJson("/admin/v1/policies/hits"), Agora.getJson("/v1/market").catch(() => null)]);
   kpis(o); capacity(o.capacity.by_model, "model", "capacity-model"); capacity(o.capacity.by_gpu, "gpu", "capacity-gpu");
-  workers(o.workers); releases(r.models); batches(b); policies(p, h); demand(m); network(n); traffic(o.traffic); money(o); routing(o.routing);
+  workers(o.workers); releases(r.models); batches(b); policies(p, h); network(n); traffic(o.traffic); money(o); routing(o.routing);
+  if (m) demand(m); else fill("demand", el("p", { class: "empty" }, "the demand board did not answer"));
   document.getElementById("updated").textContent = "updated " + new Date(o.at * 1000).toLocaleTimeString();
 });

@@ -104,20 +104,6 @@ class RequestPath:
     async def serve(
         self, principal: Principal, request: CompletionRequest
     ) -> Fulfilment | CacheHit:
-        """`_serve`, telling the demand board about demand the market left unmet."""
-        try:
-            return await self._serve(principal, request)
-        except (NoCapacity, InvalidRequest) as exc:
-            if self.demand is not None and not request.batch:
-                if isinstance(exc, NoCapacity):
-                    self.demand.unmet(request.model, "capacity")
-                elif exc.code == "max_price_unmet":
-                    self.demand.unmet(request.model, "price")
-            raise
-
-    async def _serve(
-        self, principal: Principal, request: CompletionRequest
-    ) -> Fulfilment | CacheHit:
         """Admit a request and, unless the response cache holds its answer (the client opted
         in), dispatch it until a worker answers (raises the client's error if none can); the
         returned Fulfilment then relays and settles it.
@@ -140,10 +126,16 @@ class RequestPath:
                 if admitted:  # the last try was admitted: this one counts the request instead
                     self.limiter.refund_request(str(principal.key_id), principal.limits)
                     admitted = False
+                one = _as_target(request, target)
                 try:
-                    one = _as_target(request, target)
                     fulfilment = await self._begin(principal, one, target, tries)
+                except InvalidRequest as exc:
+                    if exc.code == "max_price_unmet":  # a served model no worker's price met
+                        self._unmet(one, "price")
+                    raise
                 except (ModelNotFound, NoCapacity, UpstreamFailed, UpstreamTimeout) as exc:
+                    if isinstance(exc, NoCapacity):  # a served model with no worker free
+                        self._unmet(one, "capacity")
                     if self.releases is not None and isinstance(
                         exc, UpstreamFailed | UpstreamTimeout
                     ):
@@ -208,6 +200,12 @@ class RequestPath:
                 min_reputation=floor if floor is not None else prefs.min_reputation,
             )  # fmt: skip
         return dataclasses.replace(request, body=body, prefs=prefs, cache=False, policy=run)
+
+    def _unmet(self, request: CompletionRequest, reason: str) -> None:
+        """Demand the market left unmet, on the board under the served model (one that has
+        workers: a name no worker serves is a 404, never on the board). Batch lines requeue."""
+        if self.demand is not None and not request.batch:
+            self.demand.unmet(request.model, reason)
 
     def _record_policy(self, principal: Principal, request_id: str, run: PolicyRun) -> None:
         """What the policy did, into the audit log and metrics: once per request, however
