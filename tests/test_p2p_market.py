@@ -195,7 +195,7 @@ def test_forged_gossip_is_refused(p2p_market: P2PMarket) -> None:
     before = market.network("c2")["rejected"]
     rogue_cmd = [sys.executable, "-W", "ignore", "-m", "tests.p2p.rogue"]
     rogue_run = subprocess.run([*rogue_cmd, market.bootstrap, victim, worker_id],
-                               capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+                               capture_output=True, text=True, timeout=180, check=True)  # fmt: skip
     outcome = json.loads(rogue_run.stdout.strip().splitlines()[-1])
     # the rogue put a forged record under c1's key; a validating reader still gets c1's own
     assert outcome["dht_read_api_url"] == market.coordinators["c1"].base_url

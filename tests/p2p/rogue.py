@@ -26,6 +26,8 @@ from protocol.market import (
 )
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+# a loaded machine may run the victim's record refresh late (records live 4 s): ask for a while
+READ_WITHIN_S = 40.0
 
 
 def _now_ms() -> int:
@@ -106,7 +108,8 @@ async def read_record(bootstrap: str, coordinator_id: str) -> str:
             if await reader.connected_peers():
                 break
             await asyncio.sleep(0.2)
-        for _ in range(20):  # a reader just joined may find no holder at first: ask again
+        deadline = time.monotonic() + READ_WITHIN_S
+        while time.monotonic() < deadline:  # a reader just joined may find no holder at first
             data = await reader.get(record_key(coordinator_id))  # only records that validate
             if data:
                 return CoordinatorRecord.open(data, _now_ms()).api_url

@@ -36,6 +36,7 @@ class Attempt:
     observed: Output = field(default_factory=Output)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    tokens_at_first: int = 0  # tokens in the first frames that carried any
     receipt: pb.SignedReceipt | None = None
     ended: bool = False
 
@@ -55,20 +56,21 @@ class Attempt:
         if frames.choices:
             if self.first_token_at is None:
                 self.first_token_at = now
+                self.tokens_at_first = self.observed.token_counts()[1]
             self.last_token_at = now
 
     def latencies(self) -> tuple[float | None, float | None]:
-        """(time to first token, mean inter-token latency) as the coordinator measured them."""
+        """(time to first token, mean inter-token latency) as the coordinator measured them.
+
+        The pace counts only the tokens that came after the first frames: those came with the
+        first token, so a worker that holds back a long first chunk is not read as fast."""
         if self.first_token_at is None:
             return None, None
         ttft = self.first_token_at - self.dispatched_at
-        tokens = self.observed.token_counts()[1]
-        if (
-            tokens > 1
-            and self.last_token_at is not None
-            and self.last_token_at > self.first_token_at
-        ):
-            return ttft, (self.last_token_at - self.first_token_at) / (tokens - 1)
+        later = self.observed.token_counts()[1] - self.tokens_at_first
+        last = self.last_token_at
+        if later > 0 and last is not None and last > self.first_token_at:
+            return ttft, (last - self.first_token_at) / later
         # a whole (non-streamed) response arrives at once: it says nothing about token pacing
         return ttft, None
 
