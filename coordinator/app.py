@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import Engine
 from starlette.types import ASGIApp
 
+from billing.pricing import Price
 from coordinator import __version__
 from coordinator.api import (
     adapter_routes,
@@ -170,7 +171,9 @@ class Coordinator:
                 policy, step, entity, action).inc(count),
         )  # fmt: skip
         self.policies.load()
-        self.demand = DemandBook(self.registry, self._gpu_of)
+        self.demand = DemandBook(self.registry, self._gpu_of, reserves=settings.reserve_prices)
+        reserves = {model: Price(*ask).with_fee(settings.fee_bps)  # as clients see prices
+                    for model, ask in settings.reserve_prices.items()}  # fmt: skip
         self.request_path = RequestPath(
             settings=settings,
             registry=self.registry,
@@ -188,6 +191,9 @@ class Coordinator:
                 PrefixIndex(settings.prefix_index_blocks, settings.prefix_ttl_s)
                 if settings.prefix_routing
                 else None,
+                reserves={
+                    m: (p.prompt_per_mtok, p.completion_per_mtok) for m, p in reserves.items()
+                },
             ),
             reservations=holds,
             limiter=RateLimiter(),
@@ -241,7 +247,7 @@ class Coordinator:
         service = WorkerSessionService(
             self.registry, self.identity, self.settings.heartbeat_interval_s,
             tuple(self.member.sibling_grpc_ports) if self.member else (),
-            adapters=self.adapters,
+            adapters=self.adapters, board=self.sealed_board,
         )  # fmt: skip
         pb_grpc.add_WorkerSessionServicer_to_server(service, server)
         address = f"{self.settings.host}:{self.settings.grpc_port}"

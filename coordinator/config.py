@@ -118,6 +118,10 @@ class CoordinatorSettings(BaseSettings):
     spot_check_rate: float = Field(default=0.1, ge=0, le=1)  # checkable jobs re-scored elsewhere
     spot_check_probation_rate: float = Field(default=0.5, ge=0, le=1)  # for new workers
     slash_amount: int = Field(default=1_000_000, ge=0)  # bond taken per proven fraud (micro-units)
+    # model name -> (prompt, completion) reserve price per 1M tokens: the lowest ask routed
+    # (what a provider earns; clients pay the fee on top), on the demand board for nodes
+    # that price themselves; e.g. AGORA_COORDINATOR_RESERVE_PRICES='{"llama": [50000, 100000]}'
+    reserve_prices: dict[str, tuple[int, int]] = Field(default_factory=dict)
     # model name -> local tokenizer directory the operator pins for recounting tokens
     tokenizers: dict[str, Path] = Field(default_factory=dict)
     # FAULT INJECTION for the crash-safety test only: exit right after a settlement's receipts

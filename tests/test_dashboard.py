@@ -225,6 +225,7 @@ def test_provider_view_shows_only_its_own_node(dash: Dash, page: Page) -> None:
     assert text(page, "me-paid") == credits(sum(e["amount"] for e in me["epochs"]))
     assert [e["epoch"] for e in me["epochs"]] == [1]
     expect(page.get_by_test_id(f"advert-{MODEL}")).to_be_visible()
+    assert text(page, f"ask-note-{MODEL}") == "fixed"  # no auto price: nothing decided
     assert beta not in page.content()
     asked_for_beta = page.request.get(dash.root + f"/provider/v1/me?node_id={beta}").json()
     assert asked_for_beta["node_id"] == alpha  # no parameter reaches another node's data

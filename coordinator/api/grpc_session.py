@@ -6,7 +6,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -26,6 +27,16 @@ log = logging.getLogger("agora.coordinator.workers")
 ADVERT_MAX_AGE_MS = 5 * 60 * 1000  # an advert signed longer ago than this is stale
 
 
+@dataclass(frozen=True)
+class _Session:
+    """One live worker session: the key and challenge it registered with, its connection."""
+
+    public_key: bytes
+    nonce: bytes
+    conn: WorkerConnection
+    link: SessionLink
+
+
 class WorkerSessionService(pb_grpc.WorkerSessionServicer):
     def __init__(
         self,
@@ -34,8 +45,10 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         heartbeat_interval_s: float,
         sibling_ports: tuple[int, ...] = (),
         adapters: AdapterLibrary | None = None,
+        board: Callable[[], bytes] | None = None,
     ) -> None:
         self._adapters = adapters  # archives workers may ask for by hash
+        self._board = board  # this coordinator's signed demand board, for nodes pricing by it
         self._registry = registry
         self._identity = identity
         self._heartbeat_ms = int(heartbeat_interval_s * 1000)
@@ -62,7 +75,8 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         conn = WorkerConnection(advert.node_id, advert, link, registration=proof)
         self._registry.add(conn)
         log.info("worker %s registered: %s", conn.node_id, [m.name for m in advert.models])
-        reader = asyncio.create_task(self._read_loop(conn, link, requests))
+        session = _Session(public_key, nonce, conn, link)
+        reader = asyncio.create_task(self._read_loop(session, requests))
         try:
             yield pb.CoordinatorMessage(
                 registered=pb.Registered(
@@ -124,11 +138,9 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         return advert
 
     async def _read_loop(
-        self,
-        conn: WorkerConnection,
-        link: SessionLink,
-        requests: AsyncIterator[pb.WorkerMessage],
+        self, session: _Session, requests: AsyncIterator[pb.WorkerMessage]
     ) -> None:
+        conn, link = session.conn, session.link
         try:
             async for msg in requests:
                 kind = msg.WhichOneof("kind")
@@ -146,8 +158,35 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
                 elif kind == "drain":
                     conn.draining = True
                     log.info("worker %s draining: %s", conn.node_id, msg.drain.reason)
+                elif kind == "register":
+                    self._readvertised(session, msg.register)
+                elif kind == "board_wanted":
+                    sealed = self._board() if self._board is not None else b""
+                    link.outbox.put_nowait(
+                        pb.CoordinatorMessage(board=pb.MarketBoard(sealed=sealed))
+                    )
         finally:
             link.outbox.put_nowait(None)  # ends the response stream
+
+    def _readvertised(self, session: _Session, register: pb.Register) -> None:
+        """A newer advert on a live session (the node's asks moved): signed over the same
+        challenge, by the same key, newer than the one in force; anything else is ignored."""
+        conn = session.conn
+        try:
+            advert = verify_registration(
+                session.public_key, session.nonce, register.advert, register.signature
+            )
+        except ProtocolError as exc:
+            log.warning("worker %s sent an advert that does not verify: %s", conn.node_id, exc)
+            return
+        if advert.issued_at_ms <= conn.advert.issued_at_ms:
+            log.warning("worker %s sent an advert older than the one in force", conn.node_id)
+            return
+        proof = RelayedRegistration(register.advert, session.nonce, register.signature)
+        self._registry.readvertise(conn, advert, proof)
+        log.info("worker %s advertised again: %s", conn.node_id,
+                 [(m.name, m.price_prompt_per_mtok, m.price_completion_per_mtok)
+                  for m in advert.models])  # fmt: skip
 
     async def _send_adapter(self, link: SessionLink, sha256: str) -> None:
         """An adapter's archive down the worker's own session, in pieces (or why not)."""

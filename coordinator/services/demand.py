@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +65,10 @@ class DemandBook:
     def __init__(
         self, registry: Registry, gpu_of: Callable[[str], str],
         clock: Callable[[], float] = time.time,
+        reserves: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:  # fmt: skip
         self._registry = registry
+        self._reserves = reserves or {}  # the operator's lowest ask per model (worker prices)
         self._gpu_of = gpu_of  # a node's GPU class (overview.gpu_type of its connection)
         self._clock = clock
         self._buckets: deque[tuple[int, dict[str, _Counts]]] = deque()
@@ -148,8 +150,10 @@ class DemandBook:
         )[:MAX_MODELS]  # fmt: skip
         out: dict[str, Any] = {}
         for model in models:
+            prompt, completion = self._reserves.get(model, (0, 0))
             out[model] = {
                 "queue_depth": self._waiting.get(model, 0),
+                "reserve": {"prompt": prompt, "completion": completion},
                 "capacity": capacity.get(model, _empty_capacity()),
                 "windows": {
                     name: _describe(w.get(model), int(name[:-1])) for name, w in windows.items()

@@ -185,6 +185,8 @@ class Overview:
                         "price_completion_per_mtok": slot.offer.price_completion_per_mtok,
                         # what a prompt token found in its engine's prefix cache costs
                         "price_cached_prompt_per_mtok": slot.offer.cached_price(),
+                        # a node pricing itself by demand: its last decision on this ask, and why
+                        "ask_note": slot.ask_note,
                         "context_length": slot.offer.context_length,
                         "max_loras": slot.max_loras,  # LoRA adapters loaded on demand, at once
                         "adapters": sorted(slot.adapters),  # loaded now (sha256)

@@ -45,6 +45,7 @@ class ModelSlot:
     # the engine's prefix cache, as its own counters say (running totals of prompt tokens)
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    ask_note: str = ""  # a node pricing itself by demand: its last decision, and why
 
     @property
     def prefix_cache_hit_rate(self) -> float | None:
@@ -161,8 +162,9 @@ class WorkerConnection:
         return self.link.open_job(job)
 
     def job_ended(self, model: str) -> None:
-        slot = self.slots[model]
-        slot.own_jobs = max(0, slot.own_jobs - 1)
+        slot = self.slots.get(model)  # None: the node advertised the model away meanwhile
+        if slot is not None:
+            slot.own_jobs = max(0, slot.own_jobs - 1)
         self.on_slot_freed()
 
     def heartbeat(self, beat: pb.Heartbeat) -> None:
@@ -188,6 +190,7 @@ class WorkerConnection:
                         self.on_adapters(load.model, before, slot.adapters)
                 slot.prefix_cache_queries = load.prefix_cache_queries
                 slot.prefix_cache_hits = load.prefix_cache_hits
+                slot.ask_note = load.ask_note
         self.gpus = list(beat.gpus)
         self.on_slot_freed()  # an engine may be back: queued requests look again
 
@@ -237,17 +240,46 @@ class Registry:
         conn.quarantine_of = self._quarantine_of  # a reconnect does not clear a quarantine
         self._on_join(conn.node_id)
         for offer in conn.advert.models:
-            price = Price(offer.price_prompt_per_mtok, offer.price_completion_per_mtok,
-                          offer.price_cached_prompt_per_mtok)  # fmt: skip
-            slot = ModelSlot(conn, offer, price.with_fee(self._fee_bps))
-            if offer.max_loras:
-                adapter_price = Price(*offer.adapter_prices(), offer.price_cached_prompt_per_mtok)
-                slot.adapter_price = adapter_price.with_fee(self._fee_bps)
+            slot = ModelSlot(conn, offer, Price(0, 0))
+            self._price(slot, offer)
             conn.slots[offer.name] = slot
-            pool = self._pools.setdefault(offer.name, [])
-            pool.append(slot)
-            pool.sort(key=lambda s: (s.price_completion_per_mtok, s.price_prompt_per_mtok))
-            self._places[offer.name] = {s.node_id: i for i, s in enumerate(pool)}
+            self._pools.setdefault(offer.name, []).append(slot)
+            self._sort(offer.name)
+
+    def readvertise(
+        self, conn: WorkerConnection, advert: Advert, registration: RelayedRegistration
+    ) -> None:
+        """A live session's newer advert: new prices and capacity for the models it keeps
+        (their live load stays), slots for models it adds, none for those it drops (jobs
+        running there end as they would). Jobs routed before keep the price they had."""
+        conn.advert, conn.registration = advert, registration
+        kept = {offer.name: offer for offer in advert.models}
+        for name in [n for n in conn.slots if n not in kept]:
+            self._unpool_slot(conn, name, conn.slots.pop(name))
+        for name, offer in kept.items():
+            slot = conn.slots.get(name)
+            if slot is None:
+                slot = conn.slots[name] = ModelSlot(conn, offer, Price(0, 0))
+                self._pools.setdefault(name, []).append(slot)
+            self._price(slot, offer)
+            self._sort(name)
+        self.notify()
+
+    def _price(self, slot: ModelSlot, offer: ModelOffer) -> None:
+        slot.offer = offer
+        price = Price(offer.price_prompt_per_mtok, offer.price_completion_per_mtok,
+                      offer.price_cached_prompt_per_mtok)  # fmt: skip
+        slot.client_price = price.with_fee(self._fee_bps)
+        if offer.max_loras:
+            adapter_price = Price(*offer.adapter_prices(), offer.price_cached_prompt_per_mtok)
+            slot.adapter_price = adapter_price.with_fee(self._fee_bps)
+        else:
+            slot.adapter_price = None
+
+    def _sort(self, model: str) -> None:
+        pool = self._pools[model]
+        pool.sort(key=lambda s: (s.price_completion_per_mtok, s.price_prompt_per_mtok))
+        self._places[model] = {s.node_id: i for i, s in enumerate(pool)}
 
     def _adapters(self, node_id: str, model: str, before: set[str], after: set[str]) -> None:
         for adapter in before - after:
@@ -267,14 +299,17 @@ class Registry:
 
     def _unpool(self, conn: WorkerConnection) -> None:
         for name, slot in conn.slots.items():
-            self._adapters(conn.node_id, name, set(slot.adapters), set())
-            pool = self._pools.get(name, [])
-            if slot in pool:
-                pool.remove(slot)
-                self._places[name] = {s.node_id: i for i, s in enumerate(pool)}
-            if not pool:
-                self._pools.pop(name, None)
-                self._places.pop(name, None)
+            self._unpool_slot(conn, name, slot)
+
+    def _unpool_slot(self, conn: WorkerConnection, name: str, slot: ModelSlot) -> None:
+        self._adapters(conn.node_id, name, set(slot.adapters), set())
+        pool = self._pools.get(name, [])
+        if slot in pool:
+            pool.remove(slot)
+            self._places[name] = {s.node_id: i for i, s in enumerate(pool)}
+        if not pool:
+            self._pools.pop(name, None)
+            self._places.pop(name, None)
 
     def remove(self, conn: WorkerConnection) -> None:
         if self._workers.get(conn.node_id) is conn:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Mapping
 
 from coordinator.services.prefixes import Chain, PrefixIndex
 from coordinator.services.probation import ProbationShare
@@ -22,8 +23,10 @@ class Router:
     def __init__(
         self, registry: Registry, stats: StatsBook, trust: Trust | None, policy: RoutingPolicy,
         rng: random.Random, prefixes: PrefixIndex | None = None,
+        reserves: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:  # fmt: skip
         self._prefixes = prefixes  # None: prefix-aware routing is off
+        self._reserves = reserves or {}  # model -> the operator's reserve, as clients pay it
         self._registry = registry
         self._stats = stats
         self._trust = trust
@@ -42,6 +45,8 @@ class Router:
         if excluded:
             prefs = dataclasses.replace(prefs, ignore=prefs.ignore | frozenset(excluded))
         trust, model = self._trust, bound.model
+        if model in self._reserves:
+            bound = dataclasses.replace(bound, reserve=self._reserves[model])
         capped = self.probation_share.over_budget(model)
         cached = self._cached(_cache_key(bound), model, chain, session)
         decision = route(

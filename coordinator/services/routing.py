@@ -79,6 +79,7 @@ class RouteRequest:
     adapter: str = ""  # sha256 of the LoRA adapter it runs with ("" = the base model)
     task: str = "generate"  # what it needs of the model: "generate" or "embed"
     batch: bool = False  # a Batch API line: only workers that sign batch prices
+    reserve: tuple[int, int] = (0, 0)  # the operator's lowest (prompt, completion) client price
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,8 @@ def _exclusion(
     if prefs.min_reputation is not None and reputation.get(c.node_id, 0.5) < prefs.min_reputation:
         return "policy_reputation"
     prompt, completion = _prices(request, c)
+    if prompt < request.reserve[0] or completion < request.reserve[1]:
+        return "below_reserve"
     if prefs.max_price_prompt is not None and prompt > prefs.max_price_prompt:
         return "over_max_price"
     if prefs.max_price_completion is not None and completion > prefs.max_price_completion:

@@ -67,6 +67,7 @@ class WorkerMessage(_message.Message):
     DRAIN_FIELD_NUMBER: _builtins.int
     JOB_EVENTS_FIELD_NUMBER: _builtins.int
     ADAPTER_WANTED_FIELD_NUMBER: _builtins.int
+    BOARD_WANTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -87,6 +88,10 @@ class WorkerMessage(_message.Message):
         send me this registered LoRA adapter
         """
 
+    @_builtins.property
+    def board_wanted(self) -> Global___BoardWanted:
+        """send me your demand board (a node pricing itself)"""
+
     def __init__(
         self,
         *,
@@ -97,12 +102,13 @@ class WorkerMessage(_message.Message):
         drain: Global___Drain | None = ...,
         job_events: Global___JobEventBatch | None = ...,
         adapter_wanted: Global___AdapterWanted | None = ...,
+        board_wanted: Global___BoardWanted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter_wanted", b"adapter_wanted", "drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "job_events", b"job_events", "kind", b"kind", "register", b"register"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter_wanted", b"adapter_wanted", "board_wanted", b"board_wanted", "drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "job_events", b"job_events", "kind", b"kind", "register", b"register"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_wanted", b"adapter_wanted", "drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "job_events", b"job_events", "kind", b"kind", "register", b"register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_wanted", b"adapter_wanted", "board_wanted", b"board_wanted", "drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "job_event", b"job_event", "job_events", b"job_events", "kind", b"kind", "register", b"register"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "register", "heartbeat", "job_event", "drain", "job_events", "adapter_wanted"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "register", "heartbeat", "job_event", "drain", "job_events", "adapter_wanted", "board_wanted"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -117,6 +123,7 @@ class CoordinatorMessage(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     ADAPTER_PART_FIELD_NUMBER: _builtins.int
+    BOARD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def challenge(self) -> Global___Challenge: ...
     @_builtins.property
@@ -129,6 +136,10 @@ class CoordinatorMessage(_message.Message):
     def adapter_part(self) -> Global___AdapterPart:
         """a piece of an adapter a worker asked for"""
 
+    @_builtins.property
+    def board(self) -> Global___MarketBoard:
+        """the demand board a worker asked for"""
+
     def __init__(
         self,
         *,
@@ -137,12 +148,13 @@ class CoordinatorMessage(_message.Message):
         job: Global___Job | None = ...,
         cancel: Global___CancelJob | None = ...,
         adapter_part: Global___AdapterPart | None = ...,
+        board: Global___MarketBoard | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter_part", b"adapter_part", "cancel", b"cancel", "challenge", b"challenge", "job", b"job", "kind", b"kind", "registered", b"registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter_part", b"adapter_part", "board", b"board", "cancel", b"cancel", "challenge", b"challenge", "job", b"job", "kind", b"kind", "registered", b"registered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_part", b"adapter_part", "cancel", b"cancel", "challenge", b"challenge", "job", b"job", "kind", b"kind", "registered", b"registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_part", b"adapter_part", "board", b"board", "cancel", b"cancel", "challenge", b"challenge", "job", b"job", "kind", b"kind", "registered", b"registered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["challenge", "registered", "job", "cancel", "adapter_part"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["challenge", "registered", "job", "cancel", "adapter_part", "board"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -202,6 +214,47 @@ class AdapterPart(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdapterPart: _TypeAlias = AdapterPart  # noqa: Y015
+
+@_typing.final
+class BoardWanted(_message.Message):
+    """A node that prices itself from demand (`price = "auto"`) asks for the board now and then;
+    when its asks change it sends Register again on the same session: a new advert, newer
+    than the last, signed over the session's challenge nonce. Jobs carry the advert they were
+    priced at, so a job that crosses a price change on the wire is signed at its own price.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BoardWanted: _TypeAlias = BoardWanted  # noqa: Y015
+
+@_typing.final
+class MarketBoard(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEALED_FIELD_NUMBER: _builtins.int
+    sealed: _builtins.bytes
+    """protocol.market.DemandBoard, signed by the coordinator"""
+    def __init__(
+        self,
+        *,
+        sealed: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sealed", b"sealed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarketBoard: _TypeAlias = MarketBoard  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -351,6 +404,7 @@ class ModelLoad(_message.Message):
     ADAPTERS_FIELD_NUMBER: _builtins.int
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _builtins.int
     PREFIX_CACHE_HITS_FIELD_NUMBER: _builtins.int
+    ASK_NOTE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     running: _builtins.int
     """requests the engine is running (its own metrics)"""
@@ -370,6 +424,8 @@ class ModelLoad(_message.Message):
     """prompt tokens the engine looked up in its prefix cache"""
     prefix_cache_hits: _builtins.int
     """… and found there (both running totals)"""
+    ask_note: _builtins.str
+    """auto pricing: its last decision on this ask, and why"""
     @_builtins.property
     def adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """SHA-256 of the LoRA adapters loaded in the engine now"""
@@ -388,10 +444,11 @@ class ModelLoad(_message.Message):
         adapters: _abc.Iterable[_builtins.str] | None = ...,
         prefix_cache_queries: _builtins.int = ...,
         prefix_cache_hits: _builtins.int = ...,
+        ask_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "available", b"available", "jobs", b"jobs", "jobs_elsewhere", b"jobs_elsewhere", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "prefix_cache_hits", b"prefix_cache_hits", "prefix_cache_queries", b"prefix_cache_queries", "reaped_orphan_pid", b"reaped_orphan_pid", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "ask_note", b"ask_note", "available", b"available", "jobs", b"jobs", "jobs_elsewhere", b"jobs_elsewhere", "kv_cache_usage", b"kv_cache_usage", "model", b"model", "prefix_cache_hits", b"prefix_cache_hits", "prefix_cache_queries", b"prefix_cache_queries", "reaped_orphan_pid", b"reaped_orphan_pid", "running", b"running", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -456,6 +513,7 @@ class Job(_message.Message):
     DEADLINE_MS_FIELD_NUMBER: _builtins.int
     ADAPTER_SHA256_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    ADVERT_ISSUED_AT_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     """the advertised model name"""
@@ -470,6 +528,8 @@ class Job(_message.Message):
     """run with this LoRA adapter on `model` ("" = the base model)"""
     batch: _builtins.bool
     """a Batch API line: signed at the offer's batch prices"""
+    advert_issued_at_ms: _builtins.int
+    """the advert whose prices this job was routed and billed"""
     def __init__(
         self,
         *,
@@ -481,10 +541,11 @@ class Job(_message.Message):
         deadline_ms: _builtins.int = ...,
         adapter_sha256: _builtins.str = ...,
         batch: _builtins.bool = ...,
+        advert_issued_at_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "batch", b"batch", "body", b"body", "deadline_ms", b"deadline_ms", "endpoint", b"endpoint", "model", b"model", "nonce", b"nonce", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_sha256", b"adapter_sha256", "advert_issued_at_ms", b"advert_issued_at_ms", "batch", b"batch", "body", b"body", "deadline_ms", b"deadline_ms", "endpoint", b"endpoint", "model", b"model", "nonce", b"nonce", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,6 +15,7 @@ from protocol.identity import Identity
 from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
 from worker_node import session as worker_session
+from worker_node.asks import Asks
 from worker_node.engine_client import EngineClients
 from worker_node.errors import ProtocolMismatch
 from worker_node.jobs import JobRunner
@@ -136,7 +137,7 @@ async def test_worker_session_turns_a_version_mismatch_into_a_clear_error(
     monkeypatch.setattr(worker_session, "PROTOCOL_VERSION", "agora.v0")
     identity = Identity.generate()
     async with EngineClients(1) as http:
-        runner = JobRunner(identity, {}, {}, http)
+        runner = JobRunner(identity, {}, Asks(), http)
         session = WorkerSession(
             identity, lambda: _advert(identity), runner, SessionConfig(bare_coordinator.grpc_target)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,6 +85,14 @@ def test_max_price_excludes_and_says_why() -> None:
     assert nothing.excluded == {"over_max_price": 2}
     by_prompt = decide(pool(CHEAP, MID), Preferences(max_price_prompt=120))
     assert [s.node_id for s in by_prompt.ranked] == ["node-cheap"]
+
+
+def test_asks_below_the_operators_reserve_are_not_routed() -> None:
+    reserved = dataclasses.replace(REQUEST, reserve=(0, 300))  # client prices, fee included
+    decision = route(reserved, pool(CHEAP, MID, DEAR), {}, Preferences(), random.Random(0),
+                     now=1000.0, price_sorted=True)  # fmt: skip
+    assert {s.node_id for s in decision.ranked} == {"node-mid", "node-dear"}
+    assert decision.excluded == {"below_reserve": 1}
 
 
 def test_ignore_and_order_are_obeyed() -> None:

@@ -22,6 +22,7 @@ from protocol.proto import session_pb2 as pb
 from tests.conftest import MODEL
 from tests.faults import FaultProxy
 from tests.fleet import FAST
+from worker_node.asks import Asks
 from worker_node.engine_client import EngineClients
 from worker_node.engines.attach import AttachedEngine
 from worker_node.engines.vllm import VllmEngine
@@ -106,7 +107,7 @@ async def two_sessions(vllm_engine: VllmEngine, tmp_path: Path) -> AsyncIterator
     stop = asyncio.Event()
     async with EngineClients(1) as http:
         engine = AttachedEngine(proxy.base_url, MODEL)
-        runner = JobRunner(identity, {MODEL: engine}, {MODEL: offer}, http)
+        runner = JobRunner(identity, {MODEL: engine}, Asks.fixed({MODEL: offer}), http)
 
         def session(target: str) -> WorkerSession:
             config = SessionConfig(target, give_up_after=2)

@@ -20,6 +20,7 @@ import httpx
 import typer
 import uvloop
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from protocol.errors import ProtocolError
@@ -100,6 +101,15 @@ def worker(
     batch_discount: int | None = typer.Option(
         None, min=0, max=10_000, help="Basis points off for Batch API jobs (default 5000: half)."
     ),
+    price: str = typer.Option(
+        "fixed",
+        help="auto: follow demand, from --price-in/--price-out (your cost) up to the "
+        "ceiling and back.",
+    ),
+    price_ceiling_in: int | None = typer.Option(None, min=0, help="auto: (default 4x price-in)."),
+    price_ceiling_out: int | None = typer.Option(None, min=0, help="auto: (default 4x price-out)."),
+    price_steps: int = typer.Option(10, min=1, help="auto: rungs from floor to ceiling."),
+    price_interval: float = typer.Option(30.0, help="auto: seconds between two moves at most."),
     max_concurrency: int = typer.Option(8, min=1, help="Jobs accepted at once."),
     max_model_len: int | None = typer.Option(None, help="vLLM --max-model-len."),
     dtype: str = typer.Option("auto", help="vLLM --dtype."),
@@ -144,6 +154,11 @@ def worker(
         "price_out": price_out,
         "price_cached_in": price_cached_in,
         "batch_discount_bps": batch_discount,
+        "price": price,
+        "price_ceiling_in": price_ceiling_in,
+        "price_ceiling_out": price_ceiling_out,
+        "price_steps": price_steps,
+        "price_interval_s": price_interval,
         "max_concurrency": max_concurrency,
         "max_model_len": max_model_len,
         "dtype": dtype,
@@ -327,6 +342,12 @@ def status(
                 f"[yellow]{name}: killed engine pid {engine['reaped_orphan_pid']} at start, "
                 "left running by a node that died[/]"
             )
+    for name, auto in live.get("auto_prices", {}).items():  # each decision, and why
+        out.print(f"[bold]{name}[/] auto price, rung {auto['rung']} of {auto['steps']}:")
+        for decision in auto["decisions"][-5:]:
+            ask = "/".join(str(p) for p in decision["ask"])
+            when = time.strftime("%H:%M:%S", time.localtime(decision["at"]))
+            out.print(f"  {when}  {ask}  {escape(decision['reason'])}")
 
 
 @app.command()

@@ -11,6 +11,8 @@ model = "meta-llama/Meta-Llama-3-8B-Instruct"
 price_in = 100000          # micro-units per 1M prompt tokens
 price_out = 200000
 price_cached_in = 25000    # optional: prompt tokens found in the engine's prefix cache
+# price = "auto"           # follow demand: from price_in/out (your cost) up to the ceiling
+# price_ceiling_out = 800000
 
 [[models]]
 name = "bge-small"
@@ -70,6 +72,14 @@ class ModelConfig(_Strict):
     price_cached_in: int | None = Field(default=None, ge=0)
     # basis points off every price for Batch API jobs (5000: half price, as OpenAI)
     batch_discount_bps: int = Field(default=DEFAULT_BATCH_DISCOUNT_BPS, ge=0, le=10_000)
+    # "auto": the ask follows the coordinators' demand boards (worker_node.pricing), from
+    # price_in/price_out (the floor: what serving costs you) up to the ceiling and back,
+    # one of price_steps rungs per price_interval_s at most
+    price: Literal["fixed", "auto"] = "fixed"
+    price_ceiling_in: int | None = Field(default=None, ge=0)  # None: 4 x price_in
+    price_ceiling_out: int | None = Field(default=None, ge=0)  # None: 4 x price_out
+    price_steps: int = Field(default=10, ge=1, le=100)
+    price_interval_s: float = Field(default=30.0, ge=0.5)
     max_concurrency: int = Field(default=8, ge=1, le=4096)  # jobs accepted at once
     max_model_len: int | None = Field(default=None, ge=16)
     dtype: str = "auto"
@@ -87,6 +97,14 @@ class ModelConfig(_Strict):
     extra_args: list[str] = Field(default_factory=list)  # passed to `vllm serve` verbatim
     env: dict[str, str] = Field(default_factory=dict)  # extra environment for the engine
 
+    @property
+    def ceiling(self) -> tuple[int, int]:
+        """(prompt, completion) the auto ask never goes above."""
+        return (
+            4 * self.price_in if self.price_ceiling_in is None else self.price_ceiling_in,
+            4 * self.price_out if self.price_ceiling_out is None else self.price_ceiling_out,
+        )
+
     @model_validator(mode="after")
     def _engine_fields(self) -> ModelConfig:
         if self.engine == "vllm" and not self.model:
@@ -95,6 +113,10 @@ class ModelConfig(_Strict):
             raise ValueError("engine 'attach' needs `url` (the server's OpenAI base URL)")
         if self.price_cached_in is not None and self.price_cached_in > self.price_in:
             raise ValueError("price_cached_in cannot be above price_in (a cache hit costs less)")
+        if self.price_ceiling_in is not None and self.price_ceiling_in < self.price_in:
+            raise ValueError("price_ceiling_in cannot be below price_in (the floor)")
+        if self.price_ceiling_out is not None and self.price_ceiling_out < self.price_out:
+            raise ValueError("price_ceiling_out cannot be below price_out (the floor)")
         if self.task == "embed" and (self.max_loras or self.lora_adapters):
             raise ValueError("an embedding model (task = 'embed') serves no LoRA adapters")
         return self

@@ -27,6 +27,7 @@ from protocol.completions import CHAT, COMPLETIONS, EMBEDDINGS, Output, prompt_o
 from protocol.identity import Identity
 from protocol.receipt import Receipt, SignedReceipt, output_digest, prompt_digest, sign_receipt
 from worker_node.adapters import AdapterSlots, Fetch
+from worker_node.asks import Asks
 from worker_node.engine_client import EngineClients
 from worker_node.engines.base import Engine
 from worker_node.errors import AdapterError, AdapterRefused, AdapterSlotsFull, EngineFull
@@ -55,6 +56,7 @@ class JobSpec:
     adapter: str = ""  # sha256 of the LoRA adapter to run with ("" = the base model)
     fetch_adapter: Fetch | None = None  # how to get it if the node lacks it
     batch: bool = False  # a Batch API line: billed at the offer's batch prices
+    advert_issued_at_ms: int = 0  # the advert it was priced at (0: the current one)
     # set when the coordinator asks to end the job now and sign for what was generated
     stop: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
 
@@ -179,7 +181,7 @@ class JobRunner:
         self,
         identity: Identity,
         engines: dict[str, Engine],
-        offers: dict[str, ModelOffer],
+        asks: Asks,
         clients: EngineClients,
         is_available: Callable[[str], bool] = lambda _model: True,
         fault: Fault | None = None,
@@ -189,13 +191,13 @@ class JobRunner:
         self._fault = fault  # a misbehaving mode, for tests only (see worker_node.faults)
         self._identity = identity
         self._engines = engines
-        self._offers = offers
+        self._asks = asks
         self._clients = clients
         self._is_available = is_available
 
     async def run(self, job: JobSpec) -> AsyncIterator[JobOutput]:
         engine = self._engines.get(job.model)
-        offer = self._offers.get(job.model)
+        offer = self._asks.priced(job.model, job.advert_issued_at_ms)
         if engine is None or offer is None:
             yield Failed(404, f"this node does not serve {job.model!r}", "model_not_found", True)
             return
@@ -208,6 +210,7 @@ class JobRunner:
                          "adapter_unavailable", True)  # fmt: skip
             return
         async with contextlib.AsyncExitStack() as held:
+            held.enter_context(self._asks.running(job.model))  # what auto pricing reads
             served = engine.served_model
             if job.adapter and slots is not None:
                 try:  # the adapter stays loaded until the job ends

@@ -20,10 +20,11 @@ import httpx
 
 from protocol.advert import PROTOCOL_VERSION, Advert, ModelOffer
 from protocol.identity import Identity
-from protocol.market import record_version
+from protocol.market import DemandBoard, record_version
 from protocol.proto import session_pb2 as pb
 from worker_node import __version__
 from worker_node.adapters import AdapterSlots
+from worker_node.asks import Asks, AutoPrice
 from worker_node.config import ModelConfig, WorkerConfig
 from worker_node.discovery import CoordinatorFinder
 from worker_node.engine_client import EngineClients
@@ -35,6 +36,7 @@ from worker_node.faults import fault_from_env
 from worker_node.hardware import Hardware, detect, gpu_loads
 from worker_node.jobs import JobRunner
 from worker_node.metrics import EngineLoad, read_engine_load
+from worker_node.pricing import PriceLadder
 from worker_node.session import SessionConfig, WorkerSession
 from worker_node.session_pool import SessionPool
 
@@ -126,7 +128,11 @@ class Node:
             m.name: Supervisor(m.name, make_engine(m, self.state_dir, on_progress), self._changed)
             for m in config.models
         }
-        self.offers: dict[str, ModelOffer] = {}
+        self.asks = Asks({  # the models priced by demand: their ladders
+            m.name: AutoPrice(PriceLadder((m.price_in, m.price_out), m.ceiling, m.price_steps),
+                              m.price_interval_s)
+            for m in config.models if m.price == "auto"
+        })  # fmt: skip
         self.adapters = {  # per model whose engine loads registered adapters at run time
             m.name: AdapterSlots(self.supervisors[m.name].engine, self.state_dir / "adapters",
                                  m.max_loras, self._adapters_changed,
@@ -162,10 +168,18 @@ class Node:
         )
 
     def advert(self) -> Advert:
+        """A new advert of the node's current asks, to sign for a coordinator (remembered:
+        jobs routed on it are signed at its prices)."""
+        advert = self._advert_now()
+        self.asks.remember(advert)
+        return advert
+
+    def _advert_now(self) -> Advert:
+        offers = self.asks.current
         return Advert(
             node_id=self.identity.node_id,
             issued_at_ms=time.time_ns() // 1_000_000,
-            models=tuple(self.offers[m.name] for m in self.config.models if m.name in self.offers),
+            models=tuple(offers[m.name] for m in self.config.models if m.name in offers),
             protocol_version=PROTOCOL_VERSION,
             software={"agora": __version__, "engine": engine_version()},
             hardware=self.hardware.advert_fields(),
@@ -210,6 +224,7 @@ class Node:
                     adapters=self.adapters[name].held() if name in self.adapters else (),
                     prefix_cache_queries=load.prefix_cache_queries,
                     prefix_cache_hits=load.prefix_cache_hits,
+                    ask_note=self.asks.note(name),
                 )
             )
         beat.gpus.extend(self._gpus)
@@ -251,7 +266,8 @@ class Node:
                 }
                 for name, sup in self.supervisors.items()
             },
-            "advert": json.loads(self.advert().to_bytes()),
+            "advert": json.loads(self._advert_now().to_bytes()),
+            "auto_prices": self.asks.describe(),
         }
 
     def write_status(self) -> None:
@@ -283,12 +299,12 @@ class Node:
             try:
                 for model in self.config.models:
                     engine = self.supervisors[model.name].engine
-                    self.offers[model.name] = self._offer(model, await context_length(http, engine))
+                    self.asks.set(self._offer(model, await context_length(http, engine)))
                 engines = {name: s.engine for name, s in self.supervisors.items()}
                 runner = JobRunner(
                     self.identity,
                     engines,
-                    self.offers,
+                    self.asks,
                     engines_http,
                     is_available=lambda name: self.supervisors[name].available,
                     fault=self.fault,
@@ -311,6 +327,7 @@ class Node:
                 watchers = [
                     asyncio.create_task(s.watch(engines_stop)) for s in self.supervisors.values()
                 ]
+                pricing = asyncio.create_task(self.asks.follow(self._boards, self._repriced, stop))
                 try:
                     if cfg.discover:
                         await self._run_discovered(stop, session)
@@ -319,6 +336,8 @@ class Node:
                         self._session = SessionPool.for_coordinator(cfg.coordinator, session)
                         await self._session.run(stop)
                 finally:
+                    pricing.cancel()
+                    await asyncio.gather(pricing, return_exceptions=True)
                     engines_stop.set()
                     await asyncio.gather(*watchers, return_exceptions=True)
             finally:
@@ -350,6 +369,14 @@ class Node:
             await self._session.run(stop)
         finally:
             await p2p.stop()
+
+    async def _boards(self) -> list[DemandBoard]:
+        return await self._session.boards() if self._session is not None else []
+
+    def _repriced(self) -> None:
+        if self._session is not None:
+            self._session.readvertise()
+        self.write_status()
 
     def _registered(self, node_id: str) -> None:
         self.write_status()

@@ -25,10 +25,11 @@ import msgspec
 from protocol.advert import PROTOCOL_VERSION, Advert, sign_registration
 from protocol.completions import CHAT, COMPLETIONS, EMBEDDINGS
 from protocol.identity import Identity
+from protocol.market import DemandBoard
 from protocol.proto import session_pb2 as pb
 from protocol.proto import session_pb2_grpc as pb_grpc
 from worker_node import __version__
-from worker_node.errors import AdapterError, ProtocolMismatch, RegistrationRefused
+from worker_node.errors import ProtocolMismatch, RegistrationRefused
 from worker_node.frames import FrameBuffer, merge_frames
 from worker_node.jobs import (
     Failed,
@@ -38,6 +39,7 @@ from worker_node.jobs import (
     JobSpec,
     WholeResponse,
 )
+from worker_node.session_requests import SessionRequests
 
 log = logging.getLogger("agora.worker.session")
 
@@ -76,8 +78,6 @@ def backoff_delays(initial: float, ceiling: float) -> AsyncIterator[float]:
 
 
 MAX_BATCH = 256  # job events per gRPC message
-ADAPTER_FETCH_TIMEOUT_S = 120.0  # an adapter asked for must have come by then
-MAX_ADAPTER_BYTES = 4 << 30  # an archive larger than this is refused while it arrives
 MIN_BEAT_GAP_S = 0.5  # early heartbeats (job counts, engine state) come at most this often
 
 
@@ -176,8 +176,11 @@ class WorkerSession:
         self.on_jobs_changed: Callable[[], None] = lambda: None
         # set by a SessionPool: the coordinator named other processes of itself to connect to
         self.on_siblings: Callable[[list[str]], None] = lambda _targets: None
-        # adapters asked of the coordinator: hash -> (the bytes so far, the whole archive)
-        self._fetches: dict[str, tuple[bytearray, asyncio.Future[bytes]]] = {}
+        self._requests = SessionRequests()  # adapters and boards asked of the coordinator
+        # while connected: where messages go, the challenge signed, who signed the board
+        self._outbox: Outbox | None = None
+        self._nonce = b""
+        self.coordinator_id = ""
         self._beat_now = asyncio.Event()
         self.state = "starting"  # connecting | connected | reconnecting | draining | stopped | lost
         self.connected_since: float | None = None
@@ -242,6 +245,7 @@ class WorkerSession:
             call: Call = pb_grpc.WorkerSessionStub(channel).Connect(outgoing(outbox))
             try:
                 interval = await self._handshake(call, outbox)
+                self._outbox = outbox
                 beats = asyncio.create_task(self._heartbeats(outbox, interval))
                 drainer = asyncio.create_task(self._drain_when(stop, outbox))
                 try:
@@ -252,7 +256,8 @@ class WorkerSession:
             finally:
                 outbox.put_nowait(None)
                 call.cancel()
-                self._fail_fetches("the session with the coordinator ended")
+                self._outbox = None
+                self._requests.fail("the session with the coordinator ended")
 
     async def _handshake(self, call: Call, outbox: Outbox) -> float:
         hello = pb.Hello(
@@ -262,12 +267,11 @@ class WorkerSession:
         )
         await outbox.put(pb.WorkerMessage(hello=hello))
         challenge = await self._expect(call, "challenge")
-        advert_bytes, signature = sign_registration(
-            self._identity, challenge.challenge.nonce, self._make_advert()
+        self._nonce, self.coordinator_id = (
+            challenge.challenge.nonce,
+            challenge.challenge.coordinator_id,
         )
-        await outbox.put(
-            pb.WorkerMessage(register=pb.Register(advert=advert_bytes, signature=signature))
-        )
+        await outbox.put(self._register())
         registered = (await self._expect(call, "registered")).registered
         log.info("registered with %s as %s", self._config.coordinator, registered.node_id)
         self.state = "connected"
@@ -277,6 +281,24 @@ class WorkerSession:
         host = self._config.coordinator.rpartition(":")[0]
         self.on_siblings([f"{host}:{port}" for port in registered.sibling_ports])
         return max(0.2, registered.heartbeat_interval_ms / 1000)
+
+    def _register(self) -> pb.WorkerMessage:
+        advert_bytes, signature = sign_registration(
+            self._identity, self._nonce, self._make_advert()
+        )
+        return pb.WorkerMessage(register=pb.Register(advert=advert_bytes, signature=signature))
+
+    def readvertise(self) -> None:
+        """Send the node's advert again (its asks moved), signed over this session's
+        challenge: the coordinator prices jobs from it on."""
+        if self._outbox is not None and self.state == "connected":
+            self._outbox.put_nowait(self._register())
+
+    async def board(self) -> DemandBoard | None:
+        """This coordinator's demand board, verified; None while not connected."""
+        if self._outbox is None or self.state != "connected":
+            return None
+        return await self._requests.board(self._outbox.put_nowait, self.coordinator_id)
 
     async def _expect(self, call: Call, kind: str) -> pb.CoordinatorMessage:
         try:
@@ -348,48 +370,9 @@ class WorkerSession:
                 elif task := self._jobs.get(rid):
                     task.cancel()
             elif kind == "adapter_part":
-                self._adapter_part(msg.adapter_part)
-
-    # ---------------------------------------------------------------- adapters
-    async def _fetch_adapter(self, outbox: Outbox, sha256: str) -> bytes:
-        """An adapter's archive from the coordinator (one request per hash, however many
-        jobs wait for it). The caller checks its hash."""
-        pending = self._fetches.get(sha256)
-        if pending is None:
-            pending = self._fetches[sha256] = (
-                bytearray(),
-                asyncio.get_running_loop().create_future(),
-            )
-            outbox.put_nowait(pb.WorkerMessage(adapter_wanted=pb.AdapterWanted(sha256=sha256)))
-        try:
-            return await asyncio.wait_for(asyncio.shield(pending[1]), ADAPTER_FETCH_TIMEOUT_S)
-        except TimeoutError as exc:
-            self._fetches.pop(sha256, None)
-            raise AdapterError(f"adapter {sha256[:12]} did not come from the coordinator") from exc
-
-    def _adapter_part(self, part: pb.AdapterPart) -> None:
-        pending = self._fetches.get(part.sha256)
-        if pending is None:
-            return
-        data, future = pending
-        data += part.data
-        error = part.error or ("too large" if len(data) > MAX_ADAPTER_BYTES else "")
-        if error or part.last:
-            del self._fetches[part.sha256]
-            if future.done():
-                return
-            if error:
-                future.set_exception(AdapterError(f"adapter {part.sha256[:12]}: {error}"))
-                future.exception()  # retrieved here: a waiter that gave up never reads it
-            else:
-                future.set_result(bytes(data))
-
-    def _fail_fetches(self, why: str) -> None:
-        for sha256, (_data, future) in list(self._fetches.items()):
-            if not future.done():
-                future.set_exception(AdapterError(f"adapter {sha256[:12]}: {why}"))
-                future.exception()
-        self._fetches.clear()
+                self._requests.adapter_part(msg.adapter_part)
+            elif kind == "board":
+                self._requests.board_came(msg.board)
 
     def _start_job(self, job: pb.Job, outbox: Outbox) -> None:
         if self.state == "draining":
@@ -403,8 +386,9 @@ class WorkerSession:
             body=_json_object(job.body),
             nonce=job.nonce,
             adapter=job.adapter_sha256,
-            fetch_adapter=functools.partial(self._fetch_adapter, outbox),
+            fetch_adapter=functools.partial(self._requests.adapter, outbox.put_nowait),
             batch=job.batch,
+            advert_issued_at_ms=job.advert_issued_at_ms,
         )
         task = asyncio.create_task(self._run_job(spec, outbox))
         self._jobs[spec.request_id] = task

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from protocol.market import CoordinatorRecord
+from protocol.market import CoordinatorRecord, DemandBoard
 from worker_node.session import WorkerSession
 
 log = logging.getLogger("agora.worker.pool")
@@ -118,6 +118,17 @@ class SessionPool:
     def notify(self) -> None:
         for member in self._members.values():
             member.session.notify()
+
+    def readvertise(self) -> None:
+        """The node's asks moved: every session advertises again."""
+        for member in self._members.values():
+            member.session.readvertise()
+
+    async def boards(self) -> list[DemandBoard]:
+        """The demand board of every coordinator process the node holds a session with (each
+        counts the requests it saw: together they are the demand this node can serve)."""
+        found = await asyncio.gather(*(m.session.board() for m in self._members.values()))
+        return [board for board in found if board is not None]
 
     def jobs_elsewhere(self, session: WorkerSession, model: str) -> int:
         """The node's jobs for `model` that came through sessions other than `session`."""

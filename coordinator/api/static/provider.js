@@ -30,9 +30,11 @@ Agora.every(2000, async () => {
   chart("chart-reputation", "Reputation score", [["score", "#5b21b6"]], history.map((p) => p.at), [history.map((p) => p.score)], [0, 1]);
   const advert = me.advert;
   fill("advert", advert ? el("div", {},
-    table([["Model"], ["Price /1M in", "num"], ["Price /1M out", "num"], ["Slots", "num"], ["Context", "num"]],
+    table([["Model"], ["Price /1M in", "num"], ["Price /1M out", "num"], ["Slots", "num"], ["Context", "num"],
+      ["Pricing (auto: the last decision, and why)", "wrap"]],
       advert.models.map((m) => [[m.name, "", `advert-${m.name}`], [credits(m.price_prompt_per_mtok), "num"],
-        [credits(m.price_completion_per_mtok), "num"], [m.max_concurrency, "num"], [m.context_length, "num"]])),
+        [credits(m.price_completion_per_mtok), "num"], [m.max_concurrency, "num"], [m.context_length, "num"],
+        [((me.worker || {}).models || {})[m.name]?.ask_note || "fixed", "wrap", `ask-note-${m.name}`]])),
     el("p", { class: "muted" }, Object.entries(advert.hardware).map(([k, v]) => `${k}: ${v}`).join(" · ")),
     ...Object.entries(me.worker ? me.worker.models : {}).filter(([, m]) => m.reaped_orphan_pid).map(([name, m]) =>
       el("p", { class: "warning", "data-testid": `reaped-${name}` },

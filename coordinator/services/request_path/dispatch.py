@@ -63,6 +63,7 @@ class Dispatcher:
             deadline_ms=int((time.time() + self._timeout_s) * 1000),
             adapter_sha256=adapter,
             batch=batch,
+            advert_issued_at_ms=slot.conn.advert.issued_at_ms,  # the prices in `facts`
         )
         events = slot.conn.open_job(job)
         return Attempt(slot, facts, events, endpoint, segment, continuation)
