@@ -25,16 +25,21 @@ from protocol.proto import session_pb2_grpc as pb_grpc
 log = logging.getLogger("agora.coordinator.workers")
 
 ADVERT_MAX_AGE_MS = 5 * 60 * 1000  # an advert signed longer ago than this is stale
+MIN_GAP_S = 0.25  # between two adverts, or two boards, a session is given
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Session:
-    """One live worker session: the key and challenge it registered with, its connection."""
+    """One live worker session: the key and challenge it registered with, its connection,
+    and when it last advertised again or asked for the board (each at most every
+    MIN_GAP_S: neither may keep the coordinator busy)."""
 
     public_key: bytes
     nonce: bytes
     conn: WorkerConnection
     link: SessionLink
+    advertised_at: float = float("-inf")
+    board: tuple[float, bytes] = (float("-inf"), b"")
 
 
 class WorkerSessionService(pb_grpc.WorkerSessionServicer):
@@ -161,9 +166,8 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
                 elif kind == "register":
                     self._readvertised(session, msg.register)
                 elif kind == "board_wanted":
-                    sealed = self._board() if self._board is not None else b""
                     link.outbox.put_nowait(
-                        pb.CoordinatorMessage(board=pb.MarketBoard(sealed=sealed))
+                        pb.CoordinatorMessage(board=pb.MarketBoard(sealed=self._board_for(session)))
                     )
         finally:
             link.outbox.put_nowait(None)  # ends the response stream
@@ -172,6 +176,11 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         """A newer advert on a live session (the node's asks moved): signed over the same
         challenge, by the same key, newer than the one in force; anything else is ignored."""
         conn = session.conn
+        now = time.monotonic()
+        if now - session.advertised_at < MIN_GAP_S:
+            log.warning("worker %s advertises too often: an advert ignored", conn.node_id)
+            return
+        session.advertised_at = now
         try:
             advert = verify_registration(
                 session.public_key, session.nonce, register.advert, register.signature
@@ -182,11 +191,26 @@ class WorkerSessionService(pb_grpc.WorkerSessionServicer):
         if advert.issued_at_ms <= conn.advert.issued_at_ms:
             log.warning("worker %s sent an advert older than the one in force", conn.node_id)
             return
+        if abs(time.time_ns() // 1_000_000 - advert.issued_at_ms) > ADVERT_MAX_AGE_MS:
+            log.warning("worker %s sent an advert dated far from now", conn.node_id)
+            return
+        if {m.name for m in advert.models} != {m.name for m in conn.advert.models}:
+            log.warning("worker %s advertised other models mid-session: ignored (a node that "
+                        "changes its models registers again)", conn.node_id)  # fmt: skip
+            return
         proof = RelayedRegistration(register.advert, session.nonce, register.signature)
         self._registry.readvertise(conn, advert, proof)
         log.info("worker %s advertised again: %s", conn.node_id,
                  [(m.name, m.price_prompt_per_mtok, m.price_completion_per_mtok)
                   for m in advert.models])  # fmt: skip
+
+    def _board_for(self, session: _Session) -> bytes:
+        """The signed board (the same bytes again when asked within MIN_GAP_S)."""
+        at, sealed = session.board
+        if self._board is not None and time.monotonic() - at >= MIN_GAP_S:
+            sealed = self._board()
+            session.board = (time.monotonic(), sealed)
+        return sealed
 
     async def _send_adapter(self, link: SessionLink, sha256: str) -> None:
         """An adapter's archive down the worker's own session, in pieces (or why not)."""

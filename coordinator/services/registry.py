@@ -249,20 +249,16 @@ class Registry:
     def readvertise(
         self, conn: WorkerConnection, advert: Advert, registration: RelayedRegistration
     ) -> None:
-        """A live session's newer advert: new prices and capacity for the models it keeps
-        (their live load stays), slots for models it adds, none for those it drops (jobs
-        running there end as they would). Jobs routed before keep the price they had."""
+        """A live session's newer advert of the same models: new prices and capacity, the
+        live load kept. Jobs routed before keep the price they had (their facts hold it)."""
+        if conn.closed or self._workers.get(conn.node_id) is not conn:
+            return  # a session replaced or expired meanwhile: its adverts count no more
         conn.advert, conn.registration = advert, registration
-        kept = {offer.name: offer for offer in advert.models}
-        for name in [n for n in conn.slots if n not in kept]:
-            self._unpool_slot(conn, name, conn.slots.pop(name))
-        for name, offer in kept.items():
-            slot = conn.slots.get(name)
-            if slot is None:
-                slot = conn.slots[name] = ModelSlot(conn, offer, Price(0, 0))
-                self._pools.setdefault(name, []).append(slot)
-            self._price(slot, offer)
-            self._sort(name)
+        for offer in advert.models:
+            slot = conn.slots.get(offer.name)
+            if slot is not None:
+                self._price(slot, offer)
+                self._sort(offer.name)
         self.notify()
 
     def _price(self, slot: ModelSlot, offer: ModelOffer) -> None:

@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from coordinator.services.prefixes import Chain, PrefixIndex
 from coordinator.services.probation import ProbationShare
 from coordinator.services.registry import Registry
-from coordinator.services.routing import Decision, Preferences, RouteRequest, RoutingPolicy, route
+from coordinator.services.routing import (
+    CandidateView,
+    Decision,
+    Preferences,
+    RouteRequest,
+    RoutingPolicy,
+    priced_out,
+    route,
+)
 from coordinator.services.stats import StatsBook
 from coordinator.services.trust import Trust
 
@@ -45,8 +53,7 @@ class Router:
         if excluded:
             prefs = dataclasses.replace(prefs, ignore=prefs.ignore | frozenset(excluded))
         trust, model = self._trust, bound.model
-        if model in self._reserves:
-            bound = dataclasses.replace(bound, reserve=self._reserves[model])
+        bound = self._reserved(bound)
         capped = self.probation_share.over_budget(model)
         cached = self._cached(_cache_key(bound), model, chain, session)
         decision = route(
@@ -65,6 +72,14 @@ class Router:
         for node_id in decision.at_capacity:
             self._stats.get(node_id, model).missed_for_capacity += 1
         return decision
+
+    def _reserved(self, bound: RouteRequest) -> RouteRequest:
+        reserve = self._reserves.get(bound.model)
+        return dataclasses.replace(bound, reserve=reserve) if reserve else bound
+
+    def priced_out(self, bound: RouteRequest, slot: CandidateView, prefs: Preferences) -> bool:
+        """The worker's price (as it advertises now) no longer fits the request."""
+        return priced_out(self._reserved(bound), slot, prefs) is not None
 
     def _cached(self, key: str, model: str, chain: Chain, session: str) -> dict[int, float] | None:
         """Per worker (its place in the model's pool), the share of this prompt it likely

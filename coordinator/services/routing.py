@@ -186,6 +186,19 @@ def _cost(request: RouteRequest, c: CandidateView, cached: float = 0.0) -> float
     return request.prompt_tokens * per_prompt_token + request.max_tokens * completion
 
 
+def priced_out(request: RouteRequest, c: CandidateView, prefs: Preferences) -> str | None:
+    """Why `c`'s price rules it out for this request: under the operator's reserve, or over
+    the client's max_price (None: it does not)."""
+    prompt, completion = _prices(request, c)
+    if prompt < request.reserve[0] or completion < request.reserve[1]:
+        return "below_reserve"
+    if prefs.max_price_prompt is not None and prompt > prefs.max_price_prompt:
+        return "over_max_price"
+    if prefs.max_price_completion is not None and completion > prefs.max_price_completion:
+        return "over_max_price"
+    return None
+
+
 def _exclusion(
     request: RouteRequest, c: CandidateView, prefs: Preferences, stats: StatsView | None,
     now: float, reputation: Mapping[str, float],
@@ -208,13 +221,8 @@ def _exclusion(
         return "policy_region"
     if prefs.min_reputation is not None and reputation.get(c.node_id, 0.5) < prefs.min_reputation:
         return "policy_reputation"
-    prompt, completion = _prices(request, c)
-    if prompt < request.reserve[0] or completion < request.reserve[1]:
-        return "below_reserve"
-    if prefs.max_price_prompt is not None and prompt > prefs.max_price_prompt:
-        return "over_max_price"
-    if prefs.max_price_completion is not None and completion > prefs.max_price_completion:
-        return "over_max_price"
+    if (why := priced_out(request, c, prefs)) is not None:
+        return why
     if stats is not None and stats.cooldown_until > now:
         return "cooling_down"
     return None

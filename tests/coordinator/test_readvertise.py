@@ -1,6 +1,7 @@
 """A live worker session advertises again (its asks moved): the coordinator routes at the new
-prices at once, ignores an older or a forged advert, and sends its signed demand board to a
-node that asks for it (what a node pricing itself reads)."""
+prices at once; it ignores an advert older than the one in force, one not signed by the node,
+one dated far from now, one of other models and one sent too soon after the last; and it
+sends its signed demand board to a node that asks for it (what a node pricing itself reads)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import grpc
 
 from agora.stack import CoordinatorHandle
+from coordinator.api.grpc_session import MIN_GAP_S
 from protocol.advert import PROTOCOL_VERSION, Advert, ModelOffer, sign_registration
 from protocol.identity import Identity
 from protocol.market import DemandBoard
@@ -50,10 +52,10 @@ class Session:
 
     async def advertise(
         self, prices: tuple[int, int], issued_at_ms: int | None = None,
-        signer: Identity | None = None,
+        signer: Identity | None = None, model: str = MODEL,
     ) -> int:  # fmt: skip
         issued = issued_at_ms or time.time_ns() // 1_000_000
-        advert = Advert(self.identity.node_id, issued, (ModelOffer(MODEL, 2, *prices),))
+        advert = Advert(self.identity.node_id, issued, (ModelOffer(model, 2, *prices),))
         data, sig = sign_registration(signer or self.identity, self.nonce, advert)
         await self.outbox.put(pb.WorkerMessage(register=pb.Register(advert=data, signature=sig)))
         return issued
@@ -96,13 +98,24 @@ async def test_a_newer_advert_reprices_a_live_session_and_older_or_forged_ones_d
         await eventually(lambda: prices(bare_coordinator, node), (100, 200))
         await session.advertise((300, 600), issued_at_ms=first + 1_000)
         await eventually(lambda: prices(bare_coordinator, node), (300, 600))
-        await session.advertise((1, 1), issued_at_ms=first + 500)  # older than the one in force
-        await session.board()  # answered after the advert before it was handled (in order)
-        assert prices(bare_coordinator, node) == (300, 600)
-        await session.advertise((2, 2), issued_at_ms=first + 2_000, signer=Identity.generate())
+        ignored = [
+            {"issued_at_ms": first + 500},  # older than the one in force
+            {"issued_at_ms": first + 2_000, "signer": Identity.generate()},  # not its key
+            {"issued_at_ms": first + 3_600_000},  # dated an hour ahead
+            {"issued_at_ms": first + 2_000, "model": "another-model"},  # other models
+        ]
+        for advert in ignored:
+            await asyncio.sleep(MIN_GAP_S)
+            await session.advertise((1, 1), **advert)
+            await session.board()  # answered after the advert before it was handled (in order)
+            assert prices(bare_coordinator, node) == (300, 600), advert
+        await asyncio.sleep(MIN_GAP_S)
+        await session.advertise((2, 2), issued_at_ms=first + 4_000)
+        await session.advertise((3, 3), issued_at_ms=first + 5_000)  # too soon after: ignored
         await session.board()
-        assert prices(bare_coordinator, node) == (300, 600)  # and the session goes on
-        await session.advertise((400, 800), issued_at_ms=first + 3_000)
+        assert prices(bare_coordinator, node) == (2, 2)
+        await asyncio.sleep(MIN_GAP_S)
+        await session.advertise((400, 800), issued_at_ms=first + 6_000)
         board = await session.board()
         assert prices(bare_coordinator, node) == (400, 800)
         assert board.coordinator_id == session.coordinator_id

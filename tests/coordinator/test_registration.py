@@ -139,7 +139,10 @@ async def test_worker_session_turns_a_version_mismatch_into_a_clear_error(
     async with EngineClients(1) as http:
         runner = JobRunner(identity, {}, Asks(), http)
         session = WorkerSession(
-            identity, lambda: _advert(identity), runner, SessionConfig(bare_coordinator.grpc_target)
+            identity,
+            lambda _coordinator: _advert(identity),
+            runner,
+            SessionConfig(bare_coordinator.grpc_target),
         )
         with pytest.raises(ProtocolMismatch) as info:
             await asyncio.wait_for(session.run(asyncio.Event()), timeout=30)

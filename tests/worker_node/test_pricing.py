@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from protocol.advert import Advert, ModelOffer
+from protocol.advert import ModelOffer
 from protocol.identity import Identity
 from protocol.market import DemandBoard
 from worker_node.asks import Asks, AutoPrice
@@ -69,40 +69,49 @@ def test_a_reserve_lifts_the_floor_but_never_the_ceiling() -> None:
     assert LADDER.ask(0, reserve=(900, 9000)) == (500, 1000)
 
 
-def _board(identity: Identity, model: str, unmet: int) -> DemandBoard:
+def _board(identity: Identity, model: str, unmet: int, reserve: int = 0) -> DemandBoard:
     row = {"queue_depth": 0, "windows": {"60s": {"unmet": {"capacity": unmet, "price": 0}}},
-           "reserve": {"prompt": 0, "completion": 0}}  # fmt: skip
+           "reserve": {"prompt": reserve, "completion": reserve}}  # fmt: skip
     now = time.time_ns() // 1_000_000
     return DemandBoard(identity.node_id, now, {"models": {model: row}})
 
 
-def test_asks_follow_the_boards_and_jobs_are_signed_at_the_advert_they_were_routed_on() -> None:
-    offer = ModelOffer("tiny", 1, 100, 200)
+def test_asks_follow_the_boards_with_each_coordinators_reserve() -> None:
     asks = Asks({"tiny": AutoPrice(LADDER, interval_s=1.0)})
-    asks.set(offer)
-    node, coordinator = Identity.generate(), Identity.generate()
-    before = Advert(node.node_id, 1_000, (asks.current["tiny"],))
-    asks.remember(before)
+    asks.set(ModelOffer("tiny", 1, 100, 200))
+    plain, reserved = Identity.generate(), Identity.generate()
+    boards = [_board(plain, "tiny", unmet=3), _board(reserved, "tiny", unmet=0, reserve=450)]
     with asks.running("tiny"):  # its one slot busy while the market turned 3 away
-        moved = asks.evaluate("tiny", [_board(coordinator, "tiny", unmet=3)])
-    assert moved
-    assert (asks.current["tiny"].price_prompt_per_mtok,
-            asks.current["tiny"].price_completion_per_mtok) == (200, 400)  # fmt: skip
+        assert asks.evaluate("tiny", boards)
     assert "raised" in asks.note("tiny")
-    # a job routed on the earlier advert is signed at its prices, a new one at the new ask
-    assert asks.priced("tiny", before.issued_at_ms) == offer
-    assert asks.priced("tiny", 0) == asks.current["tiny"]
-    assert asks.priced("tiny", 999) == asks.current["tiny"]  # unknown: the current ask
-    assert not asks.evaluate("tiny", [])  # the job ran into this interval: full, holding
+    asked = asks.offers_for(plain.node_id)["tiny"]
+    assert (asked.price_prompt_per_mtok, asked.price_completion_per_mtok) == (200, 400)
+    lifted = asks.offers_for(reserved.node_id)["tiny"]  # that operator's reserve lifts it there
+    assert (lifted.price_prompt_per_mtok, lifted.price_completion_per_mtok) == (462, 587)
+    calm = [_board(plain, "tiny", unmet=0), _board(reserved, "tiny", unmet=0, reserve=450)]
+    assert not asks.evaluate("tiny", calm)  # the job ran into this interval: full, holding
     assert "holding" in asks.note("tiny")
-    assert not asks.evaluate("tiny", [])  # now idle, but a reversal waits
+    assert not asks.evaluate("tiny", calm)  # now idle, but a reversal waits
     assert "before reversing" in asks.note("tiny")
-    assert asks.evaluate("tiny", [])  # idle for long enough: back down a rung
-    assert asks.current["tiny"].price_completion_per_mtok == 200
+    assert asks.evaluate("tiny", calm)  # idle for long enough: back down a rung
+    assert asks.offers_for(plain.node_id)["tiny"].price_completion_per_mtok == 200
+
+
+def test_a_malformed_board_is_ignored() -> None:
+    asks = Asks({"tiny": AutoPrice(LADDER, interval_s=1.0)})
+    asks.set(ModelOffer("tiny", 1, 100, 200))
+    coordinator = Identity.generate()
+    now = time.time_ns() // 1_000_000
+    junk = [DemandBoard(coordinator.node_id, now, {"models": []}),
+            DemandBoard(coordinator.node_id, now, {"models": {"tiny": {"windows": 7}}}),
+            _board(coordinator, "tiny", unmet=-5)]  # fmt: skip
+    with asks.running("tiny"):
+        assert not asks.evaluate("tiny", junk)  # no demand read from them: it holds
+    assert "no unmet demand" in asks.note("tiny")
 
 
 def test_fixed_prices_never_move() -> None:
     asks = Asks.fixed({"tiny": ModelOffer("tiny", 1, 100, 200)})
     assert not asks.auto
-    assert asks.priced("tiny") == ModelOffer("tiny", 1, 100, 200)
+    assert asks.offers_for("any")["tiny"] == ModelOffer("tiny", 1, 100, 200)
     assert asks.note("tiny") == ""

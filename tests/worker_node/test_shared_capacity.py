@@ -98,7 +98,7 @@ async def two_sessions(vllm_engine: VllmEngine, tmp_path: Path) -> AsyncIterator
     identity = Identity.generate()
     offer = ModelOffer(MODEL, 1, 1, 1)  # one slot, shared by both coordinators
 
-    def advert() -> Advert:
+    def advert(_coordinator: str = "") -> Advert:
         return Advert(identity.node_id, time.time_ns() // 1_000_000, (offer,))
 
     async def heartbeat() -> pb.Heartbeat:

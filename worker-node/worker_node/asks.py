@@ -1,9 +1,9 @@
-"""The node's asks: the offers it signs now, the recent ones a job may still be priced at, and
-(for models priced `auto`) the loop that moves them with demand (rule: worker_node.pricing).
+"""The node's asks: the offers it advertises now and, for models priced `auto`, the loop that
+moves them with demand (the rule: worker_node.pricing).
 
-A job is signed at the prices of the advert the coordinator routed it on (the job names it):
-a price change and a job can cross on the wire, and the receipt must show what the client
-was quoted. Every advert the node makes is remembered for that, the last HISTORY of them."""
+Each coordinator gets its own advert: an operator's reserve price (on its board) lifts the
+node's ask at that coordinator only. Which advert a job was priced at is the session's
+business (worker_node.session keeps the adverts it sent)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,16 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from protocol.advert import Advert, ModelOffer
+from protocol.advert import ModelOffer
 from protocol.market import DemandBoard
 from worker_node.pricing import Decision, Interval, PriceLadder, PriceState, decide
 
 log = logging.getLogger("agora.worker.asks")
 
-HISTORY = 64  # adverts remembered (a job names the one it was priced at)
 DECISIONS = 50  # kept per model for the status file and `agora worker status`
 BOARD_WINDOW = "60s"  # the boards' window the rule reads
 
@@ -48,8 +47,9 @@ class _Usage:
 class Asks:
     def __init__(self, auto: dict[str, AutoPrice] | None = None) -> None:
         self._auto = auto or {}
-        self.current: dict[str, ModelOffer] = {}
-        self._history: OrderedDict[int, dict[str, ModelOffer]] = OrderedDict()
+        self.current: dict[str, ModelOffer] = {}  # at the node's own rung, before any reserve
+        # coordinator id -> model -> the reserve its board publishes (prompt, completion)
+        self._reserves: dict[str, dict[str, tuple[int, int]]] = {}
         self._usage: dict[str, _Usage] = {}
         self._state = {model: PriceState() for model in self._auto}
         self._due = dict.fromkeys(self._auto, 0.0)  # monotonic time of the next evaluation
@@ -71,18 +71,17 @@ class Asks:
             offer = self._priced(offer, auto.ladder.ask(self._state[offer.name].rung))
         self.current[offer.name] = offer
 
-    # ---------------------------------------------------------------- what jobs see
-    def remember(self, advert: Advert) -> None:
-        self._history[advert.issued_at_ms] = {o.name: o for o in advert.models}
-        while len(self._history) > HISTORY:
-            self._history.popitem(last=False)
-
-    def priced(self, model: str, advert_issued_at_ms: int = 0) -> ModelOffer | None:
-        """The offer a job is signed at: the advert's it was routed on, else the current."""
-        advert = self._history.get(advert_issued_at_ms) if advert_issued_at_ms else None
-        if advert is not None and model in advert:
-            return advert[model]
-        return self.current.get(model)
+    # ---------------------------------------------------------------- what is advertised
+    def offers_for(self, coordinator_id: str) -> dict[str, ModelOffer]:
+        """The offers to advertise to one coordinator: an auto-priced model's ask lifted to
+        that coordinator's reserve (never above the ceiling)."""
+        reserves = self._reserves.get(coordinator_id, {})
+        out = dict(self.current)
+        for model, auto in self._auto.items():
+            if model in out and model in reserves:
+                ask = auto.ladder.ask(self._state[model].rung, reserves[model])
+                out[model] = self._priced(out[model], ask)
+        return out
 
     @contextlib.contextmanager
     def running(self, model: str) -> Iterator[None]:
@@ -121,9 +120,14 @@ class Asks:
             due = [m for m, at in self._due.items() if time.monotonic() >= at]
             if not due or stop.is_set():
                 continue
-            seen = await boards()
-            if any([self.evaluate(model, seen) for model in due]):
-                changed()
+            try:
+                seen = await boards()
+                if not seen:  # no coordinator answered (none connected, or all too old):
+                    continue  # nothing to read demand from; the ask holds
+                if any([self.evaluate(model, seen) for model in due]):
+                    changed()
+            except Exception:  # a bug here must not end pricing for the node's lifetime
+                log.exception("auto pricing failed this round")
 
     def evaluate(self, model: str, boards: list[DemandBoard]) -> bool:
         """One interval of `model`: decide, apply, log; True when its ask moved."""
@@ -133,17 +137,25 @@ class Asks:
         offer = self.current.get(model)
         if offer is None:  # its engine is not up yet
             return False
-        unmet, queued, reserve = _demand(model, boards)
+        unmet = queued = 0
+        reserved = False
+        for board in boards:
+            demand = _demand(model, board)
+            if demand is None:
+                continue
+            unmet, queued = unmet + demand[0], queued + demand[1]
+            reserves = self._reserves.setdefault(board.coordinator_id, {})
+            if reserves.get(model, (0, 0)) != demand[2]:
+                reserves[model], reserved = demand[2], True
         seen = Interval(full=usage.peak >= offer.max_concurrency, jobs=usage.ran, unmet=unmet,
                         queued=queued)  # fmt: skip
         usage.restart()
         decision = decide(auto.ladder, self._state[model], seen)
         self._state[model] = decision.state
-        ask = auto.ladder.ask(decision.state.rung, reserve)
-        moved = ask != (offer.price_prompt_per_mtok, offer.price_completion_per_mtok)
+        ask = auto.ladder.ask(decision.state.rung)
         self.current[model] = self._priced(offer, ask)
         self._record(model, decision, ask, seen)
-        return moved
+        return bool(decision.moved) or reserved
 
     def _record(self, model: str, decision: Decision, ask: tuple[int, int], seen: Interval) -> None:
         entry = {"at": round(time.time(), 3), "ask": list(ask), "rung": decision.state.rung,
@@ -170,19 +182,18 @@ class Asks:
         }  # fmt: skip
 
 
-def _demand(model: str, boards: list[DemandBoard]) -> tuple[int, int, tuple[int, int]]:
-    """(requests turned away for lack of capacity, requests queued now, the highest reserve
-    price) for `model` over every coordinator's board."""
-    unmet = queued = 0
-    reserve = (0, 0)
-    for board in boards:
-        row = board.board.get("models", {}).get(model)
-        if not isinstance(row, dict):
-            continue
-        window = row.get("windows", {}).get(BOARD_WINDOW, {})
-        unmet += int(window.get("unmet", {}).get("capacity", 0) or 0)
-        queued += int(row.get("queue_depth", 0) or 0)
-        floor = row.get("reserve") or {}
-        reserve = (max(reserve[0], int(floor.get("prompt", 0) or 0)),
-                   max(reserve[1], int(floor.get("completion", 0) or 0)))  # fmt: skip
-    return unmet, queued, reserve
+def _demand(model: str, board: DemandBoard) -> tuple[int, int, tuple[int, int]] | None:
+    """(requests turned away for lack of capacity in the last minute, requests queued now,
+    the reserve price) for `model` on one coordinator's board; None when it has no (or no
+    well-formed) row for it: a board is signed, not necessarily sane."""
+    try:
+        row = board.board["models"][model]
+        window = row["windows"][BOARD_WINDOW]
+        reserve = row.get("reserve") or {}
+        found = (int(window["unmet"]["capacity"]), int(row["queue_depth"]),
+                 (int(reserve.get("prompt", 0)), int(reserve.get("completion", 0))))  # fmt: skip
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if min(found[0], found[1], *found[2]) < 0:
+        return None
+    return found

@@ -56,7 +56,9 @@ class JobSpec:
     adapter: str = ""  # sha256 of the LoRA adapter to run with ("" = the base model)
     fetch_adapter: Fetch | None = None  # how to get it if the node lacks it
     batch: bool = False  # a Batch API line: billed at the offer's batch prices
-    advert_issued_at_ms: int = 0  # the advert it was priced at (0: the current one)
+    # the offer it was routed and is signed at (its session's advert; None: none of the
+    # node's offers is for this model)
+    offer: ModelOffer | None = None
     # set when the coordinator asks to end the job now and sign for what was generated
     stop: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
 
@@ -197,7 +199,7 @@ class JobRunner:
 
     async def run(self, job: JobSpec) -> AsyncIterator[JobOutput]:
         engine = self._engines.get(job.model)
-        offer = self._asks.priced(job.model, job.advert_issued_at_ms)
+        offer = job.offer
         if engine is None or offer is None:
             yield Failed(404, f"this node does not serve {job.model!r}", "model_not_found", True)
             return

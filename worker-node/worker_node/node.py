@@ -140,6 +140,7 @@ class Node:
             for m in config.models if m.max_loras
         }  # fmt: skip
         self._on_registered = on_registered
+        self._issued_ms = 0  # the last advert's date (unix ms)
         self._session: SessionPool | None = None
         self._loads: dict[str, EngineLoad] = {}
         self._gpus: list[pb.GpuLoad] = []
@@ -167,18 +168,14 @@ class Node:
             engine="attached OpenAI-compatible server" if attached else engine_version(),
         )
 
-    def advert(self) -> Advert:
-        """A new advert of the node's current asks, to sign for a coordinator (remembered:
-        jobs routed on it are signed at its prices)."""
-        advert = self._advert_now()
-        self.asks.remember(advert)
-        return advert
-
-    def _advert_now(self) -> Advert:
-        offers = self.asks.current
+    def advert(self, coordinator_id: str = "") -> Advert:
+        """A new advert of the node's asks to one coordinator (its reserve prices applied).
+        Dated strictly after the last one: a coordinator takes only a newer advert."""
+        self._issued_ms = max(time.time_ns() // 1_000_000, self._issued_ms + 1)
+        offers = self.asks.offers_for(coordinator_id)
         return Advert(
             node_id=self.identity.node_id,
-            issued_at_ms=time.time_ns() // 1_000_000,
+            issued_at_ms=self._issued_ms,
             models=tuple(offers[m.name] for m in self.config.models if m.name in offers),
             protocol_version=PROTOCOL_VERSION,
             software={"agora": __version__, "engine": engine_version()},
@@ -266,7 +263,7 @@ class Node:
                 }
                 for name, sup in self.supervisors.items()
             },
-            "advert": json.loads(self._advert_now().to_bytes()),
+            "advert": json.loads(self.advert().to_bytes()),
             "auto_prices": self.asks.describe(),
         }
 

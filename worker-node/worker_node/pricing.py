@@ -5,12 +5,13 @@ The ask sits on a ladder from the floor (what serving costs the operator) to the
 `steps` rungs. Each interval it may move one rung at most:
 - up when its slots were all busy and the market still turned requests away for lack of
   capacity (or had requests queued for a slot): demand exceeds supply at this price;
-- down when it started no job in the interval: its price keeps work away;
+- down when it ran no job in the interval: its price keeps work away;
 - otherwise it holds.
 So that the market cannot oscillate, a change of direction waits `REVERSE_AFTER` intervals
 of holding: between two reversals the ask holds at least that long, and it never moves more
 than one rung an interval. Clients' `max_price` keeps its meaning (the coordinator routes
-only asks under it); a coordinator's reserve price, published on its board, lifts the floor.
+only asks under it). A coordinator's reserve price, published on its board, lifts the ladder's
+base at that coordinator (worker_node.asks): the market's rule, applied at once, not a move.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import functools
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -155,7 +156,7 @@ class WorkerSession:
     def __init__(
         self,
         identity: Identity,
-        make_advert: Callable[[], Advert],
+        make_advert: Callable[[str], Advert],  # for the coordinator of this id
         runner: JobRunner,
         config: SessionConfig,
         heartbeat: Callable[[], Awaitable[pb.Heartbeat]] | None = None,
@@ -177,10 +178,14 @@ class WorkerSession:
         # set by a SessionPool: the coordinator named other processes of itself to connect to
         self.on_siblings: Callable[[list[str]], None] = lambda _targets: None
         self._requests = SessionRequests()  # adapters and boards asked of the coordinator
-        # while connected: where messages go, the challenge signed, who signed the board
+        # while connected: where messages go, the challenge signed, who signed the board, the
+        # adverts sent (the one in force, and the one before it for jobs already on the wire),
+        # and whether the coordinator takes a new advert mid-session (it answered a board)
         self._outbox: Outbox | None = None
         self._nonce = b""
         self.coordinator_id = ""
+        self._sent: deque[Advert] = deque(maxlen=2)
+        self._readvertises = False
         self._beat_now = asyncio.Event()
         self.state = "starting"  # connecting | connected | reconnecting | draining | stopped | lost
         self.connected_since: float | None = None
@@ -267,10 +272,10 @@ class WorkerSession:
         )
         await outbox.put(pb.WorkerMessage(hello=hello))
         challenge = await self._expect(call, "challenge")
-        self._nonce, self.coordinator_id = (
-            challenge.challenge.nonce,
-            challenge.challenge.coordinator_id,
-        )
+        self._nonce = challenge.challenge.nonce
+        self.coordinator_id = challenge.challenge.coordinator_id
+        self._sent.clear()
+        self._readvertises = False
         await outbox.put(self._register())
         registered = (await self._expect(call, "registered")).registered
         log.info("registered with %s as %s", self._config.coordinator, registered.node_id)
@@ -282,23 +287,39 @@ class WorkerSession:
         self.on_siblings([f"{host}:{port}" for port in registered.sibling_ports])
         return max(0.2, registered.heartbeat_interval_ms / 1000)
 
-    def _register(self) -> pb.WorkerMessage:
-        advert_bytes, signature = sign_registration(
-            self._identity, self._nonce, self._make_advert()
-        )
+    def _register(self, advert: Advert | None = None) -> pb.WorkerMessage:
+        advert = advert or self._make_advert(self.coordinator_id)
+        self._sent.append(advert)
+        advert_bytes, signature = sign_registration(self._identity, self._nonce, advert)
         return pb.WorkerMessage(register=pb.Register(advert=advert_bytes, signature=signature))
 
     def readvertise(self) -> None:
-        """Send the node's advert again (its asks moved), signed over this session's
-        challenge: the coordinator prices jobs from it on."""
-        if self._outbox is not None and self.state == "connected":
-            self._outbox.put_nowait(self._register())
+        """Send the node's advert again if its offers to this coordinator moved, signed over
+        this session's challenge: the coordinator prices jobs from it on. Only to one that
+        takes it (an older coordinator would ignore it and go on pricing the first)."""
+        if self._outbox is None or self.state != "connected" or not self._readvertises:
+            return
+        advert = self._make_advert(self.coordinator_id)
+        if not self._sent or advert.models != self._sent[-1].models:
+            self._outbox.put_nowait(self._register(advert))
 
     async def board(self) -> DemandBoard | None:
-        """This coordinator's demand board, verified; None while not connected."""
+        """This coordinator's demand board, verified; None while not connected or from a
+        coordinator that sends none."""
         if self._outbox is None or self.state != "connected":
             return None
-        return await self._requests.board(self._outbox.put_nowait, self.coordinator_id)
+        board = await self._requests.board(self._outbox.put_nowait, self.coordinator_id)
+        if board is not None and not self._readvertises:
+            self._readvertises = True  # and a change made while it registered goes out now
+            self.readvertise()
+        return board
+
+    def _advert_for(self, issued_at_ms: int) -> Advert | None:
+        """The advert a job names (the one in force when it was routed, or the one before);
+        an older coordinator names none: it prices by the only advert it took."""
+        if not issued_at_ms:
+            return self._sent[-1] if self._sent else None
+        return next((a for a in self._sent if a.issued_at_ms == issued_at_ms), None)
 
     async def _expect(self, call: Call, kind: str) -> pb.CoordinatorMessage:
         try:
@@ -379,6 +400,12 @@ class WorkerSession:
             refusal = Failed(503, "node is draining", "worker_draining", retryable=True)
             outbox.put_nowait(pb.WorkerMessage(job_event=job_event(job.request_id, refusal)))
             return
+        advert = self._advert_for(job.advert_issued_at_ms)
+        if advert is None:  # not an advert of this session (or long replaced): no price
+            refusal = Failed(409, "the job names an advert this node no longer offers",
+                             "stale_advert", retryable=True)  # fmt: skip
+            outbox.put_nowait(pb.WorkerMessage(job_event=job_event(job.request_id, refusal)))
+            return
         spec = JobSpec(
             request_id=job.request_id,
             model=job.model,
@@ -388,7 +415,7 @@ class WorkerSession:
             adapter=job.adapter_sha256,
             fetch_adapter=functools.partial(self._requests.adapter, outbox.put_nowait),
             batch=job.batch,
-            advert_issued_at_ms=job.advert_issued_at_ms,
+            offer=advert.offer(job.model),  # None: the runner says it serves no such model
         )
         task = asyncio.create_task(self._run_job(spec, outbox))
         self._jobs[spec.request_id] = task

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
+from billing.pricing import Price
 from coordinator.services.registry import ModelSlot
 from coordinator.services.request_path.attempt import Attempt
 from coordinator.services.settlement import JobFacts
@@ -18,6 +20,18 @@ from protocol.receipt import prompt_digest
 
 ENDPOINT_PB = {CHAT: pb.ENDPOINT_CHAT_COMPLETIONS, EMBEDDINGS: pb.ENDPOINT_EMBEDDINGS}
 _encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A worker's price for a job and the advert that carries it."""
+
+    price: Price
+    advert_issued_at_ms: int
+
+    @classmethod
+    def of(cls, slot: ModelSlot, adapter: str = "", batch: bool = False) -> Quote:
+        return cls(slot.worker_price(adapter, batch), slot.conn.advert.issued_at_ms)
 
 
 class Dispatcher:
@@ -38,7 +52,12 @@ class Dispatcher:
         completion_bound: int | None = None,
         adapter: str = "",
         batch: bool = False,
+        quote: Quote | None = None,
     ) -> Attempt:
+        """Send a job to `slot`, priced at `quote` (taken when the client's hold was sized:
+        the worker may have advertised again meanwhile, and still signs at the advert the job
+        names) or, without one, at the slot's advert now."""
+        quote = quote or Quote.of(slot, adapter, batch)
         prompt = prompt_of(endpoint, body)
         facts = JobFacts(
             request_id=job_id,
@@ -47,7 +66,7 @@ class Dispatcher:
             model=model,
             nonce_hex=os.urandom(16).hex(),
             prompt_sha256=prompt_digest(prompt),
-            price=slot.worker_price(adapter, batch),
+            price=quote.price,
             endpoint=endpoint,
             prompt=prompt,
             tools=body.get("tools"),
@@ -63,7 +82,7 @@ class Dispatcher:
             deadline_ms=int((time.time() + self._timeout_s) * 1000),
             adapter_sha256=adapter,
             batch=batch,
-            advert_issued_at_ms=slot.conn.advert.issued_at_ms,  # the prices in `facts`
+            advert_issued_at_ms=quote.advert_issued_at_ms,  # the prices in `facts`
         )
         events = slot.conn.open_job(job)
         return Attempt(slot, facts, events, endpoint, segment, continuation)

@@ -37,6 +37,7 @@ from coordinator.services.request_path.continuation import (
     delivered_so_far,
     why_not_continuable,
 )
+from coordinator.services.request_path.dispatch import Quote
 from coordinator.services.request_path.render import (
     DONE,
     StreamRenderer,
@@ -173,9 +174,11 @@ class Fulfilment:
                 self._tried.add(scored.node_id)
                 if slot is None:  # left or went down since routing looked
                     continue
-                price = slot.worker_price(request.adapter, request.batch)
-                worst = charge_for(price, self._bound.prompt_tokens, self._bound.max_tokens,
-                                   path.settlement.fee_bps)  # fmt: skip
+                if path.router.priced_out(self._bound, slot, request.prefs):
+                    continue  # it advertised again since routing ranked it
+                quote = Quote.of(slot, request.adapter, request.batch)  # what the hold covers
+                worst = charge_for(quote.price, self._bound.prompt_tokens,
+                                   self._bound.max_tokens, path.settlement.fee_bps)  # fmt: skip
                 try:  # a dearer worker may carry on only if the client can still afford it
                     hold = await path.reservations.hold(
                         self.principal.client, worst.total, self._hold
@@ -193,7 +196,7 @@ class Fulfilment:
                     slot, job_id=job_id, client=self.principal.client, model=request.model,
                     endpoint=endpoint, body=body, segment=segment, continuation=continuation,
                     completion_bound=self._remaining_bound(), adapter=request.adapter,
-                    batch=request.batch,
+                    batch=request.batch, quote=quote,
                 )  # fmt: skip
                 if request.on_dispatch is not None:
                     request.on_dispatch()

@@ -135,7 +135,7 @@ class RequestPath:
                     raise
                 except (ModelNotFound, NoCapacity, UpstreamFailed, UpstreamTimeout) as exc:
                     if isinstance(exc, NoCapacity):  # a served model with no worker free
-                        self._unmet(one, "capacity")
+                        self._unmet(one, "price" if exc.code == "below_reserve" else "capacity")
                     if self.releases is not None and isinstance(
                         exc, UpstreamFailed | UpstreamTimeout
                     ):
@@ -326,6 +326,12 @@ class RequestPath:
                 "allow_fallbacks is false.",
                 retry_after_s=self.settings.retry_after_s,
             )
+        if reasons and set(reasons) <= {"below_reserve", "over_max_price"}:
+            return NoCapacity(
+                f"No worker serving `{request.model}` asks at least the market's reserve price "
+                "(and within your max_price); one may raise its ask or join later.",
+                retry_after_s=self.settings.retry_after_s, code="below_reserve",
+            )  # fmt: skip
         why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "none offered"
         return NoCapacity(
             f"No worker serving `{request.model}` can take the request now ({why}); retry shortly.",
