@@ -95,7 +95,7 @@ def test_the_auto_ask_climbs_under_unmet_demand_and_falls_when_idle(fleet: Fleet
     statuses: list[int] = []
     stop = threading.Event()
 
-    def load() -> None:  # more demand than one slot: the rest waits, then is turned away
+    def load() -> None:  # more demand than one slot: the rest queues, or is turned away
         while not stop.is_set():
             statuses.append(complete(base_url, key).status_code)
 
@@ -112,8 +112,7 @@ def test_the_auto_ask_climbs_under_unmet_demand_and_falls_when_idle(fleet: Fleet
     print(f"auto price: ceiling after {rise_s:.1f} s of load, floor after {fall_s:.1f} s idle")
 
     assert statuses.count(200) > 0
-    assert statuses.count(503) > 0  # demand was turned away: what raised the ask
-    assert set(statuses) <= {200, 503}
+    assert set(statuses) <= {200, 503}  # more than its slot: queued for it, or turned away
     prices = [p for _at, p, _note in trace.samples]
     assert all(LIFTED <= p <= CEILING for p in prices)  # never outside the band
     changes = [b[1] - a[1] for a, b in itertools.pairwise(prices) if a != b]
