@@ -98,7 +98,7 @@ async def test_a_newer_advert_reprices_a_live_session_and_older_or_forged_ones_d
         await eventually(lambda: prices(bare_coordinator, node), (100, 200))
         await session.advertise((300, 600), issued_at_ms=first + 1_000)
         await eventually(lambda: prices(bare_coordinator, node), (300, 600))
-        ignored = [
+        ignored: list[dict[str, Any]] = [
             {"issued_at_ms": first + 500},  # older than the one in force
             {"issued_at_ms": first + 2_000, "signer": Identity.generate()},  # not its key
             {"issued_at_ms": first + 3_600_000},  # dated an hour ahead

@@ -15,9 +15,9 @@ from worker_node.asks import Asks, AutoPrice
 from worker_node.pricing import REVERSE_AFTER, Interval, PriceLadder, PriceState, decide
 
 LADDER = PriceLadder(floor=(100, 200), ceiling=(500, 1000), steps=4)
-SHORT = Interval(full=True, jobs=5, unmet=3, queued=0)  # demand exceeds this node's slots
-IDLE = Interval(full=False, jobs=0, unmet=0, queued=0)
-BUSY = Interval(full=True, jobs=5, unmet=0, queued=0)  # full, but nobody turned away
+SHORT = Interval(busy_share=0.95, unmet=3, queued=0)  # demand exceeds this node's slots
+IDLE = Interval(busy_share=0.0, unmet=0, queued=0)
+BUSY = Interval(busy_share=1.0, unmet=0, queued=0)  # full, but nobody turned away
 
 
 def run(signals: list[Interval], state: PriceState | None = None) -> list[int]:
@@ -41,12 +41,22 @@ def test_an_idle_node_lowers_to_its_floor_and_no_further() -> None:
     assert LADDER.ask(0) == (100, 200)
 
 
-def test_full_without_unmet_demand_or_unmet_with_free_slots_holds() -> None:
+def test_full_without_unmet_demand_or_unmet_with_room_holds() -> None:
     assert run([BUSY] * 3, PriceState(rung=2)) == [2, 2, 2]
-    free = Interval(full=False, jobs=2, unmet=9, queued=0)  # others are short, not this node
-    assert run([free] * 3, PriceState(rung=2)) == [2, 2, 2]
-    queued = Interval(full=True, jobs=2, unmet=0, queued=4)  # requests wait for a slot
+    room = Interval(busy_share=0.7, unmet=9, queued=0)  # others are short, not this node
+    assert run([room] * 3, PriceState(rung=2)) == [2, 2, 2]
+    queued = Interval(busy_share=0.92, unmet=0, queued=4)  # requests wait for a slot
     assert run([queued], PriceState(rung=2)) == [3]
+    mostly_free = Interval(busy_share=0.3, unmet=9, queued=0)  # its price keeps work away
+    assert run([mostly_free], PriceState(rung=2)) == [1]
+
+
+def test_no_raise_while_clients_are_priced_out() -> None:
+    """Requests no ask met: raising would only turn more away."""
+    priced_out = Interval(busy_share=1.0, unmet=5, queued=3, priced_out=2)
+    decision = decide(LADDER, PriceState(rung=1), priced_out)
+    assert decision.moved == 0
+    assert "max_price" in decision.reason
 
 
 def test_a_reversal_waits_and_alternating_demand_cannot_make_it_oscillate() -> None:
@@ -76,12 +86,22 @@ def _board(identity: Identity, model: str, unmet: int, reserve: int = 0) -> Dema
     return DemandBoard(identity.node_id, now, {"models": {model: row}})
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_asks_follow_the_boards_with_each_coordinators_reserve() -> None:
-    asks = Asks({"tiny": AutoPrice(LADDER, interval_s=1.0)})
+    clock = Clock()
+    asks = Asks({"tiny": AutoPrice(LADDER, interval_s=10.0)}, clock)
     asks.set(ModelOffer("tiny", 1, 100, 200))
     plain, reserved = Identity.generate(), Identity.generate()
     boards = [_board(plain, "tiny", unmet=3), _board(reserved, "tiny", unmet=0, reserve=450)]
-    with asks.running("tiny"):  # its one slot busy while the market turned 3 away
+    with asks.running("tiny"):  # its one slot busy all interval while the market turned 3 away
+        clock.now += 10
         assert asks.evaluate("tiny", boards)
     assert "raised" in asks.note("tiny")
     asked = asks.offers_for(plain.node_id)["tiny"]
@@ -89,16 +109,22 @@ def test_asks_follow_the_boards_with_each_coordinators_reserve() -> None:
     lifted = asks.offers_for(reserved.node_id)["tiny"]  # that operator's reserve lifts it there
     assert (lifted.price_prompt_per_mtok, lifted.price_completion_per_mtok) == (462, 587)
     calm = [_board(plain, "tiny", unmet=0), _board(reserved, "tiny", unmet=0, reserve=450)]
-    assert not asks.evaluate("tiny", calm)  # the job ran into this interval: full, holding
-    assert "holding" in asks.note("tiny")
-    assert not asks.evaluate("tiny", calm)  # now idle, but a reversal waits
+    with asks.running("tiny"):  # busy half the interval: neither full nor mostly free
+        clock.now += 5
+    clock.now += 5
+    assert not asks.evaluate("tiny", calm)
+    assert "holding: slots 50% busy" in asks.note("tiny")
+    clock.now += 10  # idle now, but a reversal waits
+    assert not asks.evaluate("tiny", calm)
     assert "before reversing" in asks.note("tiny")
+    clock.now += 10
     assert asks.evaluate("tiny", calm)  # idle for long enough: back down a rung
     assert asks.offers_for(plain.node_id)["tiny"].price_completion_per_mtok == 200
 
 
 def test_a_malformed_board_is_ignored() -> None:
-    asks = Asks({"tiny": AutoPrice(LADDER, interval_s=1.0)})
+    clock = Clock()
+    asks = Asks({"tiny": AutoPrice(LADDER, interval_s=1.0)}, clock)
     asks.set(ModelOffer("tiny", 1, 100, 200))
     coordinator = Identity.generate()
     now = time.time_ns() // 1_000_000
@@ -106,6 +132,7 @@ def test_a_malformed_board_is_ignored() -> None:
             DemandBoard(coordinator.node_id, now, {"models": {"tiny": {"windows": 7}}}),
             _board(coordinator, "tiny", unmet=-5)]  # fmt: skip
     with asks.running("tiny"):
+        clock.now += 1
         assert not asks.evaluate("tiny", junk)  # no demand read from them: it holds
     assert "no unmet demand" in asks.note("tiny")
 

@@ -34,19 +34,38 @@ class AutoPrice:
 
 @dataclasses.dataclass
 class _Usage:
-    """One model's jobs over the current interval."""
+    """One model's jobs over the current interval: slot-seconds in use (time-weighted)."""
 
+    clock: Callable[[], float] = time.monotonic
     running: int = 0
-    peak: int = 0  # most jobs at once this interval
-    ran: int = 0  # jobs that ran at some moment of it (started, or still running)
+    used_s: float = 0.0  # slot-seconds in use since the interval began, up to `at`
+    at: float = 0.0  # the last change
+    began: float = 0.0
 
-    def restart(self) -> None:
-        self.peak = self.ran = self.running
+    def __post_init__(self) -> None:
+        self.at = self.began = self.clock()
+
+    def change(self, delta: int) -> None:
+        now = self.clock()
+        self.used_s += self.running * (now - self.at)
+        self.running, self.at = self.running + delta, now
+
+    def busy_share(self, slots: int) -> float:
+        """Of the interval's slot time so far, the share in use; and a new interval begins."""
+        self.change(0)
+        span = self.at - self.began
+        share = self.used_s / (slots * span) if span > 0 and slots else 0.0
+        self.used_s, self.began = 0.0, self.at
+        return min(1.0, share)
 
 
 class Asks:
-    def __init__(self, auto: dict[str, AutoPrice] | None = None) -> None:
+    def __init__(
+        self, auto: dict[str, AutoPrice] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self._auto = auto or {}
+        self._clock = clock
         self.current: dict[str, ModelOffer] = {}  # at the node's own rung, before any reserve
         # coordinator id -> model -> the reserve its board publishes (prompt, completion)
         self._reserves: dict[str, dict[str, tuple[int, int]]] = {}
@@ -85,14 +104,12 @@ class Asks:
 
     @contextlib.contextmanager
     def running(self, model: str) -> Iterator[None]:
-        usage = self._usage.setdefault(model, _Usage())
-        usage.running += 1
-        usage.ran += 1
-        usage.peak = max(usage.peak, usage.running)
+        usage = self._usage.setdefault(model, _Usage(self._clock))
+        usage.change(+1)
         try:
             yield
         finally:
-            usage.running -= 1
+            usage.change(-1)
 
     def note(self, model: str) -> str:
         last = self.decisions.get(model)
@@ -133,23 +150,22 @@ class Asks:
         """One interval of `model`: decide, apply, log; True when its ask moved."""
         auto = self._auto[model]
         self._due[model] = time.monotonic() + auto.interval_s
-        usage = self._usage.setdefault(model, _Usage())
+        usage = self._usage.setdefault(model, _Usage(self._clock))
         offer = self.current.get(model)
         if offer is None:  # its engine is not up yet
             return False
-        unmet = queued = 0
+        unmet = queued = priced_out = 0
         reserved = False
         for board in boards:
             demand = _demand(model, board)
             if demand is None:
                 continue
-            unmet, queued = unmet + demand[0], queued + demand[1]
+            unmet, queued = unmet + demand.unmet, queued + demand.queued
+            priced_out += demand.priced_out
             reserves = self._reserves.setdefault(board.coordinator_id, {})
-            if reserves.get(model, (0, 0)) != demand[2]:
-                reserves[model], reserved = demand[2], True
-        seen = Interval(full=usage.peak >= offer.max_concurrency, jobs=usage.ran, unmet=unmet,
-                        queued=queued)  # fmt: skip
-        usage.restart()
+            if reserves.get(model, (0, 0)) != demand.reserve:
+                reserves[model], reserved = demand.reserve, True
+        seen = Interval(usage.busy_share(offer.max_concurrency), unmet, queued, priced_out)
         decision = decide(auto.ladder, self._state[model], seen)
         self._state[model] = decision.state
         ask = auto.ladder.ask(decision.state.rung)
@@ -182,18 +198,26 @@ class Asks:
         }  # fmt: skip
 
 
-def _demand(model: str, board: DemandBoard) -> tuple[int, int, tuple[int, int]] | None:
-    """(requests turned away for lack of capacity in the last minute, requests queued now,
-    the reserve price) for `model` on one coordinator's board; None when it has no (or no
-    well-formed) row for it: a board is signed, not necessarily sane."""
+@dataclasses.dataclass(frozen=True)
+class _Demand:
+    unmet: int  # turned away for lack of capacity in the last minute
+    priced_out: int  # … because no ask met their max_price
+    queued: int  # waiting for a slot now
+    reserve: tuple[int, int]
+
+
+def _demand(model: str, board: DemandBoard) -> _Demand | None:
+    """`model` on one coordinator's board; None when it has no (or no well-formed) row for
+    it: a board is signed, not necessarily sane."""
     try:
         row = board.board["models"][model]
-        window = row["windows"][BOARD_WINDOW]
+        unmet = row["windows"][BOARD_WINDOW]["unmet"]
         reserve = row.get("reserve") or {}
-        found = (int(window["unmet"]["capacity"]), int(row["queue_depth"]),
-                 (int(reserve.get("prompt", 0)), int(reserve.get("completion", 0))))  # fmt: skip
+        floor = (int(reserve.get("prompt", 0)), int(reserve.get("completion", 0)))
+        found = _Demand(int(unmet["capacity"]), int(unmet["price"]), int(row["queue_depth"]),
+                        floor)  # fmt: skip
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    if min(found[0], found[1], *found[2]) < 0:
+    if min(found.unmet, found.priced_out, found.queued, *found.reserve) < 0:
         return None
     return found

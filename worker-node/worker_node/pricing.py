@@ -3,9 +3,11 @@ what the node saw in one interval and what the demand boards say, to its next as
 
 The ask sits on a ladder from the floor (what serving costs the operator) to the ceiling, in
 `steps` rungs. Each interval it may move one rung at most:
-- up when its slots were all busy and the market still turned requests away for lack of
-  capacity (or had requests queued for a slot): demand exceeds supply at this price;
-- down when it ran no job in the interval: its price keeps work away;
+- up when its slots were busy (FULL of the interval, time-weighted) and the market still
+  turned requests away for lack of capacity or had requests queued for a slot, while no
+  client was priced out (its max_price under every ask): demand exceeds supply at this price;
+- down when its slots were mostly free (under SPARE of the interval): its price keeps work
+  away;
 - otherwise it holds.
 So that the market cannot oscillate, a change of direction waits `REVERSE_AFTER` intervals
 of holding: between two reversals the ask holds at least that long, and it never moves more
@@ -19,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 REVERSE_AFTER = 2  # intervals the ask holds before it may move the other way
+FULL = 0.9  # share of the interval's slot time in use above which the slots count as full
+SPARE = 0.5  # … and below which they are mostly free
 
 
 @dataclass(frozen=True)
@@ -41,10 +45,10 @@ class PriceLadder:
 class Interval:
     """What one interval showed."""
 
-    full: bool  # every slot of the model was busy at some moment
-    jobs: int  # jobs the node started for the model
+    busy_share: float  # of the model's slot time in the interval, the share jobs used
     unmet: int  # requests the boards say went unserved for lack of capacity (last minute)
     queued: int  # requests waiting for a slot now, on the boards
+    priced_out: int = 0  # requests no ask met (their max_price under every worker's)
 
 
 @dataclass(frozen=True)
@@ -63,16 +67,19 @@ class Decision:
 
 def decide(ladder: PriceLadder, state: PriceState, seen: Interval) -> Decision:
     """The next rung, and why (said to the operator: logged and shown in the provider view)."""
+    busy = f"slots {seen.busy_share:.0%} busy"
     short = seen.unmet > 0 or seen.queued > 0
-    if seen.full and short:
+    if seen.busy_share >= FULL and short and seen.priced_out:
+        return _hold(state, f"holding: {busy}, but {seen.priced_out} clients' max_price is "
+                            "under every ask already")  # fmt: skip
+    if seen.busy_share >= FULL and short:
         want = 1
-        why = f"slots full and demand unmet ({seen.unmet} turned away, {seen.queued} queued)"
-    elif seen.jobs == 0 and not seen.full:
-        want, why = -1, "idle: no job in the last interval"
+        why = f"{busy} and demand unmet ({seen.unmet} turned away, {seen.queued} queued)"
+    elif seen.busy_share < SPARE:
+        want, why = -1, f"{busy}: the price keeps work away"
     else:
-        slots = "slots full" if seen.full else "free slots"
         unmet = f"{seen.unmet} unmet" if seen.unmet else "no unmet demand"
-        return _hold(state, f"holding: {seen.jobs} jobs, {slots}, {unmet}")
+        return _hold(state, f"holding: {busy}, {unmet}")
     if state.rung >= ladder.steps if want > 0 else state.rung <= 0:
         return _hold(state, f"{why}; already at the {'ceiling' if want > 0 else 'floor'}")
     if state.direction == -want and state.held < REVERSE_AFTER:
