@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from simulations.demand_shift import MODES as DEMAND_MODES
+from simulations.demand_shift import simulate_demand
 from simulations.fleet import make_fleet
 from simulations.market import simulate as run_market
 from simulations.policies import DEFAULT_POLICIES, POLICIES
@@ -41,7 +43,8 @@ def simulate(
     out: Path = typer.Option(Path("bench/results/simulation"), help="Results folder."),
     scenario: str = typer.Option(
         "routing", help="routing: policies compared; release: a bad canary, with and without "
-        "automatic rollback.",
+        "automatic rollback; demand: demand shifting between models, under fixed configs, "
+        "price discovery, and price discovery with nodes that change model.",
     ),
     canary: float = typer.Option(0.05, help="release: the candidate's share of requests."),
     fail_rate: float = typer.Option(0.2, help="release: the share of its jobs a bad build fails."),
@@ -55,8 +58,11 @@ def simulate(
     if scenario == "release":
         release_report(workers, duration, utilization, seed, out, canary, fail_rate)
         return
+    if scenario == "demand":
+        demand_report(workers, duration, utilization, seed, out)
+        return
     if scenario != "routing":
-        raise typer.BadParameter("--scenario is routing or release")
+        raise typer.BadParameter("--scenario is routing, release or demand")
     sizes = [int(s) for s in workers.split(",") if s.strip()]
     spans = [float(d) for d in duration.split(",") if d.strip()]
     if len(spans) not in (1, len(sizes)):
@@ -152,3 +158,36 @@ def release_report(
                       f"{r['client_errors']:,}", "—" if at is None else f"{at:.1f} s")  # fmt: skip
     console.print(table)
     console.print(f"written: {out / 'release.json'}")
+
+
+def demand_report(workers: str, duration: str, utilization: float, seed: int, out: Path) -> None:
+    """Demand moving between three models (simulations.demand_shift): fixed configs, price
+    discovery, and price discovery with scaling nodes, on the same seeded workload."""
+    span = float(duration.split(",")[0])
+    rows = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console) as progress:  # fmt: skip
+        for size in [int(s) for s in workers.split(",") if s.strip()]:
+            for mode in DEMAND_MODES:
+                task = progress.add_task(f"{size:>7,} workers · {mode:<8}", total=1.0)
+                started = time.perf_counter()
+
+                def advance(done: float, task: TaskID = task) -> None:
+                    progress.update(task, completed=done)
+
+                row = simulate_demand(size, mode, span, utilization, seed, advance)
+                progress.update(task, completed=1.0)
+                rows.append({**row, "wall_s": time.perf_counter() - started})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demand.json").write_text(json.dumps({"seed": seed, "rows": rows}, indent=2) + "\n")
+    table = Table("workers", "mode", "requests", "unmet", "TTFT p99", "utilisation",
+                  "idle providers", "switches", "mean price",
+                  title="Demand moving between models")  # fmt: skip
+    for r in rows:
+        table.add_row(f"{r['workers']:,}", r["mode"], f"{r['requests']:,}",
+                      f"{r['unmet_share']:.1%}", f"{r['ttft_p99_s']:.2f} s",
+                      f"{r['provider_utilization']:.0%}", f"{r['idle_provider_share']:.1%}",
+                      f"{r['model_switches']:,}",
+                      f"{r['client_price_mean'] / 200_000:.2f}x")  # fmt: skip
+    console.print(table)
+    console.print(f"written: {out / 'demand.json'}")

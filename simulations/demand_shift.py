@@ -101,6 +101,7 @@ class Market:
         self.outcomes: list[tuple[float, float | None, int]] = []  # (arrival, ttft, price)
         self.unmet = {"capacity": 0, "price": 0}
         self.switches = 0
+        self.willing: dict[str, deque[tuple[float, int]]] = {m: deque() for m in MODELS}
         self._board_at = 0.0
         self._markets: tuple[float, dict[str, ModelDemand]] | None = None
         for node in nodes:
@@ -169,6 +170,7 @@ class Market:
 
     def _turned_away(self, ask: Ask) -> None:
         self.tallies[ask.model].unmet_capacity.append(self.env.now)
+        self.willing[ask.model].append((self.env.now, ask.max_price))
         self.unmet["capacity"] += 1
         self.outcomes.append((ask.arrival_s, None, 0))
 
@@ -229,10 +231,17 @@ class Market:
     def pricing(self, node: Node) -> Any:
         yield self.env.timeout(self.rng.uniform(0, PRICE_S))  # nodes are not in step
         while True:
+            nxt = node.ladder.ask(min(node.ladder.steps, node.state.rung + 1))[1]
+            cutoff = self.env.now - UNMET_WINDOW_S
+            w = self.willing[node.model]
+            while w and w[0][0] < cutoff:
+                w.popleft()
+            willing = sorted(p for _t, p in w)
+            p50 = willing[len(willing) // 2] if willing else 0
             seen = Interval(busy_share=min(1.0, node.busy_in_interval / PRICE_S),
+                            would_pay_more=p50 >= nxt,
                             unmet=self._unmet_recent(node.model),
-                            queued=sum(map(len, self.queues[node.model])),
-                            priced_out=self._unmet_recent(node.model, "price"))  # fmt: skip
+                            queued=sum(map(len, self.queues[node.model])))  # fmt: skip
             node.jobs, node.busy_in_interval = 0, 0.0
             node.state = decide(node.ladder, node.state, seen).state
             ask = node.ladder.ask(node.state.rung)[1]

@@ -40,6 +40,10 @@ class _Counts:
     wait_s: float = 0.0
     prices: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion)/1M
     by_gpu: dict[str, int] = field(default_factory=dict)  # GPU class -> requests served
+    # of requests turned away for lack of capacity: what they would have paid at most per 1M
+    # completion tokens (a sample, in worker prices), and how many set no max_price
+    unmet_max_prices: list[int] = field(default_factory=list)
+    unmet_unlimited: int = 0
 
     def add(self, other: _Counts) -> None:
         self.requests += other.requests
@@ -50,6 +54,8 @@ class _Counts:
         self.waits += other.waits
         self.wait_s += other.wait_s
         self.prices += other.prices
+        self.unmet_max_prices += other.unmet_max_prices
+        self.unmet_unlimited += other.unmet_unlimited
         for gpu, n in other.by_gpu.items():
             self.by_gpu[gpu] = self.by_gpu.get(gpu, 0) + n
 
@@ -103,13 +109,19 @@ class DemandBook:
         gpu = self._gpu_of(node_id)
         counts.by_gpu[gpu] = counts.by_gpu.get(gpu, 0) + 1
 
-    def unmet(self, model: str, reason: str) -> None:
-        """A request no worker took: `capacity` (503) or `price` (max_price unmet)."""
+    def unmet(self, model: str, reason: str, max_price: int | None = None) -> None:
+        """A request no worker took: `capacity` (503) or `price` (max_price unmet), with
+        what it would have paid at most per 1M completion tokens (in worker prices; None: it
+        set no limit): a node pricing itself raises only toward what unmet demand pays."""
         counts = self._bucket(model)
-        if reason == "capacity":
-            counts.unmet_capacity += 1
-        else:
+        if reason != "capacity":
             counts.unmet_price += 1
+            return
+        counts.unmet_capacity += 1
+        if max_price is None:
+            counts.unmet_unlimited += 1
+        elif len(counts.unmet_max_prices) < PRICE_SAMPLES:
+            counts.unmet_max_prices.append(max_price)
 
     def waiting(self, model: str, delta: int) -> None:
         """A request began (+1) or ended (-1) waiting for a free slot of `model`."""
@@ -200,6 +212,12 @@ def _describe(counts: _Counts | None, seconds: int) -> dict[str, Any]:
         "prompt_tokens": c.prompt_tokens,
         "completion_tokens": c.completion_tokens,
         "unmet": {"capacity": c.unmet_capacity, "price": c.unmet_price},
+        # what the requests turned away for capacity would have paid at most (worker prices,
+        # per 1M completion tokens; those with no max_price counted apart)
+        "unmet_max_price": {
+            "p50": _pct(c.unmet_max_prices, 0.5),
+            "unlimited": c.unmet_unlimited,
+        },
         "unmet_share_bps": (asked - c.requests) * 10_000 // asked if asked else 0,
         "queued": c.waits,
         "mean_wait_ms": round(c.wait_s * 1000 / c.waits) if c.waits else None,

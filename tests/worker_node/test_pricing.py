@@ -41,22 +41,25 @@ def test_an_idle_node_lowers_to_its_floor_and_no_further() -> None:
     assert LADDER.ask(0) == (100, 200)
 
 
-def test_full_without_unmet_demand_or_unmet_with_room_holds() -> None:
+def test_full_or_half_busy_without_unmet_demand_holds() -> None:
     assert run([BUSY] * 3, PriceState(rung=2)) == [2, 2, 2]
-    room = Interval(busy_share=0.7, unmet=9, queued=0)  # others are short, not this node
-    assert run([room] * 3, PriceState(rung=2)) == [2, 2, 2]
+    half = Interval(busy_share=0.7, unmet=0, queued=0)
+    assert run([half] * 3, PriceState(rung=2)) == [2, 2, 2]
+    room = Interval(busy_share=0.7, unmet=9, queued=0)  # demand goes unmet, not to this node
+    assert run([room] * 3, PriceState(rung=2)) == [1, 0, 0]
     queued = Interval(busy_share=0.92, unmet=0, queued=4)  # requests wait for a slot
     assert run([queued], PriceState(rung=2)) == [3]
     mostly_free = Interval(busy_share=0.3, unmet=9, queued=0)  # its price keeps work away
     assert run([mostly_free], PriceState(rung=2)) == [1]
 
 
-def test_no_raise_while_clients_are_priced_out() -> None:
-    """Requests no ask met: raising would only turn more away."""
-    priced_out = Interval(busy_share=1.0, unmet=5, queued=3, priced_out=2)
-    decision = decide(LADDER, PriceState(rung=1), priced_out)
+def test_no_raise_the_demand_turned_away_would_not_pay() -> None:
+    """Requests turned away whose max_price is under the next rung: raising would only
+    turn more away."""
+    unwilling = Interval(busy_share=1.0, unmet=5, queued=3, would_pay_more=False)
+    decision = decide(LADDER, PriceState(rung=1), unwilling)
     assert decision.moved == 0
-    assert "max_price" in decision.reason
+    assert "would not pay" in decision.reason
 
 
 def test_a_reversal_waits_and_alternating_demand_cannot_make_it_oscillate() -> None:
@@ -80,7 +83,9 @@ def test_a_reserve_lifts_the_floor_but_never_the_ceiling() -> None:
 
 
 def _board(identity: Identity, model: str, unmet: int, reserve: int = 0) -> DemandBoard:
-    row = {"queue_depth": 0, "windows": {"60s": {"unmet": {"capacity": unmet, "price": 0}}},
+    window = {"unmet": {"capacity": unmet, "price": 0},
+              "unmet_max_price": {"p50": None, "unlimited": unmet}}  # fmt: skip
+    row = {"queue_depth": 0, "windows": {"60s": window},
            "reserve": {"prompt": reserve, "completion": reserve}}  # fmt: skip
     now = time.time_ns() // 1_000_000
     return DemandBoard(identity.node_id, now, {"models": {model: row}})

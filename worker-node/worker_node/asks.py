@@ -154,18 +154,24 @@ class Asks:
         offer = self.current.get(model)
         if offer is None:  # its engine is not up yet
             return False
-        unmet = queued = priced_out = 0
+        unmet = queued = unlimited = 0
+        would_pay: list[int] = []  # each board's median max_price of its unmet requests
         reserved = False
         for board in boards:
             demand = _demand(model, board)
             if demand is None:
                 continue
             unmet, queued = unmet + demand.unmet, queued + demand.queued
-            priced_out += demand.priced_out
+            unlimited += demand.unlimited
+            if demand.would_pay is not None:
+                would_pay.append(demand.would_pay)
             reserves = self._reserves.setdefault(board.coordinator_id, {})
             if reserves.get(model, (0, 0)) != demand.reserve:
                 reserves[model], reserved = demand.reserve, True
-        seen = Interval(usage.busy_share(offer.max_concurrency), unmet, queued, priced_out)
+        state = self._state[model]
+        next_ask = auto.ladder.ask(min(auto.ladder.steps, state.rung + 1))[1]
+        more = 2 * unlimited >= unmet or any(p >= next_ask for p in would_pay)
+        seen = Interval(usage.busy_share(offer.max_concurrency), unmet, queued, more)
         decision = decide(auto.ladder, self._state[model], seen)
         self._state[model] = decision.state
         ask = auto.ladder.ask(decision.state.rung)
@@ -201,7 +207,8 @@ class Asks:
 @dataclasses.dataclass(frozen=True)
 class _Demand:
     unmet: int  # turned away for lack of capacity in the last minute
-    priced_out: int  # … because no ask met their max_price
+    unlimited: int  # … of them with no max_price
+    would_pay: int | None  # … the median max_price of the others (per 1M completion tokens)
     queued: int  # waiting for a slot now
     reserve: tuple[int, int]
 
@@ -211,13 +218,16 @@ def _demand(model: str, board: DemandBoard) -> _Demand | None:
     it: a board is signed, not necessarily sane."""
     try:
         row = board.board["models"][model]
-        unmet = row["windows"][BOARD_WINDOW]["unmet"]
+        window = row["windows"][BOARD_WINDOW]
+        limits = window.get("unmet_max_price") or {}
+        p50 = limits.get("p50")
         reserve = row.get("reserve") or {}
         floor = (int(reserve.get("prompt", 0)), int(reserve.get("completion", 0)))
-        found = _Demand(int(unmet["capacity"]), int(unmet["price"]), int(row["queue_depth"]),
+        found = _Demand(int(window["unmet"]["capacity"]), int(limits.get("unlimited", 0)),
+                        None if p50 is None else int(p50), int(row["queue_depth"]),
                         floor)  # fmt: skip
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    if min(found.unmet, found.priced_out, found.queued, *found.reserve) < 0:
+    if min(found.unmet, found.unlimited, found.queued, *found.reserve) < 0:
         return None
     return found

@@ -4,10 +4,10 @@ what the node saw in one interval and what the demand boards say, to its next as
 The ask sits on a ladder from the floor (what serving costs the operator) to the ceiling, in
 `steps` rungs. Each interval it may move one rung at most:
 - up when its slots were busy (FULL of the interval, time-weighted) and the market still
-  turned requests away for lack of capacity or had requests queued for a slot, while no
-  client was priced out (its max_price under every ask): demand exceeds supply at this price;
-- down when its slots were mostly free (under SPARE of the interval): its price keeps work
-  away;
+  turned requests away for lack of capacity or had requests queued for a slot, and those
+  requests would pay the next rung: demand exceeds supply at this price;
+- down when its slots were mostly free (under SPARE of the interval), or not full while
+  the market turned requests away: its price keeps that work away;
 - otherwise it holds.
 So that the market cannot oscillate, a change of direction waits `REVERSE_AFTER` intervals
 of holding: between two reversals the ask holds at least that long, and it never moves more
@@ -48,7 +48,9 @@ class Interval:
     busy_share: float  # of the model's slot time in the interval, the share jobs used
     unmet: int  # requests the boards say went unserved for lack of capacity (last minute)
     queued: int  # requests waiting for a slot now, on the boards
-    priced_out: int = 0  # requests no ask met (their max_price under every worker's)
+    # the requests turned away would pay the next rung (most set no max_price, or their
+    # median max_price reaches it): otherwise a higher ask only turns more away
+    would_pay_more: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,20 @@ def decide(ladder: PriceLadder, state: PriceState, seen: Interval) -> Decision:
     """The next rung, and why (said to the operator: logged and shown in the provider view)."""
     busy = f"slots {seen.busy_share:.0%} busy"
     short = seen.unmet > 0 or seen.queued > 0
-    if seen.busy_share >= FULL and short and seen.priced_out:
-        return _hold(state, f"holding: {busy}, but {seen.priced_out} clients' max_price is "
-                            "under every ask already")  # fmt: skip
+    if seen.busy_share >= FULL and short and not seen.would_pay_more:
+        return _hold(state, f"holding: {busy}, but the demand turned away would not pay the "
+                            "next rung")  # fmt: skip
     if seen.busy_share >= FULL and short:
         want = 1
         why = f"{busy} and demand unmet ({seen.unmet} turned away, {seen.queued} queued)"
     elif seen.busy_share < SPARE:
         want, why = -1, f"{busy}: the price keeps work away"
+    elif short:
+        want, why = (
+            -1,
+            f"{busy} while demand goes unmet ({seen.unmet} turned away, "
+            f"{seen.queued} queued): the price keeps that work away",
+        )
     else:
         unmet = f"{seen.unmet} unmet" if seen.unmet else "no unmet demand"
         return _hold(state, f"holding: {busy}, {unmet}")

@@ -203,9 +203,13 @@ class RequestPath:
 
     def _unmet(self, request: CompletionRequest, reason: str) -> None:
         """Demand the market left unmet, on the board under the served model (one that has
-        workers: a name no worker serves is a 404, never on the board). Batch lines requeue."""
+        workers: a name no worker serves is a 404, never on the board), with what it would
+        have paid a worker at most. Batch lines requeue."""
         if self.demand is not None and not request.batch:
-            self.demand.unmet(request.model, reason)
+            limit = request.prefs.max_price_completion  # what the client pays, fee included
+            fee = self.settlement.fee_bps
+            worker_limit = None if limit is None else limit * 10_000 // (10_000 + fee)
+            self.demand.unmet(request.model, reason, worker_limit)
 
     def _record_policy(self, principal: Principal, request_id: str, run: PolicyRun) -> None:
         """What the policy did, into the audit log and metrics: once per request, however
