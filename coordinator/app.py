@@ -171,7 +171,10 @@ class Coordinator:
                 policy, step, entity, action).inc(count),
         )  # fmt: skip
         self.policies.load()
-        self.demand = DemandBook(self.registry, self._gpu_of, reserves=settings.reserve_prices)
+        self.demand = DemandBook(
+            self.registry, self._gpu_of, reserves=settings.reserve_prices,
+            wanted_at=lambda m: settings.wanted_queue_depths.get(m, settings.wanted_queue_depth),
+        )  # fmt: skip
         reserves = {model: Price(*ask).with_fee(settings.fee_bps)  # as clients see prices
                     for model, ask in settings.reserve_prices.items()}  # fmt: skip
         self.request_path = RequestPath(

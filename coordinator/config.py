@@ -122,6 +122,11 @@ class CoordinatorSettings(BaseSettings):
     # (what a provider earns; clients pay the fee on top), on the demand board for nodes
     # that price themselves; e.g. AGORA_COORDINATOR_RESERVE_PRICES='{"llama": [50000, 100000]}'
     reserve_prices: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    # the board marks a model `wanted` while this many requests (or more) wait for a slot of
+    # it: a call on providers to load it ("add replicas when queue depth exceeds 50"), per
+    # model where set in wanted_queue_depths
+    wanted_queue_depth: int = Field(default=50, ge=1)
+    wanted_queue_depths: dict[str, int] = Field(default_factory=dict)
     # model name -> local tokenizer directory the operator pins for recounting tokens
     tokenizers: dict[str, Path] = Field(default_factory=dict)
     # FAULT INJECTION for the crash-safety test only: exit right after a settlement's receipts

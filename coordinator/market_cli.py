@@ -36,7 +36,8 @@ def show(view: dict[str, Any], window: str) -> None:
         wait = "—" if w["mean_wait_ms"] is None else f"{w['mean_wait_ms']} ms"
         used = "—" if cap["utilisation_bps"] is None else f"{cap['in_use']}/{cap['slots']}"
         price = _price(w["clearing_price"]["completion"]["p50"])
-        table.add_row(escape(model), f"{w['requests'] / max(1, w['window_s']):.3f}",
+        name = escape(model) + (" [bold red]wanted[/]" if row.get("wanted") else "")
+        table.add_row(name, f"{w['requests'] / max(1, w['window_s']):.3f}",
                       str(w["requests"]),
                       f"{w['unmet']['capacity']} / {w['unmet']['price']}",
                       str(row["queue_depth"]), wait, price, str(cap["workers"]), used)  # fmt: skip

@@ -72,8 +72,10 @@ class DemandBook:
         self, registry: Registry, gpu_of: Callable[[str], str],
         clock: Callable[[], float] = time.time,
         reserves: Mapping[str, tuple[int, int]] | None = None,
+        wanted_at: Callable[[str], int] = lambda _model: 50,
     ) -> None:  # fmt: skip
         self._registry = registry
+        self._wanted_at = wanted_at  # queue depth from which a model is marked wanted
         self._reserves = reserves or {}  # the operator's lowest ask per model (worker prices)
         self._gpu_of = gpu_of  # a node's GPU class (overview.gpu_type of its connection)
         self._clock = clock
@@ -163,8 +165,10 @@ class DemandBook:
         out: dict[str, Any] = {}
         for model in models:
             prompt, completion = self._reserves.get(model, (0, 0))
+            depth = self._waiting.get(model, 0)
             out[model] = {
-                "queue_depth": self._waiting.get(model, 0),
+                "queue_depth": depth,
+                "wanted": depth >= self._wanted_at(model),  # providers: load it
                 "reserve": {"prompt": prompt, "completion": completion},
                 "capacity": capacity.get(model, _empty_capacity()),
                 "windows": {

@@ -69,6 +69,23 @@ def test_queue_depth_counts_requests_waiting_now() -> None:
     assert book.board()["models"]["m"]["queue_depth"] == 1
 
 
+def test_a_model_is_wanted_while_its_queue_reaches_the_threshold() -> None:
+    """The "add replicas when queue depth exceeds 50" rule, per model: the board calls on
+    providers to load it."""
+    clock = Clock()
+    book = DemandBook(Registry(), lambda _node: "cpu", clock,
+                      wanted_at=lambda model: 3 if model == "m" else 50)  # fmt: skip
+    for _ in range(3):
+        book.waiting("m", +1)
+        book.waiting("other", +1)
+    board = book.board()["models"]
+    assert board["m"]["wanted"]
+    assert not board["other"]["wanted"]  # 3 of its 50
+    book.waiting("m", -1)
+    clock.now += 60  # the next build
+    assert not book.board()["models"]["m"]["wanted"]
+
+
 def _sample(coordinator: Coordinator, name: str, **labels: str) -> float:
     total = 0.0
     for family in coordinator.metrics.exposed().collect():

@@ -95,7 +95,7 @@ function policies(p, h) {  // GET /admin/v1/policies and /hits: who runs what, w
 function demand(m) {  // GET /v1/market: the signed demand board (what providers see)
   const rows = Object.entries(m.body.board.models).map(([model, r]) => {
     const w = r.windows["300s"], c = r.capacity;
-    return [[model, "", `demand-${model}`], [w.requests, "num", `demand-${model}-served`],
+    return [[r.wanted ? `${model} (wanted)` : model, "", `demand-${model}`], [w.requests, "num", `demand-${model}-served`],
       [`${w.unmet.capacity} / ${w.unmet.price}`, "num", `demand-${model}-unmet`], [r.queue_depth, "num"],
       [w.mean_wait_ms == null ? "—" : w.mean_wait_ms + " ms", "num"],
       [w.clearing_price.completion.p50 == null ? "—" : w.clearing_price.completion.p50.toLocaleString(), "num"],
