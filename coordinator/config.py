@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -126,7 +127,7 @@ class CoordinatorSettings(BaseSettings):
     # it: a call on providers to load it ("add replicas when queue depth exceeds 50"), per
     # model where set in wanted_queue_depths
     wanted_queue_depth: int = Field(default=50, ge=1)
-    wanted_queue_depths: dict[str, int] = Field(default_factory=dict)
+    wanted_queue_depths: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     # model name -> local tokenizer directory the operator pins for recounting tokens
     tokenizers: dict[str, Path] = Field(default_factory=dict)
     # FAULT INJECTION for the crash-safety test only: exit right after a settlement's receipts

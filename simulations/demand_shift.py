@@ -28,7 +28,7 @@ from typing import Any
 
 import simpy
 
-from worker_node.pricing import Interval, PriceLadder, PriceState, decide
+from worker_node.pricing import Interval, PriceLadder, PriceState, decide, would_pay
 from worker_node.scaling import ModelDemand, choose_model
 
 MODELS = ("A", "B", "C")
@@ -64,7 +64,9 @@ class Node:
     switch_to: str = ""  # a model to load once the running job ends
     served_since: float = 0.0
     jobs: int = 0  # in the current pricing interval
-    busy_in_interval: float = 0.0  # seconds of it the slot was busy (jobs that ended in it)
+    busy_in_interval: float = 0.0  # seconds of the pricing interval the slot was busy
+    job_started: float = 0.0
+    interval_began: float = 0.0
     busy_s: float = 0.0
     earned: int = 0
     jobs_by_phase: list[int] = field(default_factory=lambda: [0, 0, 0])
@@ -138,7 +140,7 @@ class Market:
 
     def _start(self, node: Node, ask: Ask) -> None:
         now = self.env.now
-        node.busy = True
+        node.busy, node.job_started = True, now
         node.jobs += 1
         duration = PREFILL_S + ITL_S * ask.output
         price = node.ask
@@ -152,10 +154,14 @@ class Market:
     def _finish(self, node: Node, duration: float) -> None:
         node.busy = False
         node.busy_s += duration
-        node.busy_in_interval += duration
+        node.busy_in_interval += self.env.now - max(node.job_started, node.interval_began)
         if node.switch_to:
             self._load(node)
             return
+        self._take_work(node)
+
+    def _take_work(self, node: Node) -> None:
+        """A free node takes the oldest waiting request it fits, or waits for one."""
         now, best = self.env.now, None
         for band, queue in zip(BANDS, self.queues[node.model], strict=True):
             while queue and queue[0].arrival_s + QUEUE_TIMEOUT_S < now:
@@ -203,12 +209,6 @@ class Market:
             self._refresh_min_asks()
             self._board_at = now
 
-    def _unmet_recent(self, model: str, reason: str = "capacity") -> int:
-        cutoff = self.env.now - UNMET_WINDOW_S
-        tally = self.tallies[model]
-        series = tally.unmet_capacity if reason == "capacity" else tally.unmet_price
-        return sum(1 for t in reversed(series) if t >= cutoff)
-
     def markets(self) -> dict[str, ModelDemand]:
         """The boards as a node reads them (rebuilt every BOARD_S): slots on their way to a
         model (loading it, or to load it after their job) count as its slots."""
@@ -231,23 +231,29 @@ class Market:
     def pricing(self, node: Node) -> Any:
         yield self.env.timeout(self.rng.uniform(0, PRICE_S))  # nodes are not in step
         while True:
-            nxt = node.ladder.ask(min(node.ladder.steps, node.state.rung + 1))[1]
-            cutoff = self.env.now - UNMET_WINDOW_S
-            w = self.willing[node.model]
-            while w and w[0][0] < cutoff:
+            now = self.env.now
+            w = self.willing[node.model]  # what the requests turned away would have paid
+            while w and w[0][0] < now - UNMET_WINDOW_S:
                 w.popleft()
-            willing = sorted(p for _t, p in w)
-            p50 = willing[len(willing) // 2] if willing else 0
-            seen = Interval(busy_share=min(1.0, node.busy_in_interval / PRICE_S),
-                            would_pay_more=p50 >= nxt,
-                            unmet=self._unmet_recent(node.model),
-                            queued=sum(map(len, self.queues[node.model])))  # fmt: skip
+            limits = sorted(p for _t, p in w)
+            medians = [limits[len(limits) // 2]] if limits else []  # one coordinator's board
+            ladder, rung = node.ladder, node.state.rung
+            asks = ladder.ask(rung)[1], ladder.ask(min(ladder.steps, rung + 1))[1]
+            busy_s = node.busy_in_interval
+            if node.busy:  # the running job's time in this interval (time-weighted, as a node)
+                busy_s += now - max(node.job_started, node.interval_began)
+            node.interval_began = now
+            seen = Interval(busy_share=min(1.0, busy_s / PRICE_S), unmet=len(limits),
+                            queued=sum(map(len, self.queues[node.model])),
+                            would_pay_more=would_pay(asks[1], len(limits), 0, medians),
+                            would_pay_now=would_pay(asks[0], len(limits), 0, medians))  # fmt: skip
             node.jobs, node.busy_in_interval = 0, 0.0
             node.state = decide(node.ladder, node.state, seen).state
             ask = node.ladder.ask(node.state.rung)[1]
             if ask != node.ask:
                 node.ask = ask
-                self._release(node)
+                if not node.busy and not node.loading:
+                    self._take_work(node)  # a lower ask may fit a waiting request now
             yield self.env.timeout(PRICE_S)
 
     def scaling(self, node: Node) -> Any:
@@ -273,7 +279,7 @@ class Market:
     def _loaded(self, node: Node) -> None:
         node.model, node.switch_to, node.loading = node.switch_to, "", False
         node.served_since = self.env.now
-        self._release(node)
+        self._take_work(node)
 
 
 def make_nodes(count: int, rng: random.Random) -> list[Node]:

@@ -16,7 +16,7 @@ MICRO = 1_000_000
 
 
 class MaxPrice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # Infinity is no price
     prompt: float | None = Field(default=None, ge=0)  # USD (account currency) per 1M tokens
     completion: float | None = Field(default=None, ge=0)
 

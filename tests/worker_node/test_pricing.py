@@ -12,7 +12,14 @@ from protocol.advert import ModelOffer
 from protocol.identity import Identity
 from protocol.market import DemandBoard
 from worker_node.asks import Asks, AutoPrice
-from worker_node.pricing import REVERSE_AFTER, Interval, PriceLadder, PriceState, decide
+from worker_node.pricing import (
+    REVERSE_AFTER,
+    Interval,
+    PriceLadder,
+    PriceState,
+    decide,
+    would_pay,
+)
 
 LADDER = PriceLadder(floor=(100, 200), ceiling=(500, 1000), steps=4)
 SHORT = Interval(busy_share=0.95, unmet=3, queued=0)  # demand exceeds this node's slots
@@ -45,8 +52,17 @@ def test_full_or_half_busy_without_unmet_demand_holds() -> None:
     assert run([BUSY] * 3, PriceState(rung=2)) == [2, 2, 2]
     half = Interval(busy_share=0.7, unmet=0, queued=0)
     assert run([half] * 3, PriceState(rung=2)) == [2, 2, 2]
-    room = Interval(busy_share=0.7, unmet=9, queued=0)  # demand goes unmet, not to this node
-    assert run([room] * 3, PriceState(rung=2)) == [1, 0, 0]
+    bursty = Interval(busy_share=0.7, unmet=9, queued=0)  # turned away, but would pay this ask
+    assert run([bursty] * 3, PriceState(rung=2)) == [2, 2, 2]
+    priced = Interval(busy_share=0.7, unmet=9, queued=0, would_pay_now=False)  # it keeps them
+    assert run([priced] * 3, PriceState(rung=2)) == [1, 0, 0]  # away: down
+
+
+def test_would_pay_reads_the_limits_of_the_demand_turned_away() -> None:
+    assert would_pay(500, turned_away=0, unlimited=0, limits_p50=[])  # nothing to price against
+    assert would_pay(500, turned_away=10, unlimited=5, limits_p50=[100])  # half set no limit
+    assert would_pay(500, turned_away=10, unlimited=1, limits_p50=[100, 600, 700])
+    assert not would_pay(500, turned_away=10, unlimited=1, limits_p50=[100, 200, 700])
     queued = Interval(busy_share=0.92, unmet=0, queued=4)  # requests wait for a slot
     assert run([queued], PriceState(rung=2)) == [3]
     mostly_free = Interval(busy_share=0.3, unmet=9, queued=0)  # its price keeps work away

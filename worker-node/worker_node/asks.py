@@ -18,7 +18,14 @@ from typing import Any
 
 from protocol.advert import ModelOffer
 from protocol.market import DemandBoard
-from worker_node.pricing import Decision, Interval, PriceLadder, PriceState, decide
+from worker_node.pricing import (
+    Decision,
+    Interval,
+    PriceLadder,
+    PriceState,
+    decide,
+    would_pay,
+)
 
 log = logging.getLogger("agora.worker.asks")
 
@@ -67,9 +74,11 @@ class Asks:
         self._auto = auto or {}
         self._clock = clock
         self.current: dict[str, ModelOffer] = {}  # at the node's own rung, before any reserve
+        self._configured: dict[str, ModelOffer] = {}  # as the operator set them (the floor)
         # coordinator id -> model -> the reserve its board publishes (prompt, completion)
         self._reserves: dict[str, dict[str, tuple[int, int]]] = {}
-        self._usage: dict[str, _Usage] = {}
+        # from the start, so an interval's idle time before its first job counts
+        self._usage = {model: _Usage(clock) for model in self._auto}
         self._state = {model: PriceState() for model in self._auto}
         self._due = dict.fromkeys(self._auto, 0.0)  # monotonic time of the next evaluation
         self.decisions: dict[str, deque[dict[str, Any]]] = {m: deque(maxlen=DECISIONS)
@@ -85,6 +94,7 @@ class Asks:
     def set(self, offer: ModelOffer) -> None:
         """The model's offer at the floor of its ladder (as configured, with what the engine
         told of itself); an auto-priced model keeps its rung."""
+        self._configured[offer.name] = offer
         auto = self._auto.get(offer.name)
         if auto is not None:
             offer = self._priced(offer, auto.ladder.ask(self._state[offer.name].rung))
@@ -155,7 +165,7 @@ class Asks:
         if offer is None:  # its engine is not up yet
             return False
         unmet = queued = unlimited = 0
-        would_pay: list[int] = []  # each board's median max_price of its unmet requests
+        limits: list[int] = []  # each board's median max_price of its unmet requests
         reserved = False
         for board in boards:
             demand = _demand(model, board)
@@ -164,14 +174,15 @@ class Asks:
             unmet, queued = unmet + demand.unmet, queued + demand.queued
             unlimited += demand.unlimited
             if demand.would_pay is not None:
-                would_pay.append(demand.would_pay)
+                limits.append(demand.would_pay)
             reserves = self._reserves.setdefault(board.coordinator_id, {})
             if reserves.get(model, (0, 0)) != demand.reserve:
                 reserves[model], reserved = demand.reserve, True
-        state = self._state[model]
-        next_ask = auto.ladder.ask(min(auto.ladder.steps, state.rung + 1))[1]
-        more = 2 * unlimited >= unmet or any(p >= next_ask for p in would_pay)
-        seen = Interval(usage.busy_share(offer.max_concurrency), unmet, queued, more)
+        rung, ladder = self._state[model].rung, auto.ladder
+        now_ask, next_ask = ladder.ask(rung)[1], ladder.ask(min(ladder.steps, rung + 1))[1]
+        seen = Interval(usage.busy_share(offer.max_concurrency), unmet, queued,
+                        would_pay(next_ask, unmet, unlimited, limits),
+                        would_pay(now_ask, unmet, unlimited, limits))  # fmt: skip
         decision = decide(auto.ladder, self._state[model], seen)
         self._state[model] = decision.state
         ask = auto.ladder.ask(decision.state.rung)
@@ -188,7 +199,8 @@ class Asks:
         log.log(level, "ask for %s now %s/%s per 1M: %s", model, *ask, decision.reason)
 
     def _priced(self, offer: ModelOffer, ask: tuple[int, int]) -> ModelOffer:
-        cached = offer.price_cached_prompt_per_mtok
+        """`offer` at `ask`; the cached-prompt price as configured, never above the ask."""
+        cached = self._configured.get(offer.name, offer).price_cached_prompt_per_mtok
         return dataclasses.replace(
             offer, price_prompt_per_mtok=ask[0], price_completion_per_mtok=ask[1],
             price_cached_prompt_per_mtok=None if cached is None else min(cached, ask[0]),

@@ -171,7 +171,10 @@ class Node:
     def advert(self, coordinator_id: str = "") -> Advert:
         """A new advert of the node's asks to one coordinator (its reserve prices applied).
         Dated strictly after the last one: a coordinator takes only a newer advert."""
-        self._issued_ms = max(time.time_ns() // 1_000_000, self._issued_ms + 1)
+        now = time.time_ns() // 1_000_000
+        if self._issued_ms - now > 5_000:  # the clock was set back: date from it again
+            self._issued_ms = now
+        self._issued_ms = max(now, self._issued_ms + 1)
         offers = self.asks.offers_for(coordinator_id)
         return Advert(
             node_id=self.identity.node_id,

@@ -6,8 +6,8 @@ The ask sits on a ladder from the floor (what serving costs the operator) to the
 - up when its slots were busy (FULL of the interval, time-weighted) and the market still
   turned requests away for lack of capacity or had requests queued for a slot, and those
   requests would pay the next rung: demand exceeds supply at this price;
-- down when its slots were mostly free (under SPARE of the interval), or not full while
-  the market turned requests away: its price keeps that work away;
+- down when its slots were mostly free (under SPARE of the interval), or not full while the
+  market turned away requests that would not pay this ask: its price keeps that work away;
 - otherwise it holds.
 So that the market cannot oscillate, a change of direction waits `REVERSE_AFTER` intervals
 of holding: between two reversals the ask holds at least that long, and it never moves more
@@ -48,9 +48,11 @@ class Interval:
     busy_share: float  # of the model's slot time in the interval, the share jobs used
     unmet: int  # requests the boards say went unserved for lack of capacity (last minute)
     queued: int  # requests waiting for a slot now, on the boards
-    # the requests turned away would pay the next rung (most set no max_price, or their
-    # median max_price reaches it): otherwise a higher ask only turns more away
+    # the requests turned away would pay the next rung (see `would_pay`): otherwise a higher
+    # ask only turns more away
     would_pay_more: bool = True
+    # … and this ask: if not, this node's price is what keeps them away
+    would_pay_now: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,12 +81,8 @@ def decide(ladder: PriceLadder, state: PriceState, seen: Interval) -> Decision:
         why = f"{busy} and demand unmet ({seen.unmet} turned away, {seen.queued} queued)"
     elif seen.busy_share < SPARE:
         want, why = -1, f"{busy}: the price keeps work away"
-    elif short:
-        want, why = (
-            -1,
-            f"{busy} while demand goes unmet ({seen.unmet} turned away, "
-            f"{seen.queued} queued): the price keeps that work away",
-        )
+    elif seen.unmet and not seen.would_pay_now:
+        want, why = -1, f"{busy} while {seen.unmet} requests its price is above went unmet"
     else:
         unmet = f"{seen.unmet} unmet" if seen.unmet else "no unmet demand"
         return _hold(state, f"holding: {busy}, {unmet}")
@@ -99,3 +97,12 @@ def decide(ladder: PriceLadder, state: PriceState, seen: Interval) -> Decision:
 
 def _hold(state: PriceState, reason: str) -> Decision:
     return Decision(PriceState(state.rung, state.direction, state.held + 1), 0, reason)
+
+
+def would_pay(ask: int, turned_away: int, unlimited: int, limits_p50: list[int]) -> bool:
+    """Whether the requests turned away for capacity would mostly pay `ask`: none were
+    (nothing to price against), most set no max_price, or the median of the others' limits
+    (one per board) reaches it."""
+    if not turned_away or 2 * unlimited >= turned_away:
+        return True
+    return bool(limits_p50) and sorted(limits_p50)[len(limits_p50) // 2] >= ask

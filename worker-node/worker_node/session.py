@@ -79,6 +79,10 @@ def backoff_delays(initial: float, ceiling: float) -> AsyncIterator[float]:
 
 
 MAX_BATCH = 256  # job events per gRPC message
+# adverts sent on a session that jobs may still name (a job routed just before an advert took
+# effect names the one before; more are kept for adverts a coordinator did not take)
+SENT_KEPT = 8
+ADVERT_GAP_S = 0.5  # between two adverts on a session (the coordinator ignores closer ones)
 MIN_BEAT_GAP_S = 0.5  # early heartbeats (job counts, engine state) come at most this often
 
 
@@ -184,8 +188,10 @@ class WorkerSession:
         self._outbox: Outbox | None = None
         self._nonce = b""
         self.coordinator_id = ""
-        self._sent: deque[Advert] = deque(maxlen=2)
+        self._sent: deque[Advert] = deque(maxlen=SENT_KEPT)
         self._readvertises = False
+        self._advertised_at = float("-inf")  # monotonic time of the last advert sent
+        self._pending: asyncio.TimerHandle | None = None  # a paced advert, to send shortly
         self._beat_now = asyncio.Event()
         self.state = "starting"  # connecting | connected | reconnecting | draining | stopped | lost
         self.connected_since: float | None = None
@@ -276,6 +282,7 @@ class WorkerSession:
         self.coordinator_id = challenge.challenge.coordinator_id
         self._sent.clear()
         self._readvertises = False
+        self._advertised_at = time.monotonic()  # the registration is an advert too
         await outbox.put(self._register())
         registered = (await self._expect(call, "registered")).registered
         log.info("registered with %s as %s", self._config.coordinator, registered.node_id)
@@ -299,9 +306,19 @@ class WorkerSession:
         takes it (an older coordinator would ignore it and go on pricing the first)."""
         if self._outbox is None or self.state != "connected" or not self._readvertises:
             return
+        wait = self._advertised_at + ADVERT_GAP_S - time.monotonic()
+        if wait > 0:  # paced: the coordinator takes one advert per gap, the latest goes then
+            if self._pending is None:
+                self._pending = asyncio.get_running_loop().call_later(wait, self._send_paced)
+            return
         advert = self._make_advert(self.coordinator_id)
         if not self._sent or advert.models != self._sent[-1].models:
+            self._advertised_at = time.monotonic()
             self._outbox.put_nowait(self._register(advert))
+
+    def _send_paced(self) -> None:
+        self._pending = None
+        self.readvertise()
 
     async def board(self) -> DemandBoard | None:
         """This coordinator's demand board, verified; None while not connected or from a
@@ -403,7 +420,7 @@ class WorkerSession:
         advert = self._advert_for(job.advert_issued_at_ms)
         if advert is None:  # not an advert of this session (or long replaced): no price
             refusal = Failed(409, "the job names an advert this node no longer offers",
-                             "stale_advert", retryable=True)  # fmt: skip
+                             "stale_advert", retryable=True, overloaded=True)  # fmt: skip
             outbox.put_nowait(pb.WorkerMessage(job_event=job_event(job.request_id, refusal)))
             return
         spec = JobSpec(
