@@ -1,6 +1,6 @@
 """Demand that moves between models, and a market that follows it or not (issue 21's
-benchmark): fixed configs, price discovery (worker_node.pricing), and price discovery with
-nodes that change model (worker_node.scaling), on one seeded workload.
+benchmark): fixed configs, price discovery (worker_node.pricing), nodes that change model
+(worker_node.scaling) at their fixed prices, and both, on one seeded workload.
 
 The schedule: three models; for the first third of the run 60/30/10 % of requests ask for
 A/B/C, then 10/60/30, then 30/10/60. Offered load is `utilization` of the fleet's slots. Each
@@ -33,7 +33,8 @@ from worker_node.scaling import ModelDemand, choose_model
 
 MODELS = ("A", "B", "C")
 SCHEDULE = ((0.6, 0.3, 0.1), (0.1, 0.6, 0.3), (0.3, 0.1, 0.6))  # shares per third of the run
-MODES = ("fixed", "price", "scaling")
+# fixed configs; price discovery; nodes that change model at their fixed prices; both
+MODES = ("fixed", "price", "scaling-fixed-price", "scaling")
 REFERENCE = 200_000  # a typical provider's cost, per 1M completion tokens
 PREFILL_S, ITL_S, MEAN_OUTPUT = 0.2, 0.03, 200
 JOB_S = PREFILL_S + ITL_S * MEAN_OUTPUT
@@ -103,7 +104,10 @@ class Market:
         self.outcomes: list[tuple[float, float | None, int]] = []  # (arrival, ttft, price)
         self.unmet = {"capacity": 0, "price": 0}
         self.switches = 0
+        # requests turned away for capacity, with what they would have paid at most; and, as
+        # of the last board, how many in the last minute and their median limit
         self.willing: dict[str, deque[tuple[float, int]]] = {m: deque() for m in MODELS}
+        self.turned_away: dict[str, tuple[int, int]] = dict.fromkeys(MODELS, (0, 0))
         self._board_at = 0.0
         self._markets: tuple[float, dict[str, ModelDemand]] | None = None
         for node in nodes:
@@ -206,6 +210,11 @@ class Market:
                         series.popleft()
                 while tally.served and tally.served[0][0] < now - DEMAND_WINDOW_S:
                     tally.served.popleft()
+            for model, willing in self.willing.items():  # turned away in the last minute
+                while willing and willing[0][0] < now - UNMET_WINDOW_S:
+                    willing.popleft()
+                limits = sorted(p for _t, p in willing)
+                self.turned_away[model] = (len(limits), limits[len(limits) // 2] if limits else 0)
             self._refresh_min_asks()
             self._board_at = now
 
@@ -232,21 +241,18 @@ class Market:
         yield self.env.timeout(self.rng.uniform(0, PRICE_S))  # nodes are not in step
         while True:
             now = self.env.now
-            w = self.willing[node.model]  # what the requests turned away would have paid
-            while w and w[0][0] < now - UNMET_WINDOW_S:
-                w.popleft()
-            limits = sorted(p for _t, p in w)
-            medians = [limits[len(limits) // 2]] if limits else []  # one coordinator's board
+            turned_away, median = self.turned_away[node.model]  # as the last board said
+            medians = [median] if turned_away else []
             ladder, rung = node.ladder, node.state.rung
             asks = ladder.ask(rung)[1], ladder.ask(min(ladder.steps, rung + 1))[1]
             busy_s = node.busy_in_interval
             if node.busy:  # the running job's time in this interval (time-weighted, as a node)
                 busy_s += now - max(node.job_started, node.interval_began)
             node.interval_began = now
-            seen = Interval(busy_share=min(1.0, busy_s / PRICE_S), unmet=len(limits),
+            seen = Interval(busy_share=min(1.0, busy_s / PRICE_S), unmet=turned_away,
                             queued=sum(map(len, self.queues[node.model])),
-                            would_pay_more=would_pay(asks[1], len(limits), 0, medians),
-                            would_pay_now=would_pay(asks[0], len(limits), 0, medians))  # fmt: skip
+                            would_pay_more=would_pay(asks[1], turned_away, 0, medians),
+                            would_pay_now=would_pay(asks[0], turned_away, 0, medians))  # fmt: skip
             node.jobs, node.busy_in_interval = 0, 0.0
             node.state = decide(node.ladder, node.state, seen).state
             ask = node.ladder.ask(node.state.rung)[1]
@@ -312,7 +318,7 @@ def simulate_demand(
     on_progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     nodes = make_nodes(count, random.Random(seed))
-    if mode == "fixed":
+    if mode in ("fixed", "scaling-fixed-price"):
         for node in nodes:  # its configured ask, as the ladder's rung would not give it exactly
             node.ladder = PriceLadder((node.ask, node.ask), (node.ask, node.ask), STEPS)
     else:
@@ -334,7 +340,7 @@ def simulate_demand(
     if mode in ("price", "scaling"):
         for node in nodes:
             env.process(market.pricing(node))
-    if mode == "scaling":
+    if mode.startswith("scaling"):
         for node in nodes:
             env.process(market.scaling(node))
     env.run(until=duration_s + QUEUE_TIMEOUT_S + 1)

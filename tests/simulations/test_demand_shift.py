@@ -20,12 +20,14 @@ def test_every_mode_plays_the_same_workload(runs: dict[str, dict[str, Any]]) -> 
     assert len({r["requests"] for r in runs.values()}) == 1
     assert runs["fixed"]["model_switches"] == 0
     assert runs["scaling"]["model_switches"] > 0
+    assert runs["scaling-fixed-price"]["model_switches"] > 0
 
 
 def test_nodes_that_follow_demand_turn_fewer_requests_away(
     runs: dict[str, dict[str, Any]],
 ) -> None:
-    assert runs["scaling"]["unmet_share"] < 0.8 * runs["fixed"]["unmet_share"]
+    assert runs["scaling-fixed-price"]["unmet_share"] < 0.8 * runs["fixed"]["unmet_share"]
+    assert runs["scaling"]["unmet_share"] < runs["fixed"]["unmet_share"]
 
 
 def test_price_discovery_leaves_fewer_providers_idle_and_costs_clients_less(
