@@ -108,8 +108,12 @@ class Market:
         # of the last board, how many in the last minute and their median limit
         self.willing: dict[str, deque[tuple[float, int]]] = {m: deque() for m in MODELS}
         self.turned_away: dict[str, tuple[int, int]] = dict.fromkeys(MODELS, (0, 0))
-        self._board_at = 0.0
-        self._markets: tuple[float, dict[str, ModelDemand]] | None = None
+        # per model, as of the last board: requests asked in the window, clearing price; and
+        # the nodes serving it or on their way to it
+        self.demand: dict[str, tuple[int, int]] = dict.fromkeys(MODELS, (0, REFERENCE))
+        self.heading: dict[str, int] = dict.fromkeys(MODELS, 0)
+        for node in nodes:
+            self.heading[node.model] += 1
         for node in nodes:
             self._release(node)
         self._refresh_min_asks()
@@ -216,25 +220,19 @@ class Market:
                 limits = sorted(p for _t, p in willing)
                 self.turned_away[model] = (len(limits), limits[len(limits) // 2] if limits else 0)
             self._refresh_min_asks()
-            self._board_at = now
+            for model, tally in self.tallies.items():
+                asked = len(tally.served) + len(tally.unmet_capacity) + len(tally.unmet_price)
+                prices = sorted(p for _t, p in tally.served)
+                price = prices[len(prices) // 2] if prices else self.min_ask[model] or REFERENCE
+                self.demand[model] = (asked, price)
 
     def markets(self) -> dict[str, ModelDemand]:
-        """The boards as a node reads them (rebuilt every BOARD_S): slots on their way to a
-        model (loading it, or to load it after their job) count as its slots."""
-        if self._markets is not None and self._markets[0] == self._board_at:
-            return self._markets[1]
-        slots: dict[str, int] = dict.fromkeys(MODELS, 0)
-        for node in self.nodes:
-            slots[node.switch_to or node.model] += 1
-        out = {}
-        for model in MODELS:
-            tally = self.tallies[model]
-            asked = len(tally.served) + len(tally.unmet_capacity) + len(tally.unmet_price)
-            prices = sorted(p for _t, p in tally.served)
-            price = prices[len(prices) // 2] if prices else self.min_ask[model] or REFERENCE
-            out[model] = ModelDemand(model, asked / DEMAND_WINDOW_S, JOB_S, price, slots[model])
-        self._markets = (self._board_at, out)
-        return out
+        """The boards as a node reads them (demand and prices as of the last board); slots on
+        their way to a model (loading it, or to load it after their job) count as its."""
+        return {
+            model: ModelDemand(model, asked / DEMAND_WINDOW_S, JOB_S, price, self.heading[model])
+            for model, (asked, price) in self.demand.items()
+        }
 
     # ---------------------------------------------------------------- the nodes
     def pricing(self, node: Node) -> Any:
@@ -272,7 +270,8 @@ class Market:
                 if choice.model != node.model and self.rng.random() < choice.probability:
                     node.switch_to = choice.model
                     self.switches += 1
-                    self._markets = None  # the next reader counts this node where it goes
+                    self.heading[node.model] -= 1  # the next reader counts it where it goes
+                    self.heading[choice.model] += 1
                     if not node.busy:
                         self._load(node)
             yield self.env.timeout(SCALE_S)
