@@ -29,14 +29,7 @@ from tests.coordinator.test_request_path import (
     join,
     relay,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fake_clock import Clock
 
 
 def test_windows_slide_and_old_buckets_go() -> None:

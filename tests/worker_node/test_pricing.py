@@ -11,6 +11,7 @@ import time
 from protocol.advert import ModelOffer
 from protocol.identity import Identity
 from protocol.market import DemandBoard
+from tests.fake_clock import Clock
 from worker_node.asks import Asks, AutoPrice
 from worker_node.pricing import (
     REVERSE_AFTER,
@@ -105,14 +106,6 @@ def _board(identity: Identity, model: str, unmet: int, reserve: int = 0) -> Dema
            "reserve": {"prompt": reserve, "completion": reserve}}  # fmt: skip
     now = time.time_ns() // 1_000_000
     return DemandBoard(identity.node_id, now, {"models": {model: row}})
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_asks_follow_the_boards_with_each_coordinators_reserve() -> None:
