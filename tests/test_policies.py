@@ -109,14 +109,19 @@ def test_a_blocked_phrase_never_appears_in_any_streamed_chunk(fleet: Fleet) -> N
              "max_tokens": 200, "temperature": 0, "stream": True,
              "extra_body": forced("The secret project is( Atlas)+")}  # fmt: skip
     _plain, key = fleet.client()
-    with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as plain:
-        free = [c.choices[0].delta.content or "" for c in plain.chat.completions.create(**asked)
-                if c.choices]  # fmt: skip
-    joined = "".join(free)
-    start = joined.index("secret project")
-    ends = [sum(len(p) for p in free[: i + 1]) for i in range(len(free))]
-    # without a policy the phrase arrives split over several chunks …
-    assert sum(1 for end in ends if start < end < start + len("secret project")) >= 2
+
+    def split_without_policy() -> int:
+        """Chunk boundaries inside the phrase when no policy holds it back."""
+        with openai.OpenAI(base_url=fleet.coordinator.base_url, api_key=key) as plain:
+            free = [c.choices[0].delta.content or "" for c in
+                    plain.chat.completions.create(**asked) if c.choices]  # fmt: skip
+        start = "".join(free).index("secret project")
+        ends = [sum(len(p) for p in free[: i + 1]) for i in range(len(free))]
+        return sum(1 for end in ends if start < end < start + len("secret project"))
+
+    # without a policy the phrase arrives split over several chunks (a loaded machine may
+    # send a few tokens a frame: the most of three streams) …
+    assert max(split_without_policy() for _ in range(3)) >= 2
     _name, client = policy_client(fleet, [{"kind": "block", "phrases": ["secret project"]}])
     with client:
         stream = client.chat.completions.with_raw_response.create(**asked)
